@@ -1,0 +1,480 @@
+//! The canonical event: validation of what clients send, the server-assigned fields, and the
+//! canonical (RFC 8785) bytes that commitments are computed over.
+//!
+//! The schema is written down as JSON Schema in `schema/event.schema.json`; this module is its
+//! executable form, and a test checks that both accept and reject the same fixtures.
+
+use crate::limits::*;
+use crate::time::{UnixMillis, format_millis, parse_rfc3339};
+use serde_json::{Map, Value};
+use std::net::IpAddr;
+
+/// One problem with one field, named by its JSON path (`actor.ip`, `entities[2].type`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct FieldError {
+    pub field: String,
+    /// A stable machine-readable code: `required`, `unknown_field`, `wrong_type`, `too_long`,
+    /// `too_many`, `invalid_format`, `invalid_value`, `server_assigned`, `too_large`.
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl std::fmt::Display for FieldError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.field, self.message)
+    }
+}
+
+/// The problems found in one event, in document order.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid event: {}", .0.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; "))]
+pub struct InvalidEvent(pub Vec<FieldError>);
+
+/// An event that passed validation, as the client sent it (minus nothing, plus nothing).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClientEvent {
+    fields: Map<String, Value>,
+}
+
+/// Fields the server assigns; a client may send `id` but never these.
+pub const SERVER_FIELDS: [&str; 2] = ["seq", "recorded_at"];
+
+struct Checker {
+    errors: Vec<FieldError>,
+}
+
+impl Checker {
+    fn err(&mut self, field: &str, code: &'static str, message: impl Into<String>) {
+        self.errors.push(FieldError { field: field.to_string(), code, message: message.into() });
+    }
+
+    fn string<'v>(&mut self, path: &str, v: &'v Value, max: usize) -> Option<&'v str> {
+        match v {
+            Value::String(s) if s.is_empty() => {
+                self.err(path, "invalid_value", "must not be empty");
+                None
+            }
+            Value::String(s) if s.len() > max => {
+                self.err(path, "too_long", format!("must be at most {max} bytes"));
+                None
+            }
+            Value::String(s) => Some(s),
+            _ => {
+                self.err(path, "wrong_type", "must be a string");
+                None
+            }
+        }
+    }
+
+    fn object<'v>(
+        &mut self,
+        path: &str,
+        v: &'v Value,
+        allowed: &[&str],
+    ) -> Option<&'v Map<String, Value>> {
+        let Value::Object(m) = v else {
+            self.err(path, "wrong_type", "must be an object");
+            return None;
+        };
+        for k in m.keys() {
+            if !allowed.contains(&k.as_str()) {
+                self.err(&join(path, k), "unknown_field", format!("is not a field of {path}"));
+            }
+        }
+        Some(m)
+    }
+
+    /// Checks that each present member of `m` named in `strings` is a bounded string.
+    fn strings(&mut self, path: &str, m: &Map<String, Value>, strings: &[(&str, usize)]) {
+        for (name, max) in strings {
+            if let Some(v) = m.get(*name) {
+                self.string(&join(path, name), v, *max);
+            }
+        }
+    }
+
+    fn array<'v>(&mut self, path: &str, v: &'v Value, max: usize) -> Option<&'v Vec<Value>> {
+        match v {
+            Value::Array(a) if a.len() > max => {
+                self.err(path, "too_many", format!("must have at most {max} items"));
+                None
+            }
+            Value::Array(a) => Some(a),
+            _ => {
+                self.err(path, "wrong_type", "must be an array");
+                None
+            }
+        }
+    }
+}
+
+fn join(path: &str, name: &str) -> String {
+    if path.is_empty() { name.to_string() } else { format!("{path}.{name}") }
+}
+
+fn depth(v: &Value) -> usize {
+    match v {
+        Value::Array(a) => 1 + a.iter().map(depth).max().unwrap_or(0),
+        Value::Object(m) => 1 + m.values().map(depth).max().unwrap_or(0),
+        _ => 0,
+    }
+}
+
+/// `patient.read`, `login.failure`, `fhir.auditevent.create`: lowercase dotted words.
+fn valid_action(s: &str) -> bool {
+    !s.starts_with('.')
+        && !s.ends_with('.')
+        && !s.contains("..")
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
+}
+
+const TOP_LEVEL: &[&str] = &[
+    "id", "occurred_at", "category", "action", "outcome", "outcome_code", "outcome_desc", "actor",
+    "source", "patient", "entities", "request", "purpose_of_use", "project", "changes", "context",
+    "seq", "recorded_at",
+];
+
+impl ClientEvent {
+    /// Validates one event as a client sent it.
+    pub fn validate(value: Value) -> Result<ClientEvent, InvalidEvent> {
+        let mut c = Checker { errors: Vec::new() };
+        let Value::Object(fields) = value else {
+            return Err(InvalidEvent(vec![FieldError {
+                field: String::new(),
+                code: "wrong_type",
+                message: "an event must be a JSON object".into(),
+            }]));
+        };
+        for k in fields.keys() {
+            if SERVER_FIELDS.contains(&k.as_str()) {
+                c.err(k, "server_assigned", "is assigned by the server and must not be sent");
+            } else if !TOP_LEVEL.contains(&k.as_str()) {
+                c.err(k, "unknown_field", "is not a field of an event");
+            }
+        }
+        for required in ["action", "outcome"] {
+            if !fields.contains_key(required) {
+                c.err(required, "required", "is required");
+            }
+        }
+        c.strings(
+            "",
+            &fields,
+            &[("id", 128), ("category", 64), ("outcome_desc", FIELD_BYTES_MAX), ("project", 128)],
+        );
+        if let Some(id) = fields.get("id").and_then(Value::as_str)
+            && id.chars().any(char::is_control)
+        {
+            c.err("id", "invalid_format", "must not contain control characters");
+        }
+        if let Some(v) = fields.get("occurred_at")
+            && let Some(s) = c.string("occurred_at", v, 64)
+            && parse_rfc3339(s).is_none()
+        {
+            c.err("occurred_at", "invalid_format", "must be an RFC 3339 date-time such as 2026-11-22T10:15:00Z");
+        }
+        if let Some(v) = fields.get("action")
+            && let Some(s) = c.string("action", v, 128)
+            && !valid_action(s)
+        {
+            c.err("action", "invalid_format", "must be lowercase dotted words such as patient.read");
+        }
+        let mut success = None;
+        if let Some(v) = fields.get("outcome")
+            && let Some(s) = c.string("outcome", v, 16)
+        {
+            match s {
+                "success" => success = Some(true),
+                "failure" => success = Some(false),
+                _ => c.err("outcome", "invalid_value", "must be \"success\" or \"failure\""),
+            }
+        }
+        if let Some(v) = fields.get("outcome_code") {
+            match (v.as_u64(), success) {
+                (Some(0), Some(false)) | (Some(4 | 8 | 12), Some(true)) => c.err(
+                    "outcome_code",
+                    "invalid_value",
+                    "must be 0 for success and 4, 8 or 12 for failure",
+                ),
+                (Some(0 | 4 | 8 | 12), _) => {}
+                _ => c.err("outcome_code", "invalid_value", "must be a FHIR outcome code: 0, 4, 8 or 12"),
+            }
+        }
+        if let Some(v) = fields.get("actor")
+            && let Some(m) = c.object(
+                "actor",
+                v,
+                &["user_id", "name", "roles", "client_id", "session_id", "ip", "user_agent", "device_id"],
+            )
+        {
+            c.strings(
+                "actor",
+                m,
+                &[
+                    ("user_id", FIELD_BYTES_MAX),
+                    ("name", FIELD_BYTES_MAX),
+                    ("client_id", FIELD_BYTES_MAX),
+                    ("session_id", FIELD_BYTES_MAX),
+                    ("user_agent", LONG_FIELD_BYTES_MAX),
+                    ("device_id", FIELD_BYTES_MAX),
+                ],
+            );
+            if let Some(ip) = m.get("ip")
+                && let Some(s) = c.string("actor.ip", ip, 64)
+                && s.parse::<IpAddr>().is_err()
+            {
+                c.err("actor.ip", "invalid_format", "must be an IPv4 or IPv6 address");
+            }
+            if let Some(roles) = m.get("roles")
+                && let Some(a) = c.array("actor.roles", roles, ROLES_MAX)
+            {
+                for (i, r) in a.iter().enumerate() {
+                    c.string(&format!("actor.roles[{i}]"), r, 128);
+                }
+            }
+        }
+        if let Some(v) = fields.get("source")
+            && let Some(m) = c.object("source", v, &["system", "site", "type"])
+        {
+            c.strings("source", m, &[("system", 256), ("site", 256), ("type", 128)]);
+        }
+        if let Some(v) = fields.get("patient")
+            && let Some(m) = c.object("patient", v, &["id", "system"])
+        {
+            c.strings("patient", m, &[("id", 256), ("system", 256)]);
+            if !m.contains_key("id") {
+                c.err("patient.id", "required", "is required when patient is given");
+            }
+        }
+        if let Some(v) = fields.get("entities")
+            && let Some(a) = c.array("entities", v, ENTITIES_MAX)
+        {
+            for (i, e) in a.iter().enumerate() {
+                let path = format!("entities[{i}]");
+                if let Some(m) = c.object(&path, e, &["type", "id", "role", "system", "name"]) {
+                    c.strings(
+                        &path,
+                        m,
+                        &[("type", 128), ("id", 512), ("role", 64), ("system", 256), ("name", FIELD_BYTES_MAX)],
+                    );
+                    if !m.contains_key("type") {
+                        c.err(&join(&path, "type"), "required", "is required");
+                    }
+                }
+            }
+        }
+        if let Some(v) = fields.get("request")
+            && let Some(m) = c.object("request", v, &["method", "path", "status", "query"])
+        {
+            c.strings("request", m, &[("path", LONG_FIELD_BYTES_MAX), ("query", LONG_FIELD_BYTES_MAX)]);
+            if let Some(method) = m.get("method")
+                && let Some(s) = c.string("request.method", method, 16)
+                && !s.bytes().all(|b| b.is_ascii_uppercase())
+            {
+                c.err("request.method", "invalid_format", "must be an uppercase HTTP method such as GET");
+            }
+            if let Some(status) = m.get("status")
+                && !matches!(status.as_u64(), Some(100..=599))
+            {
+                c.err("request.status", "invalid_value", "must be an HTTP status code, 100 to 599");
+            }
+        }
+        match fields.get("purpose_of_use") {
+            None => {}
+            Some(v @ Value::String(_)) => {
+                c.string("purpose_of_use", v, 128);
+            }
+            Some(v @ Value::Array(_)) => {
+                if let Some(a) = c.array("purpose_of_use", v, 16) {
+                    for (i, p) in a.iter().enumerate() {
+                        c.string(&format!("purpose_of_use[{i}]"), p, 128);
+                    }
+                }
+            }
+            Some(_) => c.err("purpose_of_use", "wrong_type", "must be a string or an array of strings"),
+        }
+        if let Some(v) = fields.get("changes")
+            && let Some(a) = c.array("changes", v, CHANGES_MAX)
+        {
+            for (i, ch) in a.iter().enumerate() {
+                let path = format!("changes[{i}]");
+                if let Some(m) = c.object(&path, ch, &["field", "before", "after"]) {
+                    c.strings(&path, m, &[("field", 256)]);
+                    if !m.contains_key("field") {
+                        c.err(&join(&path, "field"), "required", "is required");
+                    }
+                    for side in ["before", "after"] {
+                        if let Some(val) = m.get(side)
+                            && depth(val) > JSON_DEPTH_MAX
+                        {
+                            c.err(&join(&path, side), "too_deep", format!("must nest at most {JSON_DEPTH_MAX} levels"));
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(v) = fields.get("context") {
+            match v {
+                Value::Object(m) if m.len() > CONTEXT_ENTRIES_MAX => c.err(
+                    "context",
+                    "too_many",
+                    format!("must have at most {CONTEXT_ENTRIES_MAX} entries"),
+                ),
+                Value::Object(m) => {
+                    for (k, val) in m {
+                        let path = format!("context.{k}");
+                        if k.is_empty() || k.len() > 64 {
+                            c.err(&path, "invalid_format", "keys must be 1 to 64 bytes");
+                        }
+                        c.string(&path, val, FIELD_BYTES_MAX);
+                    }
+                }
+                _ => c.err("context", "wrong_type", "must be an object of strings"),
+            }
+        }
+        if c.errors.is_empty() { Ok(ClientEvent { fields }) } else { Err(InvalidEvent(c.errors)) }
+    }
+
+    /// Parses and validates one JSON document.
+    pub fn from_json(bytes: &[u8]) -> Result<ClientEvent, InvalidEvent> {
+        if bytes.len() > EVENT_BYTES_MAX {
+            return Err(InvalidEvent(vec![FieldError {
+                field: String::new(),
+                code: "too_large",
+                message: format!("an event must be at most {EVENT_BYTES_MAX} bytes"),
+            }]));
+        }
+        let value: Value = serde_json::from_slice(bytes).map_err(|e| {
+            InvalidEvent(vec![FieldError {
+                field: String::new(),
+                code: "invalid_json",
+                message: format!("not valid JSON: {e}"),
+            }])
+        })?;
+        ClientEvent::validate(value)
+    }
+
+    /// The client's idempotency key, if it sent one.
+    pub fn id(&self) -> Option<&str> {
+        self.fields.get("id").and_then(Value::as_str)
+    }
+
+    /// The sending system (`source.system`), which scopes idempotency keys.
+    pub fn source_system(&self) -> &str {
+        self.fields.get("source").and_then(|s| s.get("system")).and_then(Value::as_str).unwrap_or("")
+    }
+
+    pub fn fields(&self) -> &Map<String, Value> {
+        &self.fields
+    }
+
+    /// Adds the server-assigned fields and returns the stored event's canonical bytes.
+    /// `default_id` is used when the client sent no `id` (the store passes a UUIDv7).
+    pub fn into_stored(
+        mut self,
+        seq: u64,
+        recorded_at: UnixMillis,
+        default_id: impl FnOnce() -> String,
+    ) -> Result<Vec<u8>, InvalidEvent> {
+        if !self.fields.contains_key("id") {
+            self.fields.insert("id".into(), Value::String(default_id()));
+        }
+        self.fields.insert("seq".into(), Value::from(seq));
+        self.fields.insert("recorded_at".into(), Value::String(format_millis(recorded_at)));
+        let bytes = canonical_bytes(&Value::Object(self.fields));
+        if bytes.len() > EVENT_BYTES_MAX {
+            return Err(InvalidEvent(vec![FieldError {
+                field: String::new(),
+                code: "too_large",
+                message: format!("an event must be at most {EVENT_BYTES_MAX} bytes"),
+            }]));
+        }
+        Ok(bytes)
+    }
+}
+
+/// RFC 8785 (JCS) canonical bytes of a JSON value.
+pub fn canonical_bytes(value: &Value) -> Vec<u8> {
+    serde_json_canonicalizer::to_vec(value).expect("a serde_json::Value always canonicalises")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    pub(crate) fn example() -> Value {
+        json!({"id": "optional client idempotency key",
+         "occurred_at": "2026-11-22T10:15:00Z", "category": "phi_access", "action": "patient.read", "outcome": "success",
+         "actor": {"user_id": "u123", "name": "Dr. A", "roles": ["physician"], "ip": "10.1.2.3", "user_agent": "...",
+                   "session_id": "...", "client_id": "ehr-web"},
+         "source": {"system": "ehr", "site": "main-campus"},
+         "patient": {"id": "MRN00012345", "system": "urn:oid:2.16.840.1.113883.3.0"},
+         "entities": [{"type": "Observation", "id": "123", "role": "domain"}],
+         "request": {"method": "GET", "path": "/api/patients/123", "status": 200},
+         "purpose_of_use": "TREAT", "project": "default",
+         "changes": [{"field": "role", "before": "annotator", "after": "admin"}],
+         "context": {"reason": "chart review"}})
+    }
+
+    /// One data-driven helper: an event with `patch` merged into the example, and the expected
+    /// `(field, code)` pairs (empty = valid).
+    fn check(patch: Value, expect: &[(&str, &str)]) {
+        let mut v = example();
+        for (k, val) in patch.as_object().unwrap() {
+            if val.is_null() {
+                v.as_object_mut().unwrap().remove(k);
+            } else {
+                v[k] = val.clone();
+            }
+        }
+        let got: Vec<(String, &str)> = match ClientEvent::validate(v) {
+            Ok(_) => vec![],
+            Err(InvalidEvent(errs)) => errs.into_iter().map(|e| (e.field, e.code)).collect(),
+        };
+        let want: Vec<(String, &str)> = expect.iter().map(|(f, c)| (f.to_string(), *c)).collect();
+        assert_eq!(got, want, "patch {patch}");
+    }
+
+    #[test]
+    fn validation_table() {
+        check(json!({}), &[]);
+        check(json!({"id": null, "occurred_at": null, "actor": null, "entities": null}), &[]);
+        check(json!({"action": null}), &[("action", "required")]);
+        check(json!({"action": "Patient Read"}), &[("action", "invalid_format")]);
+        check(json!({"outcome": "ok"}), &[("outcome", "invalid_value")]);
+        check(json!({"outcome": "failure", "outcome_code": 8}), &[]);
+        check(json!({"outcome": "failure", "outcome_code": 0}), &[("outcome_code", "invalid_value")]);
+        check(json!({"occurred_at": "yesterday"}), &[("occurred_at", "invalid_format")]);
+        check(json!({"occurred_at": 5}), &[("occurred_at", "wrong_type")]);
+        check(json!({"actor": {"ip": "10.1.2.300"}}), &[("actor.ip", "invalid_format")]);
+        check(json!({"actor": {"ip": "::1", "roles": ["a", 3]}}), &[("actor.roles[1]", "wrong_type")]);
+        check(json!({"actor": {"badge": "x"}}), &[("actor.badge", "unknown_field")]);
+        check(json!({"seq": 5}), &[("seq", "server_assigned")]);
+        check(json!({"colour": "red"}), &[("colour", "unknown_field")]);
+        check(json!({"request": {"status": 99}}), &[("request.status", "invalid_value")]);
+        check(json!({"request": {"method": "get"}}), &[("request.method", "invalid_format")]);
+        check(json!({"entities": [{"id": "1"}]}), &[("entities[0].type", "required")]);
+        check(json!({"patient": {"system": "x"}}), &[("patient.id", "required")]);
+        check(json!({"context": {"k": 1}}), &[("context.k", "wrong_type")]);
+        check(json!({"purpose_of_use": ["TREAT", "ETREAT"]}), &[]);
+        check(json!({"category": "x".repeat(65)}), &[("category", "too_long")]);
+        check(json!({"changes": [{"field": "a", "before": {"x": [1, {"y": null}]}, "after": true}]}), &[]);
+    }
+
+    #[test]
+    fn stored_bytes_are_canonical_and_carry_server_fields() {
+        let e = ClientEvent::validate(json!({"outcome": "success", "action": "login.success", "context": {"b": "1", "a": "2"}})).unwrap();
+        let bytes = e.into_stored(7, 1_795_342_500_123, || "fixed".into()).unwrap();
+        assert_eq!(
+            std::str::from_utf8(&bytes).unwrap(),
+            r#"{"action":"login.success","context":{"a":"2","b":"1"},"id":"fixed","outcome":"success","recorded_at":"2026-11-22T10:15:00.123Z","seq":7}"#
+        );
+    }
+
+    #[test]
+    fn not_an_object_or_not_json_is_one_clear_error() {
+        assert_eq!(ClientEvent::from_json(b"[1]").unwrap_err().0[0].code, "wrong_type");
+        assert_eq!(ClientEvent::from_json(b"{\"a\":").unwrap_err().0[0].code, "invalid_json");
+    }
+}

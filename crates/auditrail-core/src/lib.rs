@@ -1,0 +1,16 @@
+//! auditrail's pure domain: the event model and its canonical bytes, commitments and leaf
+//! entries, RFC 6962 Merkle hashing and proofs, the C2SP tile layout, checkpoints and signed
+//! notes.
+//!
+//! Architecture invariant: this crate does no I/O, reads no clock and draws no randomness, so
+//! the writer and every verifier share exactly the same math. It doubles as the offline
+//! verifier library.
+
+pub mod checkpoint;
+pub mod event;
+pub mod leaf;
+pub mod limits;
+pub mod merkle;
+pub mod note;
+pub mod tile;
+pub mod time;
