@@ -393,6 +393,117 @@ impl ClientEvent {
     }
 }
 
+/// A validated event whose client fields are already in canonical form, so the single writer
+/// only splices in the server-assigned fields (`id` when absent, `seq`, `recorded_at`). The
+/// expensive part of canonicalisation runs on the caller's thread, in parallel.
+///
+/// This is exact RFC 8785: top-level keys are from a fixed ASCII set, so sorting them by bytes
+/// is sorting them by UTF-16 code units, and the canonical form of an object is its sorted
+/// members' canonical forms joined by commas.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PreparedEvent {
+    /// `(key, canonical "key":value bytes)`, sorted by key.
+    members: Vec<(&'static str, Vec<u8>)>,
+    has_id: bool,
+    /// The key that makes a retry idempotent: `source.system` and the client's `id`.
+    idempotency_key: Option<IdempotencyKey>,
+    len: usize,
+}
+
+/// A 128-bit digest of `(source.system, id)`; collisions are resolved by comparing the stored
+/// event's fields, so it only needs to be well spread.
+pub type IdempotencyKey = u128;
+
+pub fn idempotency_key(source_system: &str, id: &str) -> IdempotencyKey {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(b"auditrail/idempotency/v1\0");
+    h.update(source_system.as_bytes());
+    h.update([0]);
+    h.update(id.as_bytes());
+    u128::from_be_bytes(h.finalize()[..16].try_into().unwrap())
+}
+
+impl ClientEvent {
+    pub fn prepare(self) -> PreparedEvent {
+        let idempotency_key = self.id().map(|id| idempotency_key(self.source_system(), id));
+        let has_id = self.fields.contains_key("id");
+        let mut members: Vec<(&'static str, Vec<u8>)> = self
+            .fields
+            .iter()
+            .map(|(k, v)| {
+                let key = TOP_LEVEL.iter().find(|t| **t == k).expect("validated keys are known");
+                let mut m = Vec::with_capacity(k.len() + 3 + 32);
+                m.push(b'"');
+                m.extend_from_slice(k.as_bytes());
+                m.extend_from_slice(b"\":");
+                m.extend_from_slice(&canonical_bytes(v));
+                (*key, m)
+            })
+            .collect();
+        members.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        let len = members.iter().map(|m| m.1.len() + 1).sum::<usize>() + 1;
+        PreparedEvent { members, has_id, idempotency_key, len }
+    }
+}
+
+impl PreparedEvent {
+    pub fn idempotency_key(&self) -> Option<IdempotencyKey> {
+        self.idempotency_key
+    }
+
+    /// The client's `id`, if it sent one.
+    pub fn client_id(&self) -> Option<String> {
+        let (_, m) = self.members.iter().find(|m| m.0 == "id")?;
+        serde_json::from_slice::<String>(&m[5..]).ok()
+    }
+
+    /// An upper bound of the stored event's size before the server fields.
+    pub fn approx_len(&self) -> usize {
+        self.len
+    }
+
+    /// The stored event's canonical bytes, written into `out`, with `default_id` used when the
+    /// client sent no `id`. Returns the `id` the event is stored under when it was generated.
+    pub fn write_stored(&self, seq: u64, recorded_at: UnixMillis, default_id: &str, out: &mut Vec<u8>) {
+        let id_member;
+        let seq_member = format!("\"seq\":{seq}");
+        let recorded_member = format!("\"recorded_at\":\"{}\"", format_millis(recorded_at));
+        let mut server: Vec<(&str, &[u8])> = Vec::with_capacity(3);
+        if !self.has_id {
+            id_member = format!("\"id\":{}", serde_json::to_string(default_id).expect("a string serialises"));
+            server.push(("id", id_member.as_bytes()));
+        }
+        server.push(("recorded_at", recorded_member.as_bytes()));
+        server.push(("seq", seq_member.as_bytes()));
+        out.push(b'{');
+        let mut first = true;
+        let mut push = |out: &mut Vec<u8>, m: &[u8]| {
+            if !first {
+                out.push(b',');
+            }
+            first = false;
+            out.extend_from_slice(m);
+        };
+        let mut server = server.into_iter().peekable();
+        for (key, m) in &self.members {
+            while let Some((skey, sm)) = server.peek() {
+                if *skey < *key {
+                    push(out, sm);
+                    server.next();
+                } else {
+                    break;
+                }
+            }
+            push(out, m);
+        }
+        for (_, sm) in server {
+            push(out, sm);
+        }
+        out.push(b'}');
+    }
+}
+
 /// RFC 8785 (JCS) canonical bytes of a JSON value.
 pub fn canonical_bytes(value: &Value) -> Vec<u8> {
     serde_json_canonicalizer::to_vec(value).expect("a serde_json::Value always canonicalises")
@@ -469,6 +580,33 @@ mod tests {
         assert_eq!(
             std::str::from_utf8(&bytes).unwrap(),
             r#"{"action":"login.success","context":{"a":"2","b":"1"},"id":"fixed","outcome":"success","recorded_at":"2026-11-22T10:15:00.123Z","seq":7}"#
+        );
+    }
+
+    #[test]
+    fn prepared_splice_equals_full_canonicalisation() {
+        for patch in [json!({}), json!({"id": null}), json!({"id": "a\"b\\c\u{e9}", "context": {"\u{e9}": "x", "\u{1F600}": "\u{FF61}", "\u{FF61}": "y"}})] {
+            let mut v = example();
+            for (k, val) in patch.as_object().unwrap() {
+                if val.is_null() { v.as_object_mut().unwrap().remove(k); } else { v[k] = val.clone(); }
+            }
+            let Ok(e) = ClientEvent::validate(v.clone()) else { continue };
+            let prepared = e.clone().prepare();
+            let mut spliced = Vec::new();
+            prepared.write_stored(42, 1_795_342_500_123, "0190-generated", &mut spliced);
+            let full = e.into_stored(42, 1_795_342_500_123, || "0190-generated".into()).unwrap();
+            assert_eq!(String::from_utf8(spliced).unwrap(), String::from_utf8(full).unwrap());
+        }
+    }
+
+    #[test]
+    fn canonical_bytes_follow_rfc8785() {
+        // Keys sort by UTF-16 code units (U+1F600 is D83D DE00, before U+FF61), numbers use the
+        // ECMAScript form, and strings carry only the required escapes.
+        let v = json!({"\u{FF61}": 1, "\u{1F600}": 2, "b": [1.0, 1e21, -0.0, 0.000001], "a": "\u{7f}\n\u{1}/"});
+        assert_eq!(
+            String::from_utf8(canonical_bytes(&v)).unwrap(),
+            "{\"a\":\"\u{7f}\\n\\u0001/\",\"b\":[1,1e+21,0,0.000001],\"\u{1F600}\":2,\"\u{FF61}\":1}"
         );
     }
 

@@ -1,1 +1,5 @@
 
+pub mod crypto;
+pub mod io;
+pub mod sim;
+pub mod segment;

@@ -1,0 +1,178 @@
+//! The storage seam. Everything the store writes goes through [`Io`], so crash tests can run the
+//! real store over a simulated disk ([`crate::sim::SimDisk`]) that keeps a "written" and a
+//! "durable" image of every file and crashes at any sync point.
+//!
+//! Paths are relative to the data directory.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read as _, Seek as _, SeekFrom, Write as _};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+pub trait Io: Send + Sync + 'static {
+    /// The whole file; `NotFound` if it does not exist.
+    fn read(&self, path: &str) -> io::Result<Vec<u8>>;
+    /// Up to `len` bytes from `offset` (fewer at the end of the file).
+    fn read_at(&self, path: &str, offset: u64, len: usize) -> io::Result<Vec<u8>>;
+    /// The file's length, or `None` if it does not exist.
+    fn len(&self, path: &str) -> io::Result<Option<u64>>;
+    /// Appends to a file, creating it if needed. Not durable until [`Io::sync_file`].
+    fn append(&self, path: &str, data: &[u8]) -> io::Result<()>;
+    /// Creates or replaces a file's contents. Not durable until synced.
+    fn write_file(&self, path: &str, data: &[u8]) -> io::Result<()>;
+    /// Makes a file's contents durable (fdatasync).
+    fn sync_file(&self, path: &str) -> io::Result<()>;
+    /// Makes a directory's entries (created, renamed, removed files) durable.
+    fn sync_dir(&self, path: &str) -> io::Result<()>;
+    /// Makes everything written so far under the data directory durable (syncfs): one call for
+    /// the thousands of tile files a publication may cover.
+    fn sync_all(&self) -> io::Result<()>;
+    fn rename(&self, from: &str, to: &str) -> io::Result<()>;
+    fn remove(&self, path: &str) -> io::Result<()>;
+    fn truncate(&self, path: &str, len: u64) -> io::Result<()>;
+    /// File names (not paths) in a directory; empty if it does not exist.
+    fn list(&self, dir: &str) -> io::Result<Vec<String>>;
+    fn create_dir_all(&self, dir: &str) -> io::Result<()>;
+}
+
+/// The real file system, rooted at the data directory.
+#[derive(Debug)]
+pub struct StdIo {
+    root: PathBuf,
+    /// The file most recently appended to, kept open: the active segment.
+    append_handle: Mutex<Option<(String, File)>>,
+}
+
+impl StdIo {
+    pub fn new(root: impl Into<PathBuf>) -> StdIo {
+        StdIo { root: root.into(), append_handle: Mutex::new(None) }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn path(&self, p: &str) -> PathBuf {
+        self.root.join(p)
+    }
+
+    fn with_append_handle<T>(&self, path: &str, f: impl FnOnce(&mut File) -> io::Result<T>) -> io::Result<T> {
+        let mut guard = self.append_handle.lock().unwrap_or_else(|e| e.into_inner());
+        if guard.as_ref().is_none_or(|(p, _)| p != path) {
+            let file = OpenOptions::new().create(true).append(true).open(self.path(path))?;
+            *guard = Some((path.to_string(), file));
+        }
+        f(&mut guard.as_mut().unwrap().1)
+    }
+
+    fn forget_handle(&self, path: &str) {
+        let mut guard = self.append_handle.lock().unwrap_or_else(|e| e.into_inner());
+        if guard.as_ref().is_some_and(|(p, _)| p == path) {
+            *guard = None;
+        }
+    }
+}
+
+impl Io for StdIo {
+    fn read(&self, path: &str) -> io::Result<Vec<u8>> {
+        std::fs::read(self.path(path))
+    }
+
+    fn read_at(&self, path: &str, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+        let mut f = File::open(self.path(path))?;
+        f.seek(SeekFrom::Start(offset))?;
+        let mut buf = Vec::with_capacity(len);
+        f.take(len as u64).read_to_end(&mut buf)?;
+        Ok(buf)
+    }
+
+    fn len(&self, path: &str) -> io::Result<Option<u64>> {
+        match std::fs::metadata(self.path(path)) {
+            Ok(m) => Ok(Some(m.len())),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn append(&self, path: &str, data: &[u8]) -> io::Result<()> {
+        self.with_append_handle(path, |f| f.write_all(data))
+    }
+
+    fn write_file(&self, path: &str, data: &[u8]) -> io::Result<()> {
+        self.forget_handle(path);
+        std::fs::write(self.path(path), data)
+    }
+
+    fn sync_file(&self, path: &str) -> io::Result<()> {
+        let guard = self.append_handle.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((p, f)) = guard.as_ref()
+            && p == path
+        {
+            return f.sync_data();
+        }
+        drop(guard);
+        File::open(self.path(path))?.sync_data()
+    }
+
+    fn sync_dir(&self, path: &str) -> io::Result<()> {
+        File::open(self.path(path))?.sync_all()
+    }
+
+    fn sync_all(&self) -> io::Result<()> {
+        syncfs(&self.root)
+    }
+
+    fn rename(&self, from: &str, to: &str) -> io::Result<()> {
+        self.forget_handle(from);
+        self.forget_handle(to);
+        std::fs::rename(self.path(from), self.path(to))
+    }
+
+    fn remove(&self, path: &str) -> io::Result<()> {
+        self.forget_handle(path);
+        std::fs::remove_file(self.path(path))
+    }
+
+    fn truncate(&self, path: &str, len: u64) -> io::Result<()> {
+        self.forget_handle(path);
+        let f = OpenOptions::new().write(true).open(self.path(path))?;
+        f.set_len(len)?;
+        f.sync_all()
+    }
+
+    fn list(&self, dir: &str) -> io::Result<Vec<String>> {
+        match std::fs::read_dir(self.path(dir)) {
+            Ok(rd) => {
+                let mut names = Vec::new();
+                for e in rd {
+                    names.push(e?.file_name().to_string_lossy().into_owned());
+                }
+                names.sort();
+                Ok(names)
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn create_dir_all(&self, dir: &str) -> io::Result<()> {
+        std::fs::create_dir_all(self.path(dir))
+    }
+}
+
+/// `syncfs(2)` on the file system holding `dir`: flushes every dirty page and all metadata.
+#[cfg(target_os = "linux")]
+#[allow(unsafe_code)]
+fn syncfs(dir: &Path) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let f = File::open(dir)?;
+    // SAFETY: `f` is an open file descriptor for the duration of the call.
+    let rc = unsafe { libc::syncfs(f.as_raw_fd()) };
+    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn syncfs(_dir: &Path) -> io::Result<()> {
+    // Portable fallback: `sync(2)` flushes every file system, which is a superset.
+    std::process::Command::new("sync").status().map(|_| ())
+}
