@@ -195,6 +195,8 @@ impl BlockHeader {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {
     pub recorded_at_ms: u64,
+    /// Whether the client supplied the event's `id` (it then scopes idempotent retries).
+    pub client_id: bool,
     pub canonical: Vec<u8>,
 }
 
@@ -229,11 +231,16 @@ pub fn encode_block(
 }
 
 /// Appends one record's framing and bytes to a block's plaintext.
-pub fn push_record(plain: &mut Vec<u8>, recorded_at_ms: u64, canonical: &[u8]) {
+pub fn push_record(plain: &mut Vec<u8>, recorded_at_ms: u64, client_id: bool, canonical: &[u8]) {
+    assert!(canonical.len() < RECORD_CLIENT_ID_FLAG as usize);
+    let len_and_flags = canonical.len() as u32 | if client_id { RECORD_CLIENT_ID_FLAG } else { 0 };
     plain.extend_from_slice(&recorded_at_ms.to_be_bytes());
-    plain.extend_from_slice(&u32::try_from(canonical.len()).expect("event under 4 GiB").to_be_bytes());
+    plain.extend_from_slice(&len_and_flags.to_be_bytes());
     plain.extend_from_slice(canonical);
 }
+
+/// The top bit of a record's length word: the client supplied the `id`.
+pub const RECORD_CLIENT_ID_FLAG: u32 = 1 << 31;
 
 /// Checks a block body's CRC, authenticates and decrypts it, decompresses it and splits it into
 /// records. `body` is the sealed bytes after the header.
@@ -258,12 +265,14 @@ pub fn decode_block_body(header: &BlockHeader, body: &[u8], keys: &SegmentKeys) 
             return Err(FormatError::Malformed("truncated record header"));
         }
         let recorded_at_ms = u64::from_be_bytes(rest[..8].try_into().unwrap());
-        let len = u32::from_be_bytes(rest[8..12].try_into().unwrap()) as usize;
+        let len_and_flags = u32::from_be_bytes(rest[8..12].try_into().unwrap());
+        let client_id = len_and_flags & RECORD_CLIENT_ID_FLAG != 0;
+        let len = (len_and_flags & !RECORD_CLIENT_ID_FLAG) as usize;
         rest = &rest[RECORD_HEADER_BYTES..];
         if rest.len() < len {
             return Err(FormatError::Malformed("truncated record"));
         }
-        records.push(Record { recorded_at_ms, canonical: rest[..len].to_vec() });
+        records.push(Record { recorded_at_ms, client_id, canonical: rest[..len].to_vec() });
         rest = &rest[len..];
     }
     if records.len() != header.count as usize {
@@ -285,13 +294,13 @@ mod tests {
         let keys2 = sh2.keys(&master).unwrap();
         assert_eq!(keys2.salt_key, keys.salt_key);
         let mut plain = Vec::new();
-        push_record(&mut plain, 1, b"{\"a\":1}");
-        push_record(&mut plain, 2, b"{\"b\":2}");
+        push_record(&mut plain, 1, false, b"{\"a\":1}");
+        push_record(&mut plain, 2, true, b"{\"b\":2}");
         let mut z = zstd::bulk::Compressor::new(ZSTD_LEVEL).unwrap();
         let block = encode_block(&keys, 1, 100, 2, &plain, &mut z);
         let h = BlockHeader::decode(&block).unwrap();
         let recs = decode_block_body(&h, &block[BLOCK_HEADER_BYTES..], &keys2).unwrap();
-        assert_eq!(recs[1], Record { recorded_at_ms: 2, canonical: b"{\"b\":2}".to_vec() });
+        assert_eq!(recs[1], Record { recorded_at_ms: 2, client_id: true, canonical: b"{\"b\":2}".to_vec() });
         for i in 0..block.len() {
             let mut bad = block.clone();
             bad[i] ^= 0x40;

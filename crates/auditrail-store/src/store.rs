@@ -1,0 +1,991 @@
+//! The log store: one sequencer thread and one syncer thread around the files on disk.
+//!
+//! ```text
+//!  callers ──append──▶ [sequencer] assign seq + recorded_at, canonical bytes, commitment,
+//!                        compress + seal one block per group, write() to the active segment
+//!                                │ batches (bounded channel)
+//!                                ▼
+//!                      [syncer]  fdatasync (one per group of batches) ─▶ acknowledge
+//!                                integrate leaves into tiles; publish a checkpoint ≤ 1/s
+//! ```
+//!
+//! Stages, each with a watermark: sequenced (durable, has a seq) ≥ integrated (in the tree) ≥
+//! published (in a signed checkpoint). An event is acknowledged only after the fsync that
+//! covers its block; its leaf entry is derived from that block, so it is durable too.
+
+use crate::crypto::{self, SegmentKeys};
+use crate::error::StoreError;
+use crate::io::{Io, StdIo};
+use crate::keys::Keys;
+use crate::reader::{self, SEGMENTS_DIR, list_segments, load_segment, segment_path};
+use crate::segment::{self, SegmentHeader};
+use crate::tree::{LOG_DIR, TreeWriter};
+use auditrail_core::checkpoint::Checkpoint;
+use auditrail_core::event::{IdempotencyKey, PreparedEvent};
+use auditrail_core::leaf::{self, LeafEntry, SaltDeriver};
+use auditrail_core::merkle::{self, Hash};
+use auditrail_core::note::{self, NoteVerifier};
+use auditrail_core::tile::TileId;
+use auditrail_core::time::{UnixMillis, day_of};
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+pub const CHECKPOINT_PATH: &str = "log/checkpoint";
+pub const HISTORY_PATH: &str = "checkpoints/history";
+
+/// A clock in Unix milliseconds; tests pass a fake one.
+pub type Clock = Arc<dyn Fn() -> UnixMillis + Send + Sync>;
+
+pub fn system_clock() -> Clock {
+    Arc::new(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as UnixMillis)
+            .unwrap_or(0)
+    })
+}
+
+/// Tuning and limits. Defaults suit a server; tests shrink them to reach edge cases.
+#[derive(Clone)]
+pub struct Options {
+    /// A segment rolls once it is this large (and at every UTC day change).
+    pub segment_bytes_max: u64,
+    /// A new checkpoint is published at most this often while the tree grows.
+    pub publish_interval_ms: u64,
+    /// One group commit (one block, one fsync) holds at most this many events...
+    pub batch_events_max: usize,
+    /// ...and at most this many bytes of canonical events.
+    pub batch_bytes_max: usize,
+    /// Append calls waiting for the sequencer; beyond this `try_append` answers `Backpressure`.
+    pub queue_requests_max: usize,
+    /// Client `id`s are remembered for the most recent this-many events.
+    pub idempotency_window_events: u64,
+    pub clock: Clock,
+}
+
+impl std::fmt::Debug for Options {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Options")
+            .field("segment_bytes_max", &self.segment_bytes_max)
+            .field("publish_interval_ms", &self.publish_interval_ms)
+            .field("batch_events_max", &self.batch_events_max)
+            .field("batch_bytes_max", &self.batch_bytes_max)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options {
+            segment_bytes_max: 64 << 20,
+            publish_interval_ms: 1000,
+            batch_events_max: 16_384,
+            batch_bytes_max: 16 << 20,
+            queue_requests_max: 1024,
+            idempotency_window_events: 2_000_000,
+            clock: system_clock(),
+        }
+    }
+}
+
+/// What the store says about one appended event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Receipt {
+    pub seq: u64,
+    pub id: String,
+    pub leaf_hash: Hash,
+    /// The event repeated an `id` already in the log: nothing was appended, and this is the
+    /// original's receipt.
+    pub duplicate: bool,
+}
+
+/// How far each stage of the log has got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stages {
+    pub sequenced: u64,
+    pub integrated: u64,
+    pub published: u64,
+}
+
+/// What recovery found and did when the store opened.
+#[derive(Debug, Clone, Default)]
+pub struct RecoveryReport {
+    /// Bytes cut from the end of the last segment: a write torn by a crash, never acknowledged.
+    pub truncated_bytes: u64,
+    pub removed_empty_segment: bool,
+    /// Leaves re-integrated into tiles after the last published checkpoint.
+    pub reintegrated: u64,
+}
+
+struct Shared {
+    sequenced: AtomicU64,
+    integrated: AtomicU64,
+    published: AtomicU64,
+    poisoned: AtomicBool,
+    poison_reason: Mutex<String>,
+}
+
+impl Shared {
+    fn poison(&self, why: String) {
+        let mut r = self.poison_reason.lock().unwrap_or_else(|e| e.into_inner());
+        if !self.poisoned.swap(true, Ordering::SeqCst) {
+            *r = why;
+        }
+    }
+
+    fn check(&self) -> Result<(), StoreError> {
+        if self.poisoned.load(Ordering::SeqCst) {
+            Err(StoreError::Poisoned(self.poison_reason.lock().unwrap_or_else(|e| e.into_inner()).clone()))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+type Reply = SyncSender<Result<Vec<Receipt>, StoreError>>;
+
+enum Request {
+    Append { events: Vec<PreparedEvent>, reply: Reply },
+    Publish { reply: SyncSender<Result<Stages, StoreError>> },
+    Shutdown,
+}
+
+enum SyncMsg {
+    Batch { path: Option<String>, entries: Vec<[u8; leaf::LEAF_ENTRY_BYTES]>, end_seq: u64, replies: Vec<(Reply, Vec<Receipt>)> },
+    Publish { reply: SyncSender<Result<Stages, StoreError>> },
+    Shutdown,
+}
+
+/// The open log. Appends are safe from many threads; one process owns a data directory.
+pub struct Store {
+    requests: SyncSender<Request>,
+    shared: Arc<Shared>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    io: Arc<dyn Io>,
+    keys: Keys,
+    options: Options,
+    recovery: RecoveryReport,
+    _lock: Option<std::fs::File>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("stages", &self.stages()).finish_non_exhaustive()
+    }
+}
+
+/// Creates a new data directory: key files and the directory layout.
+pub fn init(dir: &std::path::Path, origin: &str) -> Result<NoteVerifier, StoreError> {
+    if !auditrail_core::checkpoint::valid_origin(origin) {
+        return Err(StoreError::InvalidInput(format!("origin {origin:?} must be non-empty, without spaces or '+'")));
+    }
+    for sub in [SEGMENTS_DIR, LOG_DIR, "checkpoints"] {
+        std::fs::create_dir_all(dir.join(sub))?;
+    }
+    let keys = crate::keys::init(dir, origin).map_err(StoreError::Unavailable)?;
+    Ok(keys.signer.verifier())
+}
+
+impl Store {
+    /// Opens the log in `dir` on the real file system, holding an exclusive lock on it.
+    pub fn open(dir: &std::path::Path, options: Options) -> Result<Store, StoreError> {
+        let lock = lock_dir(dir)?;
+        let io: Arc<dyn Io> = Arc::new(StdIo::new(dir));
+        let mut store = Store::open_with(io, options)?;
+        store._lock = Some(lock);
+        Ok(store)
+    }
+
+    /// Opens the log over any [`Io`] (the crash tests pass a simulated disk). Recovers first:
+    /// cuts a torn tail, re-integrates leaves past the last checkpoint, and refuses to open on
+    /// real corruption with the location of the damage.
+    pub fn open_with(io: Arc<dyn Io>, options: Options) -> Result<Store, StoreError> {
+        let keys = Keys::load(io.as_ref()).map_err(StoreError::Unavailable)?;
+        for d in [SEGMENTS_DIR, LOG_DIR, "checkpoints"] {
+            io.create_dir_all(d)?;
+        }
+        let recovered = recover(io.as_ref(), &keys, &options)?;
+        let shared = Arc::new(Shared {
+            sequenced: AtomicU64::new(recovered.next_seq),
+            integrated: AtomicU64::new(recovered.tree.size()),
+            published: AtomicU64::new(recovered.published),
+            poisoned: AtomicBool::new(false),
+            poison_reason: Mutex::new(String::new()),
+        });
+        let (req_tx, req_rx) = mpsc::sync_channel(options.queue_requests_max);
+        // A few batches may wait for the syncer: enough to overlap sealing with fsync.
+        let (sync_tx, sync_rx) = mpsc::sync_channel(4);
+        let sequencer = Sequencer {
+            io: io.clone(),
+            keys: keys.clone(),
+            options: options.clone(),
+            shared: shared.clone(),
+            next_seq: recovered.next_seq,
+            last_recorded_at: recovered.last_recorded_at,
+            active: recovered.active,
+            dedup: recovered.dedup,
+            compressor: zstd::bulk::Compressor::new(segment::ZSTD_LEVEL).map_err(StoreError::Io)?,
+            to_syncer: sync_tx,
+            plain: Vec::new(),
+            stored: Vec::new(),
+        };
+        let syncer = Syncer {
+            io: io.clone(),
+            keys: keys.clone(),
+            options: options.clone(),
+            shared: shared.clone(),
+            tree: recovered.tree,
+            published: recovered.published,
+            last_publish: Instant::now(),
+            partials: Vec::new(),
+        };
+        let t1 = std::thread::Builder::new()
+            .name("auditrail-sequencer".into())
+            .spawn(move || sequencer.run(req_rx))?;
+        let t2 = std::thread::Builder::new().name("auditrail-syncer".into()).spawn(move || syncer.run(sync_rx))?;
+        Ok(Store {
+            requests: req_tx,
+            shared,
+            threads: Mutex::new(vec![t1, t2]),
+            io,
+            keys,
+            options,
+            recovery: recovered.report,
+            _lock: None,
+        })
+    }
+
+    pub fn recovery_report(&self) -> &RecoveryReport {
+        &self.recovery
+    }
+
+    pub fn verifier(&self) -> NoteVerifier {
+        self.keys.signer.verifier()
+    }
+
+    pub fn io(&self) -> &Arc<dyn Io> {
+        &self.io
+    }
+
+    pub fn options(&self) -> &Options {
+        &self.options
+    }
+
+    pub fn stages(&self) -> Stages {
+        Stages {
+            sequenced: self.shared.sequenced.load(Ordering::SeqCst),
+            integrated: self.shared.integrated.load(Ordering::SeqCst),
+            published: self.shared.published.load(Ordering::SeqCst),
+        }
+    }
+
+    fn check_batch(&self, events: &[PreparedEvent]) -> Result<(), StoreError> {
+        self.shared.check()?;
+        if events.len() > self.options.batch_events_max {
+            return Err(StoreError::InvalidInput(format!(
+                "a batch holds at most {} events, got {}",
+                self.options.batch_events_max,
+                events.len()
+            )));
+        }
+        let bytes: usize = events.iter().map(PreparedEvent::approx_len).sum();
+        if bytes > self.options.batch_bytes_max {
+            return Err(StoreError::InvalidInput(format!(
+                "a batch holds at most {} bytes of events, got {bytes}",
+                self.options.batch_bytes_max
+            )));
+        }
+        Ok(())
+    }
+
+    /// Appends a batch atomically and returns once it is durable: either every event of the
+    /// batch is in the log after a crash, or none is. Waits while the queue is full.
+    pub fn append(&self, events: Vec<PreparedEvent>) -> Result<Vec<Receipt>, StoreError> {
+        self.check_batch(&events)?;
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (tx, rx) = mpsc::sync_channel(1);
+        self.requests.send(Request::Append { events, reply: tx }).map_err(|_| self.closed())?;
+        rx.recv().map_err(|_| self.closed())?
+    }
+
+    /// Like [`Store::append`], but answers `Backpressure` at once when the queue is full.
+    pub fn try_append(&self, events: Vec<PreparedEvent>) -> Result<Vec<Receipt>, StoreError> {
+        self.check_batch(&events)?;
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (tx, rx) = mpsc::sync_channel(1);
+        match self.requests.try_send(Request::Append { events, reply: tx }) {
+            Ok(()) => rx.recv().map_err(|_| self.closed())?,
+            Err(TrySendError::Full(_)) => Err(StoreError::Backpressure),
+            Err(TrySendError::Disconnected(_)) => Err(self.closed()),
+        }
+    }
+
+    /// Integrates everything sequenced so far and publishes a checkpoint for it now.
+    pub fn publish(&self) -> Result<Stages, StoreError> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        self.requests.send(Request::Publish { reply: tx }).map_err(|_| self.closed())?;
+        rx.recv().map_err(|_| self.closed())?
+    }
+
+    fn closed(&self) -> StoreError {
+        match self.shared.check() {
+            Err(e) => e,
+            Ok(()) => StoreError::Closed,
+        }
+    }
+
+    /// Stops accepting appends, publishes a final checkpoint and joins the threads.
+    pub fn close(self) -> Result<Stages, StoreError> {
+        let _ = self.requests.send(Request::Shutdown);
+        for t in self.threads.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
+            let _ = t.join();
+        }
+        self.shared.check()?;
+        Ok(self.stages())
+    }
+
+    /// The stored events with seq in `[from, to)`, as canonical bytes.
+    pub fn read_events(&self, from: u64, to: u64) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        let to = to.min(self.stages().sequenced);
+        let mut out = Vec::new();
+        reader::for_each_record(self.io.as_ref(), &self.keys.master, from, to, |seq, r, _| {
+            out.push((seq, r.canonical.clone()));
+            Ok(())
+        })?;
+        Ok(out)
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        let _ = self.requests.send(Request::Shutdown);
+        for t in self.threads.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+fn lock_dir(dir: &std::path::Path) -> Result<std::fs::File, StoreError> {
+    if !dir.join(crate::keys::SIGNING_KEY_PATH).exists() {
+        return Err(StoreError::Unavailable(format!(
+            "{} is not an auditrail data directory (run `auditrail init --data {}`)",
+            dir.display(),
+            dir.display()
+        )));
+    }
+    let f = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(dir.join("LOCK"))?;
+    f.try_lock().map_err(|_| {
+        StoreError::Unavailable(format!("{} is in use by another auditrail process", dir.display()))
+    })?;
+    Ok(f)
+}
+
+/// The segment being appended to.
+struct ActiveSegment {
+    first_seq: u64,
+    path: String,
+    day: i64,
+    len: u64,
+    key_version: u32,
+    keys: SegmentKeys,
+    salts: SaltDeriver,
+}
+
+/// Client ids seen in the last `window` events: key → (seq, leaf hash).
+struct Dedup {
+    window: u64,
+    map: HashMap<IdempotencyKey, (u64, Hash)>,
+    order: VecDeque<(u64, IdempotencyKey)>,
+}
+
+impl Dedup {
+    fn new(window: u64) -> Dedup {
+        Dedup { window, map: HashMap::new(), order: VecDeque::new() }
+    }
+
+    fn insert(&mut self, key: IdempotencyKey, seq: u64, leaf: Hash) {
+        self.map.insert(key, (seq, leaf));
+        self.order.push_back((seq, key));
+        while let Some((old_seq, old_key)) = self.order.front().copied() {
+            if old_seq + self.window > seq {
+                break;
+            }
+            self.order.pop_front();
+            if self.map.get(&old_key).is_some_and(|v| v.0 == old_seq) {
+                self.map.remove(&old_key);
+            }
+        }
+    }
+}
+
+struct Sequencer {
+    io: Arc<dyn Io>,
+    keys: Keys,
+    options: Options,
+    shared: Arc<Shared>,
+    next_seq: u64,
+    last_recorded_at: UnixMillis,
+    active: Option<ActiveSegment>,
+    dedup: Dedup,
+    compressor: zstd::bulk::Compressor<'static>,
+    to_syncer: SyncSender<SyncMsg>,
+    /// Reused buffers: the block's plaintext and one stored event.
+    plain: Vec<u8>,
+    stored: Vec<u8>,
+}
+
+impl Sequencer {
+    fn run(mut self, requests: Receiver<Request>) {
+        while let Ok(first) = requests.recv() {
+            let mut group = Vec::new();
+            let mut events = 0;
+            let mut bytes = 0;
+            let mut next = Some(first);
+            // Group commit: take whatever is already waiting, up to the batch limits.
+            loop {
+                match next.take() {
+                    Some(Request::Append { events: e, reply }) => {
+                        events += e.len();
+                        bytes += e.iter().map(PreparedEvent::approx_len).sum::<usize>();
+                        group.push((e, reply));
+                    }
+                    Some(Request::Publish { reply }) => {
+                        self.flush(&mut group);
+                        let _ = self.to_syncer.send(SyncMsg::Publish { reply });
+                    }
+                    Some(Request::Shutdown) => {
+                        self.flush(&mut group);
+                        let _ = self.to_syncer.send(SyncMsg::Shutdown);
+                        return;
+                    }
+                    None => {}
+                }
+                if events >= self.options.batch_events_max || bytes >= self.options.batch_bytes_max {
+                    break;
+                }
+                match requests.try_recv() {
+                    Ok(r) => {
+                        // Keep a request that would overflow the block for the next group.
+                        if let Request::Append { events: e, .. } = &r
+                            && (events + e.len() > self.options.batch_events_max
+                                || bytes + e.iter().map(PreparedEvent::approx_len).sum::<usize>()
+                                    > self.options.batch_bytes_max)
+                        {
+                            self.flush(&mut group);
+                            events = 0;
+                            bytes = 0;
+                        }
+                        next = Some(r);
+                    }
+                    Err(_) => break,
+                }
+            }
+            self.flush(&mut group);
+        }
+        let _ = self.to_syncer.send(SyncMsg::Shutdown);
+    }
+
+    fn flush(&mut self, group: &mut Vec<(Vec<PreparedEvent>, Reply)>) {
+        if group.is_empty() {
+            return;
+        }
+        let group = std::mem::take(group);
+        if let Err(e) = self.shared.check() {
+            for (_, reply) in group {
+                let _ = reply.send(Err(StoreError::Poisoned(e.to_string())));
+            }
+            return;
+        }
+        match self.seal_group(group) {
+            Ok(msg) => {
+                let _ = self.to_syncer.send(msg);
+            }
+            Err((why, replies)) => {
+                self.shared.poison(why.clone());
+                for reply in replies {
+                    let _ = reply.send(Err(StoreError::Poisoned(why.clone())));
+                }
+            }
+        }
+    }
+
+    /// Assigns seqs, builds and writes one block. On failure, returns why and who to tell.
+    fn seal_group(&mut self, group: Vec<(Vec<PreparedEvent>, Reply)>) -> Result<SyncMsg, (String, Vec<Reply>)> {
+        let now = (self.options.clock)();
+        let recorded_at = now.max(self.last_recorded_at);
+        if let Err(e) = self.roll_if_needed(recorded_at) {
+            return Err((format!("cannot start a new segment: {e}"), group.into_iter().map(|g| g.1).collect()));
+        }
+        let first_seq = self.next_seq;
+        let mut seq = first_seq;
+        let mut entries = Vec::new();
+        let mut replies = Vec::with_capacity(group.len());
+        self.plain.clear();
+        let mut ids = [0u8; 10];
+        let active = self.active.as_ref().expect("a segment is active after rolling");
+        for (events, reply) in group {
+            let mut receipts = Vec::with_capacity(events.len());
+            for ev in events {
+                let client_id = ev.client_id();
+                if let Some(key) = ev.idempotency_key()
+                    && let Some((orig_seq, orig_leaf)) = self.dedup.map.get(&key).copied()
+                {
+                    receipts.push(Receipt {
+                        seq: orig_seq,
+                        id: client_id.unwrap_or_default(),
+                        leaf_hash: orig_leaf,
+                        duplicate: true,
+                    });
+                    continue;
+                }
+                let id = match client_id {
+                    Some(id) => id,
+                    None => {
+                        crypto::random_fill(&mut ids);
+                        uuid::Builder::from_unix_timestamp_millis(recorded_at as u64, &ids).into_uuid().to_string()
+                    }
+                };
+                self.stored.clear();
+                ev.write_stored(seq, recorded_at, &id, &mut self.stored);
+                let salt = active.salts.salt(seq);
+                let entry = LeafEntry {
+                    recorded_at_ms: recorded_at as u64,
+                    commitment: leaf::commitment(&salt, &self.stored),
+                }
+                .encode();
+                let leaf_hash = merkle::leaf_hash(&entry);
+                segment::push_record(&mut self.plain, recorded_at as u64, ev.idempotency_key().is_some(), &self.stored);
+                if let Some(key) = ev.idempotency_key() {
+                    self.dedup.insert(key, seq, leaf_hash);
+                }
+                entries.push(entry);
+                receipts.push(Receipt { seq, id, leaf_hash, duplicate: false });
+                seq += 1;
+            }
+            replies.push((reply, receipts));
+        }
+        let count = (seq - first_seq) as u32;
+        let path = if count > 0 {
+            let block =
+                segment::encode_block(&active.keys, active.key_version, first_seq, count, &self.plain, &mut self.compressor);
+            if let Err(e) = self.io.append(&active.path, &block) {
+                return Err((format!("write to {} failed: {e}", active.path), replies.into_iter().map(|r| r.0).collect()));
+            }
+            let len = block.len() as u64;
+            let path = active.path.clone();
+            self.active.as_mut().unwrap().len += len;
+            self.next_seq = seq;
+            self.last_recorded_at = recorded_at;
+            Some(path)
+        } else {
+            None
+        };
+        Ok(SyncMsg::Batch { path, entries, end_seq: seq, replies })
+    }
+
+    fn roll_if_needed(&mut self, now: UnixMillis) -> std::io::Result<()> {
+        if let Some(a) = &self.active
+            && a.len < self.options.segment_bytes_max
+            && a.day == day_of(now)
+        {
+            return Ok(());
+        }
+        // An empty active segment (only a header) is reused rather than rolled.
+        if let Some(a) = &self.active
+            && a.first_seq == self.next_seq
+        {
+            return Ok(());
+        }
+        let (version, master) = self.keys.master.current();
+        let (header, keys) = SegmentHeader::create(version, master, self.next_seq, now);
+        let path = segment_path(self.next_seq);
+        self.io.write_file(&path, &header.encode())?;
+        self.io.sync_file(&path)?;
+        self.io.sync_dir(SEGMENTS_DIR)?;
+        let salts = SaltDeriver::new(&keys.salt_key);
+        self.active = Some(ActiveSegment {
+            first_seq: self.next_seq,
+            path,
+            day: day_of(now),
+            len: segment::SEGMENT_HEADER_BYTES as u64,
+            key_version: version,
+            keys,
+            salts,
+        });
+        Ok(())
+    }
+}
+
+struct Syncer {
+    io: Arc<dyn Io>,
+    keys: Keys,
+    options: Options,
+    shared: Arc<Shared>,
+    tree: TreeWriter,
+    published: u64,
+    last_publish: Instant,
+    /// Partial tiles written for the current checkpoint; replaced by the next one.
+    partials: Vec<TileId>,
+}
+
+impl Syncer {
+    fn run(mut self, batches: Receiver<SyncMsg>) {
+        let interval = Duration::from_millis(self.options.publish_interval_ms);
+        loop {
+            let wait = interval.saturating_sub(self.last_publish.elapsed());
+            let first = match batches.recv_timeout(wait.max(Duration::from_millis(1))) {
+                Ok(m) => Some(m),
+                Err(RecvTimeoutError::Timeout) => None,
+                Err(RecvTimeoutError::Disconnected) => return,
+            };
+            let mut msgs: Vec<SyncMsg> = first.into_iter().collect();
+            while let Ok(m) = batches.try_recv() {
+                msgs.push(m);
+            }
+            let mut publish_replies = Vec::new();
+            let mut shutdown = false;
+            let mut batch_msgs = Vec::new();
+            for m in msgs {
+                match m {
+                    SyncMsg::Batch { .. } => batch_msgs.push(m),
+                    SyncMsg::Publish { reply } => publish_replies.push(reply),
+                    SyncMsg::Shutdown => shutdown = true,
+                }
+            }
+            self.commit(batch_msgs);
+            let due = self.last_publish.elapsed() >= interval;
+            if (due || !publish_replies.is_empty() || shutdown) && self.shared.check().is_ok() {
+                if let Err(e) = self.publish() {
+                    self.shared.poison(format!("publishing a checkpoint failed: {e}"));
+                }
+            }
+            let result = self.shared.check().map(|_| Stages {
+                sequenced: self.shared.sequenced.load(Ordering::SeqCst),
+                integrated: self.shared.integrated.load(Ordering::SeqCst),
+                published: self.shared.published.load(Ordering::SeqCst),
+            });
+            for r in publish_replies {
+                let _ = r.send(result.as_ref().map(|s| *s).map_err(|e| StoreError::Poisoned(e.to_string())));
+            }
+            if shutdown {
+                return;
+            }
+        }
+    }
+
+    /// One fsync per segment touched covers every batch received: then acknowledge and
+    /// integrate. A failed fsync poisons the store; the batches are not acknowledged.
+    fn commit(&mut self, batches: Vec<SyncMsg>) {
+        if batches.is_empty() {
+            return;
+        }
+        let mut paths: Vec<&str> = Vec::new();
+        for b in &batches {
+            if let SyncMsg::Batch { path: Some(p), .. } = b
+                && paths.last() != Some(&p.as_str())
+            {
+                paths.push(p);
+            }
+        }
+        let mut failure = self.shared.check().err().map(|e| e.to_string());
+        if failure.is_none() {
+            for p in &paths {
+                if let Err(e) = self.io.sync_file(p) {
+                    let why = format!("fsync of {p} failed: {e}");
+                    self.shared.poison(why.clone());
+                    failure = Some(why);
+                    break;
+                }
+            }
+        }
+        for b in batches {
+            let SyncMsg::Batch { entries, end_seq, replies, .. } = b else { continue };
+            if let Some(why) = &failure {
+                for (reply, _) in replies {
+                    let _ = reply.send(Err(StoreError::Poisoned(why.clone())));
+                }
+                continue;
+            }
+            let sequenced = self.shared.sequenced.load(Ordering::SeqCst);
+            assert!(end_seq >= sequenced, "sequenced never goes backwards");
+            assert_eq!(end_seq - sequenced, entries.len() as u64, "seqs are contiguous");
+            self.shared.sequenced.store(end_seq, Ordering::SeqCst);
+            for (reply, receipts) in replies {
+                let _ = reply.send(Ok(receipts));
+            }
+            for e in &entries {
+                if let Err(err) = self.tree.append(self.io.as_ref(), e) {
+                    self.shared.poison(format!("writing tiles failed: {err}"));
+                    return;
+                }
+            }
+            assert!(self.tree.size() <= self.shared.sequenced.load(Ordering::SeqCst), "integrated ≤ sequenced");
+            self.shared.integrated.store(self.tree.size(), Ordering::SeqCst);
+        }
+    }
+
+    fn publish(&mut self) -> Result<(), StoreError> {
+        self.last_publish = Instant::now();
+        let size = self.tree.size();
+        assert!(size >= self.published, "the tree never shrinks");
+        if size == self.published && self.io.len(CHECKPOINT_PATH)?.is_some() {
+            return Ok(());
+        }
+        let partials = self.tree.write_partials(self.io.as_ref())?;
+        // One syncfs makes every tile and bundle written since the last checkpoint durable
+        // before a checkpoint names them.
+        self.io.sync_all()?;
+        let cp = Checkpoint {
+            origin: self.keys.signer.name().to_string(),
+            size,
+            root: self.tree.root(),
+            extensions: vec![],
+        };
+        let signed = self.keys.signer.sign(&cp.to_text());
+        write_checkpoint(self.io.as_ref(), &signed)?;
+        for old in std::mem::replace(&mut self.partials, partials) {
+            if !self.partials.contains(&old) {
+                let _ = self.io.remove(&crate::tree::tile_path(&old));
+            }
+        }
+        self.published = size;
+        assert!(self.published <= self.shared.integrated.load(Ordering::SeqCst).max(size));
+        self.shared.published.store(size, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+/// Appends a signed checkpoint to the history, then atomically replaces `log/checkpoint`.
+fn write_checkpoint(io: &dyn Io, signed: &str) -> Result<(), StoreError> {
+    io.append(HISTORY_PATH, &history::frame(signed.as_bytes()))?;
+    io.sync_file(HISTORY_PATH)?;
+    let tmp = "log/checkpoint.tmp";
+    io.write_file(tmp, signed.as_bytes())?;
+    io.sync_file(tmp)?;
+    io.rename(tmp, CHECKPOINT_PATH)?;
+    io.sync_dir(LOG_DIR)?;
+    Ok(())
+}
+
+/// The checkpoint history: every checkpoint the log has signed, framed as
+/// `u32 length ‖ note ‖ u32 CRC-32C(note) ‖ u32 length` so the newest is read from the end.
+pub mod history {
+    pub const FRAME_OVERHEAD: usize = 12;
+
+    pub fn frame(note: &[u8]) -> Vec<u8> {
+        let len = (note.len() as u32).to_be_bytes();
+        let mut out = Vec::with_capacity(note.len() + FRAME_OVERHEAD);
+        out.extend_from_slice(&len);
+        out.extend_from_slice(note);
+        out.extend_from_slice(&crc32c::crc32c(note).to_be_bytes());
+        out.extend_from_slice(&len);
+        out
+    }
+
+    /// Parses every whole record; returns them with the byte offset where parsing stopped
+    /// (the end of the last whole record).
+    pub fn parse(bytes: &[u8]) -> (Vec<(usize, &[u8])>, usize) {
+        let mut out = Vec::new();
+        let mut off = 0;
+        while off + FRAME_OVERHEAD <= bytes.len() {
+            let len = u32::from_be_bytes(bytes[off..off + 4].try_into().unwrap()) as usize;
+            let end = off + 4 + len + 8;
+            if len > auditrail_core::note::NOTE_BYTES_MAX || end > bytes.len() {
+                break;
+            }
+            let note = &bytes[off + 4..off + 4 + len];
+            let crc = &bytes[off + 4 + len..off + 8 + len];
+            let trailer = &bytes[off + 8 + len..end];
+            if crc32c::crc32c(note).to_be_bytes() != crc || trailer != &bytes[off..off + 4] {
+                break;
+            }
+            out.push((off, note));
+            off = end;
+        }
+        (out, off)
+    }
+}
+
+struct Recovered {
+    next_seq: u64,
+    last_recorded_at: UnixMillis,
+    active: Option<ActiveSegment>,
+    dedup: Dedup,
+    tree: TreeWriter,
+    published: u64,
+    report: RecoveryReport,
+}
+
+/// The latest checkpoint we signed, from `log/checkpoint` or the history, whichever is newer.
+fn latest_checkpoint(io: &dyn Io, keys: &Keys) -> Result<Option<(Checkpoint, String)>, StoreError> {
+    let verifier = keys.signer.verifier();
+    let open = |bytes: &[u8], location: &str| -> Result<(Checkpoint, String), StoreError> {
+        let s = std::str::from_utf8(bytes).map_err(|_| StoreError::corrupted(location, "not UTF-8"))?;
+        let text = note::open(s, std::slice::from_ref(&verifier)).map_err(|e| StoreError::corrupted(location, e))?;
+        let cp = Checkpoint::parse(text).map_err(|e| StoreError::corrupted(location, e))?;
+        if cp.origin != keys.signer.name() {
+            return Err(StoreError::corrupted(location, "checkpoint origin differs from the log's key name"));
+        }
+        Ok((cp, s.to_string()))
+    };
+    let mut best: Option<(Checkpoint, String)> = None;
+    match io.read(CHECKPOINT_PATH) {
+        Ok(b) => best = Some(open(&b, CHECKPOINT_PATH)?),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e.into()),
+    }
+    match io.read(HISTORY_PATH) {
+        Ok(b) => {
+            let (records, end) = history::parse(&b);
+            if end < b.len() {
+                // A torn append of the newest record: it was never used, so it can go.
+                io.truncate(HISTORY_PATH, end as u64)?;
+            }
+            if let Some((off, note)) = records.last() {
+                let c = open(note, &format!("{HISTORY_PATH} offset {off}"))?;
+                if best.as_ref().is_none_or(|b| c.0.size > b.0.size) {
+                    best = Some(c);
+                }
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e.into()),
+    }
+    Ok(best)
+}
+
+fn recover(io: &dyn Io, keys: &Keys, options: &Options) -> Result<Recovered, StoreError> {
+    let mut report = RecoveryReport::default();
+    let checkpoint = latest_checkpoint(io, keys)?;
+    let published = checkpoint.as_ref().map_or(0, |c| c.0.size);
+
+    // 1. Segments: sealed ones are trusted to their successor's first seq (the audit checks
+    // their insides); the last one is walked block by block to find the durable end.
+    let mut segments = list_segments(io)?;
+    let mut next_seq = 0u64;
+    let mut last_recorded_at: UnixMillis = 0;
+    let mut active = None;
+    while let Some(&last) = segments.last() {
+        let path = segment_path(last);
+        let len = io.len(&path)?.unwrap_or(0);
+        let header_ok = io.read_at(&path, 0, segment::SEGMENT_HEADER_BYTES)
+            .ok()
+            .and_then(|b| SegmentHeader::decode(&b).ok())
+            .is_some();
+        if !header_ok && len <= segment::SEGMENT_HEADER_BYTES as u64 && last >= published {
+            // A roll that crashed before its header was durable: nothing was ever written to it.
+            io.remove(&path)?;
+            io.sync_dir(SEGMENTS_DIR)?;
+            report.removed_empty_segment = true;
+            segments.pop();
+            continue;
+        }
+        break;
+    }
+    if let Some(&last) = segments.last() {
+        let seg = load_segment(io, &keys.master, last)?;
+        let (blocks, end) = seg.blocks();
+        let mut valid_len = segment::SEGMENT_HEADER_BYTES;
+        let mut end_seq = last;
+        let mut broken = match end {
+            reader::BlocksEnd::Clean => None,
+            reader::BlocksEnd::Broken { offset, detail } => Some((offset, detail)),
+        };
+        for b in &blocks {
+            // Bodies past the checkpoint are checked now: they are about to be re-integrated.
+            if b.header.end_seq() > published
+                && let Err(e) = segment::decode_block_body(&b.header, b.body, &seg.keys)
+            {
+                broken = Some((b.offset, e.to_string()));
+                break;
+            }
+            valid_len = b.offset + b.header.total_len() as usize;
+            end_seq = b.header.end_seq();
+        }
+        if let Some((offset, detail)) = broken {
+            let location = format!("{} offset {offset}", seg.path);
+            if seg.valid_block_after(offset, end_seq) {
+                return Err(StoreError::corrupted(location, format!("{detail}, and valid blocks follow it")));
+            }
+            if end_seq < published {
+                return Err(StoreError::corrupted(
+                    location,
+                    format!("{detail}; the segment ends at seq {end_seq} but checkpoint {published} covers more"),
+                ));
+            }
+            // A torn tail: written but never acknowledged, since acknowledging follows fsync.
+            report.truncated_bytes = (seg.bytes.len() - valid_len) as u64;
+            io.truncate(&seg.path, valid_len as u64)?;
+        }
+        next_seq = end_seq;
+        let header = seg.header.clone();
+        let salts = SaltDeriver::new(&seg.keys.salt_key);
+        active = Some(ActiveSegment {
+            first_seq: last,
+            path: seg.path.clone(),
+            day: day_of(header.created_ms),
+            len: valid_len as u64,
+            key_version: header.key_version,
+            keys: seg.keys.clone(),
+            salts,
+        });
+    }
+    if next_seq < published {
+        return Err(StoreError::corrupted(
+            SEGMENTS_DIR,
+            format!("the segments hold {next_seq} events but the published checkpoint covers {published}"),
+        ));
+    }
+
+    // 2. The tree's right edge at the checkpoint, checked against the signed root.
+    let mut tree = if published == 0 {
+        TreeWriter::empty()
+    } else {
+        TreeWriter::restore(io, published).map_err(|e| StoreError::corrupted(LOG_DIR, e))?
+    };
+    if let Some((cp, _)) = &checkpoint
+        && tree.root() != cp.root
+    {
+        return Err(StoreError::corrupted(
+            LOG_DIR,
+            format!("tiles do not match the signed checkpoint at size {}; run `auditrail verify`", cp.size),
+        ));
+    }
+
+    // 3. Re-integrate leaves past the checkpoint and rebuild the idempotency window, both from
+    // the records themselves.
+    let mut dedup = Dedup::new(options.idempotency_window_events);
+    // At least the last record is read, for the newest `recorded_at` (which never decreases).
+    let window_from = next_seq.saturating_sub(options.idempotency_window_events.max(1)).min(published);
+    let mut reintegrated = 0;
+    reader::for_each_record(io, &keys.master, window_from, next_seq, |seq, r, seg_keys| {
+        let salt = leaf::derive_salt(&seg_keys.salt_key, seq);
+        let entry = LeafEntry { recorded_at_ms: r.recorded_at_ms, commitment: leaf::commitment(&salt, &r.canonical) }.encode();
+        let leaf_hash = merkle::leaf_hash(&entry);
+        last_recorded_at = last_recorded_at.max(r.recorded_at_ms as i64);
+        if seq >= published {
+            assert_eq!(seq, tree.size(), "re-integration is contiguous");
+            tree.append(io, &entry)?;
+            reintegrated += 1;
+        }
+        if r.client_id && seq + options.idempotency_window_events >= next_seq {
+            let v: serde_json::Value = serde_json::from_slice(&r.canonical)
+                .map_err(|e| StoreError::corrupted(format!("seq {seq}"), e))?;
+            let id = v.get("id").and_then(|i| i.as_str()).unwrap_or_default();
+            let system = v.get("source").and_then(|s| s.get("system")).and_then(|s| s.as_str()).unwrap_or("");
+            dedup.insert(auditrail_core::event::idempotency_key(system, id), seq, leaf_hash);
+        }
+        Ok(())
+    })?;
+    report.reintegrated = reintegrated;
+    assert_eq!(tree.size(), next_seq, "every sequenced event is integrated after recovery");
+    Ok(Recovered { next_seq, last_recorded_at, active, dedup, tree, published, report })
+}
