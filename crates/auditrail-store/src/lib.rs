@@ -2,6 +2,7 @@
 //! checkpoint publication. The only crate that writes the log. Synchronous: it runs on its own
 //! threads, and async callers hand it work through [`Store::append`] from a blocking task.
 
+pub mod audit;
 pub mod crypto;
 pub mod error;
 pub mod io;

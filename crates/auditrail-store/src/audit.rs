@@ -1,0 +1,332 @@
+//! The full audit behind `auditrail verify`: every block's checksum and authentication tag,
+//! every event's commitment against its leaf, every leaf and tile against the tiles on disk,
+//! and the root at every checkpoint ever signed. Problems are collected with their exact
+//! location; the audit goes on past them where it can.
+
+use crate::error::StoreError;
+use crate::io::Io;
+use crate::keys::Keys;
+use crate::reader::{self, BlocksEnd, list_segments, load_segment};
+use crate::store::{CHECKPOINT_PATH, HISTORY_PATH, history};
+use crate::tree::{DiskTiles, tile_path};
+use auditrail_core::checkpoint::Checkpoint;
+use auditrail_core::leaf::{self, LEAF_ENTRY_BYTES, LeafEntry, SaltDeriver};
+use auditrail_core::merkle::{self, CompactRange, Hash};
+use auditrail_core::note::{self, NoteVerifier};
+use auditrail_core::tile::{self, TILE_WIDTH, TileId};
+use std::sync::mpsc;
+
+/// One problem found, and where.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// A file and byte offset, a seq, or a tile path.
+    pub location: String,
+    pub detail: String,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.location, self.detail)
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct AuditReport {
+    /// Events found in the segments.
+    pub events: u64,
+    pub segments: u64,
+    pub blocks: u64,
+    /// Checkpoints in the history, each checked against the root at its size.
+    pub checkpoints: u64,
+    /// The size of the newest signed checkpoint.
+    pub published: u64,
+    pub problems: Vec<Problem>,
+}
+
+impl AuditReport {
+    pub fn ok(&self) -> bool {
+        self.problems.is_empty()
+    }
+}
+
+/// What one segment contributes: its leaf entries in seq order, or why it stopped early.
+struct SegmentLeaves {
+    first_seq: u64,
+    entries: Vec<[u8; LEAF_ENTRY_BYTES]>,
+    blocks: u64,
+    problems: Vec<Problem>,
+}
+
+fn segment_leaves(io: &dyn Io, keys: &Keys, first_seq: u64) -> SegmentLeaves {
+    let mut out = SegmentLeaves { first_seq, entries: Vec::new(), blocks: 0, problems: Vec::new() };
+    let seg = match load_segment(io, &keys.master, first_seq) {
+        Ok(s) => s,
+        Err(e) => {
+            out.problems.push(Problem { location: reader::segment_path(first_seq), detail: e.to_string() });
+            return out;
+        }
+    };
+    let salts = SaltDeriver::new(&seg.keys.salt_key);
+    let (blocks, end) = seg.blocks();
+    let mut last_recorded_at = 0u64;
+    for b in &blocks {
+        out.blocks += 1;
+        let records = match seg.decode(b) {
+            Ok(r) => r,
+            Err(e) => {
+                out.problems.push(Problem { location: format!("{} offset {}", seg.path, b.offset), detail: e.to_string() });
+                return out;
+            }
+        };
+        for (k, r) in records.iter().enumerate() {
+            let seq = b.header.first_seq + k as u64;
+            if r.recorded_at_ms < last_recorded_at {
+                out.problems.push(Problem {
+                    location: format!("seq {seq} ({} offset {})", seg.path, b.offset),
+                    detail: "recorded_at decreases".into(),
+                });
+            }
+            last_recorded_at = r.recorded_at_ms;
+            let commitment = leaf::commitment(&salts.salt(seq), &r.canonical);
+            out.entries.push(LeafEntry { recorded_at_ms: r.recorded_at_ms, commitment }.encode());
+        }
+    }
+    if let BlocksEnd::Broken { offset, detail } = end {
+        out.problems.push(Problem { location: format!("{} offset {offset}", seg.path), detail });
+    }
+    out
+}
+
+/// Rebuilds tiles bottom-up from leaf hashes and compares them with the files on disk.
+struct TileChecker<'a> {
+    io: &'a dyn Io,
+    levels: Vec<Vec<Hash>>,
+    size: u64,
+}
+
+impl TileChecker<'_> {
+    fn push(&mut self, leaf: Hash, problems: &mut Vec<Problem>) {
+        self.size += 1;
+        self.push_at(0, leaf, problems);
+    }
+
+    fn push_at(&mut self, level: usize, hash: Hash, problems: &mut Vec<Problem>) {
+        if self.levels.len() == level {
+            self.levels.push(Vec::new());
+        }
+        self.levels[level].push(hash);
+        if self.levels[level].len() == TILE_WIDTH as usize {
+            let hashes = std::mem::take(&mut self.levels[level]);
+            let index = (self.size >> (8 * (level as u32 + 1))) - 1;
+            self.compare(&TileId::hashes(level as u32, index, 256), &hashes, problems);
+            self.push_at(level + 1, merkle::root_of(&hashes), problems);
+        }
+    }
+
+    fn compare(&self, t: &TileId, expected: &[Hash], problems: &mut Vec<Problem>) {
+        let path = tile_path(t);
+        match self.io.read(&path) {
+            Ok(bytes) if bytes == expected.concat() => {}
+            Ok(bytes) => {
+                let at = bytes.chunks(32).zip(expected).position(|(a, b)| a != b).unwrap_or(expected.len().min(bytes.len() / 32));
+                problems.push(Problem { location: path, detail: format!("hash {at} differs from the hash recomputed from the leaves below") });
+            }
+            Err(e) => problems.push(Problem { location: path, detail: format!("cannot read: {e}") }),
+        }
+    }
+
+    /// Checks the right-edge partial tiles that a checkpoint of the current size relies on.
+    fn compare_partials(&self, problems: &mut Vec<Problem>) {
+        for (level, hashes) in self.levels.iter().enumerate() {
+            if hashes.is_empty() {
+                continue;
+            }
+            let t = TileId::hashes(level as u32, self.size >> (8 * (level as u32 + 1)), hashes.len() as u32);
+            self.compare(&t, hashes, problems);
+        }
+    }
+}
+
+/// Runs the full audit. `progress` is called with the number of events checked so far.
+pub fn audit(io: &dyn Io, keys: &Keys, progress: &mut dyn FnMut(u64)) -> Result<AuditReport, StoreError> {
+    let mut report = AuditReport::default();
+    let verifier = keys.signer.verifier();
+
+    // 1. Checkpoints: each signed by the log's key; sizes never shrink.
+    let checkpoints = read_checkpoints(io, &verifier, &mut report.problems)?;
+    report.checkpoints = checkpoints.len() as u64;
+    report.published = checkpoints.last().map_or(0, |c| c.size);
+    let mut pending = checkpoints.iter().peekable();
+    while let Some(c) = pending.next_if(|c| c.size == 0) {
+        check_root(c, &CompactRange::new(), &mut report.problems);
+    }
+
+    // 2. Segments, decrypted on a second thread while this one checks leaves and tiles.
+    let segments = list_segments(io)?;
+    report.segments = segments.len() as u64;
+    let tiles = DiskTiles { io };
+    let mut checker = TileChecker { io, levels: vec![Vec::new()], size: 0 };
+    let mut cr = CompactRange::new();
+    let mut bundle: Option<(u64, Vec<Vec<u8>>)> = None;
+    let published = report.published;
+    std::thread::scope(|scope| -> Result<(), StoreError> {
+        let (tx, rx) = mpsc::sync_channel::<SegmentLeaves>(1);
+        let segs = segments.clone();
+        scope.spawn(move || {
+            for first in segs {
+                if tx.send(segment_leaves(io, keys, first)).is_err() {
+                    return;
+                }
+            }
+        });
+        let mut expect_seq = 0u64;
+        for seg in rx {
+            report.blocks += seg.blocks;
+            report.problems.extend(seg.problems);
+            if seg.first_seq != expect_seq {
+                report.problems.push(Problem {
+                    location: reader::segment_path(seg.first_seq),
+                    detail: format!("segment starts at seq {} but seq {expect_seq} was expected", seg.first_seq),
+                });
+            }
+            for (k, entry) in seg.entries.iter().enumerate() {
+                let seq = seg.first_seq + k as u64;
+                // The tree's leaf is what the entry bundle says; it must equal what the event
+                // commits to.
+                let tile_index = seq / TILE_WIDTH;
+                if bundle.as_ref().is_none_or(|b| b.0 != tile_index) {
+                    let width = if (tile_index + 1) * TILE_WIDTH <= published { 256 } else { (published % TILE_WIDTH).max(1) as u32 };
+                    let entries = tiles
+                        .bundle(tile_index, width)
+                        .ok()
+                        .and_then(|b| tile::decode_bundle(&b).map(|e| e.into_iter().map(<[u8]>::to_vec).collect()))
+                        .unwrap_or_default();
+                    bundle = Some((tile_index, entries));
+                }
+                let in_bundle = bundle.as_ref().and_then(|b| b.1.get((seq % TILE_WIDTH) as usize));
+                let leaf_entry: &[u8] = match in_bundle {
+                    Some(e) => {
+                        if e.as_slice() != entry.as_slice() {
+                            report.problems.push(Problem {
+                                location: format!("seq {seq} ({})", tile_path(&TileId::entries(tile_index, 256))),
+                                detail: "the leaf entry does not match the event's commitment".into(),
+                            });
+                        }
+                        e
+                    }
+                    None if seq < published => {
+                        report.problems.push(Problem {
+                            location: format!("seq {seq} ({})", tile_path(&TileId::entries(tile_index, 256))),
+                            detail: "the published tree has no entry for this event".into(),
+                        });
+                        entry
+                    }
+                    // Sequenced after the newest checkpoint: not yet covered by a signature.
+                    None => entry,
+                };
+                if seq < published {
+                    let leaf = merkle::leaf_hash(leaf_entry);
+                    checker.push(leaf, &mut report.problems);
+                    cr.append(leaf);
+                    while let Some(c) = pending.next_if(|c| c.size == cr.size()) {
+                        check_root(c, &cr, &mut report.problems);
+                    }
+                }
+                expect_seq = seq + 1;
+                if expect_seq % 65_536 == 0 {
+                    progress(expect_seq);
+                }
+            }
+            // A segment whose blocks stopped early leaves a gap the next one reports.
+            expect_seq = expect_seq.max(seg.first_seq);
+        }
+        report.events = expect_seq;
+        Ok(())
+    })?;
+    progress(report.events);
+
+    // 3. Whatever the segments did not reach.
+    if report.events < published {
+        report.problems.push(Problem {
+            location: reader::SEGMENTS_DIR.into(),
+            detail: format!("the segments hold {} events but checkpoints cover {published}", report.events),
+        });
+    } else {
+        checker.compare_partials(&mut report.problems);
+        let w = tile::partial_width(published, 0);
+        if w > 0 {
+            let t = TileId::entries(published / TILE_WIDTH, w);
+            match io.read(&tile_path(&t)) {
+                Ok(b) if tile::decode_bundle(&b).is_some_and(|e| e.len() == w as usize) => {}
+                Ok(_) => report.problems.push(Problem { location: tile_path(&t), detail: "malformed entry bundle".into() }),
+                Err(e) => report.problems.push(Problem { location: tile_path(&t), detail: format!("cannot read: {e}") }),
+            }
+        }
+    }
+    Ok(report)
+}
+
+fn check_root(c: &Checkpoint, cr: &CompactRange, problems: &mut Vec<Problem>) {
+    if cr.root() != c.root {
+        problems.push(Problem {
+            location: format!("checkpoint of size {}", c.size),
+            detail: "the signed root differs from the root of the leaves".into(),
+        });
+    }
+}
+
+/// Reads and checks the checkpoint history and `log/checkpoint`; returns the valid ones.
+fn read_checkpoints(io: &dyn Io, verifier: &NoteVerifier, problems: &mut Vec<Problem>) -> Result<Vec<Checkpoint>, StoreError> {
+    let parse = |bytes: &[u8]| -> Result<Checkpoint, String> {
+        let s = std::str::from_utf8(bytes).map_err(|_| "not UTF-8".to_string())?;
+        let text = note::open(s, std::slice::from_ref(verifier)).map_err(|e| e.to_string())?;
+        let cp = Checkpoint::parse(text).map_err(|e| e.to_string())?;
+        if cp.origin != verifier.name() {
+            return Err("origin differs from the log's key name".into());
+        }
+        Ok(cp)
+    };
+    let mut out: Vec<Checkpoint> = Vec::new();
+    let history_bytes = match io.read(HISTORY_PATH) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(e.into()),
+    };
+    let (records, end) = history::parse(&history_bytes);
+    if end != history_bytes.len() {
+        problems.push(Problem { location: format!("{HISTORY_PATH} offset {end}"), detail: "damaged record".into() });
+    }
+    for (off, note_bytes) in records {
+        match parse(note_bytes) {
+            Ok(cp) => {
+                if let Some(prev) = out.last()
+                    && cp.size < prev.size
+                {
+                    problems.push(Problem {
+                        location: format!("{HISTORY_PATH} offset {off}"),
+                        detail: format!("tree size {} is smaller than the previous checkpoint's {}", cp.size, prev.size),
+                    });
+                    continue;
+                }
+                out.push(cp);
+            }
+            Err(e) => problems.push(Problem { location: format!("{HISTORY_PATH} offset {off}"), detail: e }),
+        }
+    }
+    match io.read(CHECKPOINT_PATH) {
+        Ok(b) => match parse(&b) {
+            Ok(cp) => {
+                if out.last() != Some(&cp) {
+                    problems.push(Problem {
+                        location: CHECKPOINT_PATH.into(),
+                        detail: "differs from the newest checkpoint in the history".into(),
+                    });
+                }
+            }
+            Err(e) => problems.push(Problem { location: CHECKPOINT_PATH.into(), detail: e }),
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && out.is_empty() => {}
+        Err(e) => problems.push(Problem { location: CHECKPOINT_PATH.into(), detail: format!("cannot read: {e}") }),
+    }
+    Ok(out)
+}
