@@ -33,6 +33,10 @@ pub trait Io: Send + Sync + 'static {
     /// File names (not paths) in a directory; empty if it does not exist.
     fn list(&self, dir: &str) -> io::Result<Vec<String>>;
     fn create_dir_all(&self, dir: &str) -> io::Result<()>;
+    /// How many syncs (of any kind) have been issued: for benchmarks and tests.
+    fn sync_count(&self) -> u64 {
+        0
+    }
 }
 
 /// The real file system, rooted at the data directory.
@@ -41,11 +45,12 @@ pub struct StdIo {
     root: PathBuf,
     /// The file most recently appended to, kept open: the active segment.
     append_handle: Mutex<Option<(String, File)>>,
+    syncs: std::sync::atomic::AtomicU64,
 }
 
 impl StdIo {
     pub fn new(root: impl Into<PathBuf>) -> StdIo {
-        StdIo { root: root.into(), append_handle: Mutex::new(None) }
+        StdIo { root: root.into(), append_handle: Mutex::new(None), syncs: Default::default() }
     }
 
     pub fn root(&self) -> &Path {
@@ -104,6 +109,7 @@ impl Io for StdIo {
     }
 
     fn sync_file(&self, path: &str) -> io::Result<()> {
+        self.count_sync();
         let guard = self.append_handle.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((p, f)) = guard.as_ref()
             && p == path
@@ -115,10 +121,12 @@ impl Io for StdIo {
     }
 
     fn sync_dir(&self, path: &str) -> io::Result<()> {
+        self.count_sync();
         File::open(self.path(path))?.sync_all()
     }
 
     fn sync_all(&self) -> io::Result<()> {
+        self.count_sync();
         syncfs(&self.root)
     }
 
@@ -157,6 +165,16 @@ impl Io for StdIo {
 
     fn create_dir_all(&self, dir: &str) -> io::Result<()> {
         std::fs::create_dir_all(self.path(dir))
+    }
+
+    fn sync_count(&self) -> u64 {
+        self.syncs.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl StdIo {
+    fn count_sync(&self) {
+        self.syncs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 

@@ -277,6 +277,10 @@ impl Io for SimDisk {
             .collect())
     }
 
+    fn sync_count(&self) -> u64 {
+        self.syncs()
+    }
+
     fn create_dir_all(&self, _dir: &str) -> io::Result<()> {
         // Directories are implicit in the simulation: they exist when a file is in them.
         Ok(())

@@ -989,3 +989,24 @@ fn recover(io: &dyn Io, keys: &Keys, options: &Options) -> Result<Recovered, Sto
     assert_eq!(tree.size(), next_seq, "every sequenced event is integrated after recovery");
     Ok(Recovered { next_seq, last_recorded_at, active, dedup, tree, published, report })
 }
+
+/// The signed checkpoint of tree size `size` from the history, or the newest one.
+pub fn find_checkpoint(io: &dyn Io, keys: &Keys, size: Option<u64>) -> Result<String, StoreError> {
+    let Some(size) = size else {
+        return latest_checkpoint(io, keys)?
+            .map(|c| c.1)
+            .ok_or_else(|| StoreError::InvalidInput("no checkpoint has been published yet".into()));
+    };
+    let bytes = io.read(HISTORY_PATH)?;
+    let (records, _) = history::parse(&bytes);
+    let verifier = keys.signer.verifier();
+    for (_, n) in records.iter().rev() {
+        let Ok(s) = std::str::from_utf8(n) else { continue };
+        if let Ok(text) = note::open(s, std::slice::from_ref(&verifier))
+            && Checkpoint::parse(text).is_ok_and(|c| c.size == size)
+        {
+            return Ok(s.to_string());
+        }
+    }
+    Err(StoreError::InvalidInput(format!("no checkpoint of tree size {size} in the history")))
+}

@@ -1,1 +1,226 @@
-fn main(){}
+//! The `auditrail` binary: thin glue over the core and store crates. The only place `anyhow`
+//! lives.
+
+mod bench;
+mod generator;
+
+use anyhow::{Context as _, Result, bail};
+use auditrail_core::event::{ClientEvent, PreparedEvent};
+use auditrail_store::audit::audit;
+use auditrail_store::io::StdIo;
+use auditrail_store::keys::Keys;
+use auditrail_store::{Options, Store};
+use clap::{Parser, Subcommand};
+use std::io::{BufRead as _, IsTerminal as _, Write as _};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "auditrail", version, about = "A tamper-evident audit record repository for healthcare software")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create a data directory and its keys (key files are mode 0600).
+    Init {
+        #[arg(long)]
+        data: PathBuf,
+        /// The log's name in checkpoints: no spaces or '+', conventionally a host/path.
+        #[arg(long, default_value = "auditrail.local/log")]
+        origin: String,
+    },
+    /// Show keys.
+    Key {
+        #[command(subcommand)]
+        command: KeyCommand,
+    },
+    /// Append NDJSON events durably; prints one JSON summary line.
+    Import {
+        #[arg(long)]
+        data: PathBuf,
+        /// A file of one JSON event per line, or '-' for standard input.
+        file: PathBuf,
+    },
+    /// Audit the whole log: blocks, commitments, leaves, tiles, every checkpoint.
+    Verify {
+        #[arg(long)]
+        data: PathBuf,
+    },
+    /// Print a signed checkpoint: the newest, or the one of a given tree size.
+    Checkpoint {
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long)]
+        size: Option<u64>,
+    },
+    /// Measure the store against this machine's raw limits.
+    Bench {
+        #[command(subcommand)]
+        command: bench::BenchCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeyCommand {
+    /// Print the log's public verifier key as one C2SP vkey line.
+    Show {
+        #[arg(long)]
+        data: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Init { data, origin } => {
+            let verifier = auditrail_store::init(&data, &origin)?;
+            println!("{}", verifier.to_vkey());
+            eprintln!("initialised {} for log {origin}; keep keys/ private and backed up", data.display());
+        }
+        Command::Key { command: KeyCommand::Show { data } } => {
+            let keys = load_keys(&data)?;
+            println!("{}", keys.signer.verifier().to_vkey());
+        }
+        Command::Import { data, file } => return import(&data, &file),
+        Command::Verify { data } => return verify(&data),
+        Command::Checkpoint { data, size } => {
+            let io = StdIo::new(&data);
+            let keys = load_keys(&data)?;
+            let note = auditrail_store::store::find_checkpoint(&io, &keys, size)?;
+            print!("{note}");
+        }
+        Command::Bench { command } => bench::run(command)?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn load_keys(data: &Path) -> Result<Keys> {
+    Keys::load(&StdIo::new(data)).map_err(anyhow::Error::msg)
+}
+
+/// Lines per append call: one block, one fsync, all or nothing.
+const IMPORT_CHUNK_LINES: usize = 8192;
+
+fn import(data: &Path, file: &Path) -> Result<ExitCode> {
+    let from_stdin = file == Path::new("-");
+    let open = || -> Result<Box<dyn std::io::BufRead>> {
+        Ok(if from_stdin {
+            Box::new(std::io::stdin().lock())
+        } else {
+            Box::new(std::io::BufReader::new(
+                std::fs::File::open(file).with_context(|| format!("cannot open {}", file.display()))?,
+            ))
+        })
+    };
+    // A file is checked whole before anything is appended, so one bad line leaves the log
+    // untouched. Standard input cannot be read twice: each chunk is checked before it is
+    // appended, and the error says how many events went in before the bad line.
+    if !from_stdin {
+        for (n, line) in open()?.lines().enumerate() {
+            let line = line.with_context(|| format!("cannot read line {}", n + 1))?;
+            if line.trim().is_empty() {
+                continue;
+            }
+            if let Err(e) = ClientEvent::from_json(line.as_bytes()) {
+                bail!("line {}: {e}; nothing was imported", n + 1);
+            }
+        }
+    }
+    let store = Store::open(data, Options::default())?;
+    let mut appended = 0u64;
+    let mut duplicates = 0u64;
+    let (mut first_seq, mut last_seq) = (None, None);
+    let mut chunk: Vec<PreparedEvent> = Vec::with_capacity(IMPORT_CHUNK_LINES);
+    let mut flush = |chunk: &mut Vec<PreparedEvent>| -> Result<()> {
+        for r in store.append(std::mem::take(chunk))? {
+            if r.duplicate {
+                duplicates += 1;
+                continue;
+            }
+            appended += 1;
+            first_seq.get_or_insert(r.seq);
+            last_seq = Some(r.seq);
+        }
+        Ok(())
+    };
+    for (n, line) in open()?.lines().enumerate() {
+        let line = line.with_context(|| format!("cannot read line {}", n + 1))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        match ClientEvent::from_json(line.as_bytes()) {
+            Ok(e) => chunk.push(e.prepare()),
+            Err(e) => {
+                flush(&mut Vec::new())?;
+                bail!("line {}: {e}; the {} events before this line's chunk were imported", n + 1, appended);
+            }
+        }
+        if chunk.len() == IMPORT_CHUNK_LINES {
+            flush(&mut chunk)?;
+        }
+    }
+    flush(&mut chunk)?;
+    drop(flush);
+    let stages = store.close()?;
+    let mut summary = serde_json::json!({
+        "appended": appended, "first_seq": first_seq, "last_seq": last_seq, "tree_size": stages.published,
+    });
+    if duplicates > 0 {
+        summary["duplicates"] = duplicates.into();
+    }
+    println!("{summary}");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn verify(data: &Path) -> Result<ExitCode> {
+    let keys = load_keys(data)?;
+    let io = StdIo::new(data);
+    let started = std::time::Instant::now();
+    let tty = std::io::stderr().is_terminal();
+    let mut last_shown = std::time::Instant::now();
+    let report = audit(&io, &keys, &mut |done| {
+        if tty && last_shown.elapsed().as_millis() >= 200 {
+            last_shown = std::time::Instant::now();
+            let rate = done as f64 / started.elapsed().as_secs_f64().max(1e-9);
+            eprint!("\rverifying: {done} events ({rate:.0}/s)   ");
+            let _ = std::io::stderr().flush();
+        }
+    })?;
+    if tty {
+        eprint!("\r\x1b[K");
+    }
+    let secs = started.elapsed().as_secs_f64();
+    for p in &report.problems {
+        println!("FAIL {p}");
+    }
+    let summary = format!(
+        "{} events in {} segments ({} blocks), {} checkpoints, published tree size {}; {:.2}s ({:.0} events/s)",
+        report.events,
+        report.segments,
+        report.blocks,
+        report.checkpoints,
+        report.published,
+        secs,
+        report.events as f64 / secs.max(1e-9)
+    );
+    if report.ok() {
+        println!("ok: {summary}");
+        Ok(ExitCode::SUCCESS)
+    } else {
+        println!("{} problems: {summary}", report.problems.len());
+        Ok(ExitCode::from(1))
+    }
+}

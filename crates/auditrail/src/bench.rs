@@ -1,0 +1,219 @@
+//! `auditrail bench append`: durable appends through the real store, next to this machine's
+//! raw limits for the same bytes measured in the same run.
+
+use crate::generator::Generator;
+use anyhow::{Context as _, Result};
+use auditrail_core::event::ClientEvent;
+use auditrail_store::audit::audit;
+use auditrail_store::io::StdIo;
+use auditrail_store::keys::Keys;
+use auditrail_store::{Options, Store};
+use clap::Subcommand;
+use sha2::Digest as _;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+#[derive(Subcommand)]
+pub enum BenchCommand {
+    /// Sustained durable appends, then a full audit of what was written.
+    Append {
+        /// Events to append.
+        #[arg(long, default_value_t = 2_000_000)]
+        events: usize,
+        /// Threads parsing, validating and appending (as import or HTTP handlers would).
+        #[arg(long, default_value_t = 4)]
+        producers: usize,
+        /// Events per append call.
+        #[arg(long, default_value_t = 2048)]
+        batch: usize,
+        /// Where to put the log (a fresh temporary directory by default).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Skip the audit at the end.
+        #[arg(long)]
+        no_verify: bool,
+    },
+}
+
+pub fn run(cmd: BenchCommand) -> Result<()> {
+    let BenchCommand::Append { events, producers, batch, dir, no_verify } = cmd;
+    let dir = match dir {
+        Some(d) => d,
+        None => std::env::temp_dir().join(format!("auditrail-bench-{}", std::process::id())),
+    };
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).with_context(|| format!("cannot clear {}", dir.display()))?;
+    }
+    auditrail_store::init(&dir, "bench.auditrail.local/log")?;
+
+    eprintln!("generating {events} events...");
+    let mut generator = Generator::new(42);
+    let lines: Vec<String> = (0..events).map(|_| generator.next_line()).collect();
+    let input_bytes: usize = lines.iter().map(|l| l.len()).sum();
+    println!(
+        "workload: {events} events, {:.0} bytes/event average JSON, {producers} producers x {batch} events per append",
+        input_bytes as f64 / events as f64
+    );
+
+    // The store.
+    let store = Store::open(&dir, Options::default())?;
+    let syncs_before = store.io().sync_count();
+    let latencies = Mutex::new(Vec::with_capacity(events / batch + 1));
+    let rss_samples = Mutex::new(Vec::new());
+    let started = Instant::now();
+    let chunks: Vec<&[String]> = lines.chunks(batch).collect();
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|s| -> Result<()> {
+        let mut handles = Vec::new();
+        for _ in 0..producers {
+            handles.push(s.spawn(|| -> Result<()> {
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(chunk) = chunks.get(i) else { return Ok(()) };
+                    let t = Instant::now();
+                    let prepared = chunk
+                        .iter()
+                        .map(|l| ClientEvent::from_json(l.as_bytes()).map(ClientEvent::prepare))
+                        .collect::<Result<Vec<_>, _>>()?;
+                    store.append(prepared)?;
+                    latencies.lock().unwrap().push(t.elapsed());
+                    if i % (chunks.len() / 4).max(1) == 0 {
+                        rss_samples.lock().unwrap().push((i * batch, rss_kib("VmRSS")));
+                    }
+                }
+            }));
+        }
+        for h in handles {
+            h.join().expect("producer thread panicked")?;
+        }
+        Ok(())
+    })?;
+    let elapsed = started.elapsed();
+    let syncs = store.io().sync_count() - syncs_before;
+    let stages = store.close()?;
+    assert_eq!(stages.sequenced as usize, events);
+
+    let mut lat = latencies.into_inner().unwrap();
+    lat.sort();
+    let pct = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)];
+    let secs = elapsed.as_secs_f64();
+    let rate = events as f64 / secs;
+    let disk = DiskUse::measure(&dir)?;
+    println!("\n== store: durable appends ==");
+    println!("events/s            {rate:>12.0}");
+    println!("input MB/s          {:>12.1}", input_bytes as f64 / secs / 1e6);
+    println!("fsyncs/s            {:>12.0}  ({:.0} events per fsync)", syncs as f64 / secs, events as f64 / syncs.max(1) as f64);
+    println!("ack latency p50     {:>12.2} ms  (one append call of {batch})", ms(pct(0.50)));
+    println!("ack latency p99     {:>12.2} ms", ms(pct(0.99)));
+    println!("bytes on disk/event {:>12.1}  (allocated {:.1}; segments {:.1}, tiles+bundles {:.1}, checkpoints {:.1})",
+        disk.total() as f64 / events as f64, disk.allocated as f64 / events as f64,
+        disk.segments as f64 / events as f64, disk.tiles as f64 / events as f64, disk.checkpoints as f64 / events as f64);
+    let samples = rss_samples.into_inner().unwrap();
+    println!("memory (RSS)        {}  peak {} MiB (input held in memory: {} MiB)",
+        samples.iter().map(|(n, kib)| format!("{:.0} MiB @{n}", *kib as f64 / 1024.0)).collect::<Vec<_>>().join(", "),
+        rss_kib("VmHWM") / 1024, input_bytes >> 20);
+
+    // Raw limits, same session: the same bytes written with the same number of fdatasyncs, and
+    // SHA-256 over the same JSON.
+    let raw = raw_write_fdatasync(&dir, disk.segments, syncs.max(1))?;
+    let sha = sha256_rate(&lines);
+    println!("\n== this machine, same bytes, same session ==");
+    println!("write+fdatasync     {:>12.1} MB/s for {} MB in {} syncs -> store reaches {:.0}% of the raw disk rate",
+        disk.segments as f64 / raw / 1e6, disk.segments / 1_000_000, syncs, 100.0 * raw / secs);
+    println!("SHA-256             {:>12.0} events/s ({:.2} GB/s) -> store appends at {:.2}x the speed of hashing the input once",
+        events as f64 / sha, input_bytes as f64 / sha / 1e9, sha / secs);
+
+    if !no_verify {
+        let keys = Keys::load(&StdIo::new(&dir)).map_err(anyhow::Error::msg)?;
+        let t = Instant::now();
+        let report = audit(&StdIo::new(&dir), &keys, &mut |_| {})?;
+        let vsecs = t.elapsed().as_secs_f64();
+        anyhow::ensure!(report.ok(), "audit failed: {:?}", report.problems);
+        println!("\n== verify (full audit) ==");
+        println!("events/s            {:>12.0}  ({} events, {} checkpoints, {:.2}s) -> {:.2}x SHA-256 of the input",
+            report.events as f64 / vsecs, report.events, report.checkpoints, vsecs, sha / vsecs);
+    }
+    std::fs::remove_dir_all(&dir).ok();
+    Ok(())
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn rss_kib(field: &str) -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with(field)).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+        .unwrap_or(0)
+}
+
+#[derive(Default)]
+struct DiskUse {
+    segments: u64,
+    tiles: u64,
+    checkpoints: u64,
+    allocated: u64,
+}
+
+impl DiskUse {
+    fn total(&self) -> u64 {
+        self.segments + self.tiles + self.checkpoints
+    }
+
+    fn measure(dir: &Path) -> Result<DiskUse> {
+        use std::os::unix::fs::MetadataExt as _;
+        let mut d = DiskUse::default();
+        let mut stack = vec![dir.to_path_buf()];
+        while let Some(p) = stack.pop() {
+            for e in std::fs::read_dir(&p)? {
+                let e = e?;
+                let m = e.metadata()?;
+                if m.is_dir() {
+                    stack.push(e.path());
+                    continue;
+                }
+                let rel = e.path().strip_prefix(dir)?.to_string_lossy().into_owned();
+                if rel.starts_with("segments/") {
+                    d.segments += m.len();
+                } else if rel.starts_with("log/tile") {
+                    d.tiles += m.len();
+                } else if rel.starts_with("log/checkpoint") || rel.starts_with("checkpoints/") {
+                    d.checkpoints += m.len();
+                } else {
+                    continue;
+                }
+                d.allocated += m.blocks() * 512;
+            }
+        }
+        Ok(d)
+    }
+}
+
+/// Seconds to write `bytes` in `syncs` equal appends, each followed by fdatasync.
+fn raw_write_fdatasync(dir: &Path, bytes: u64, syncs: u64) -> Result<f64> {
+    let path = dir.join("raw-baseline");
+    let mut f = std::fs::File::create(&path)?;
+    let chunk = vec![0x5au8; (bytes / syncs).max(1) as usize];
+    let t = Instant::now();
+    for _ in 0..syncs {
+        f.write_all(&chunk)?;
+        f.sync_data()?;
+    }
+    let secs = t.elapsed().as_secs_f64();
+    std::fs::remove_file(&path)?;
+    Ok(secs)
+}
+
+/// Seconds to SHA-256 every line once.
+fn sha256_rate(lines: &[String]) -> f64 {
+    let t = Instant::now();
+    let mut acc = 0u8;
+    for l in lines {
+        acc ^= sha2::Sha256::digest(l.as_bytes())[0];
+    }
+    std::hint::black_box(acc);
+    t.elapsed().as_secs_f64()
+}
