@@ -242,9 +242,9 @@ pub fn push_record(plain: &mut Vec<u8>, recorded_at_ms: u64, client_id: bool, ca
 /// The top bit of a record's length word: the client supplied the `id`.
 pub const RECORD_CLIENT_ID_FLAG: u32 = 1 << 31;
 
-/// Checks a block body's CRC, authenticates and decrypts it, decompresses it and splits it into
-/// records. `body` is the sealed bytes after the header.
-pub fn decode_block_body(header: &BlockHeader, body: &[u8], keys: &SegmentKeys) -> Result<Vec<Record>, FormatError> {
+/// Checks a block body's CRC, authenticates and decrypts it, and decompresses it: the block's
+/// plaintext, to be split with [`RecordIter`]. `body` is the sealed bytes after the header.
+pub fn open_block_body(header: &BlockHeader, body: &[u8], keys: &SegmentKeys) -> Result<Vec<u8>, FormatError> {
     if body.len() != header.sealed_len as usize {
         return Err(FormatError::Truncated { need: header.sealed_len as usize, have: body.len() });
     }
@@ -258,27 +258,63 @@ pub fn decode_block_body(header: &BlockHeader, body: &[u8], keys: &SegmentKeys) 
     if plain.len() != header.plain_len as usize {
         return Err(FormatError::Malformed("decompressed length differs from header"));
     }
-    let mut records = Vec::with_capacity(header.count as usize);
-    let mut rest = plain.as_slice();
-    while !rest.is_empty() {
-        if rest.len() < RECORD_HEADER_BYTES {
-            return Err(FormatError::Malformed("truncated record header"));
-        }
-        let recorded_at_ms = u64::from_be_bytes(rest[..8].try_into().unwrap());
-        let len_and_flags = u32::from_be_bytes(rest[8..12].try_into().unwrap());
-        let client_id = len_and_flags & RECORD_CLIENT_ID_FLAG != 0;
-        let len = (len_and_flags & !RECORD_CLIENT_ID_FLAG) as usize;
-        rest = &rest[RECORD_HEADER_BYTES..];
-        if rest.len() < len {
-            return Err(FormatError::Malformed("truncated record"));
-        }
-        records.push(Record { recorded_at_ms, client_id, canonical: rest[..len].to_vec() });
-        rest = &rest[len..];
-    }
-    if records.len() != header.count as usize {
+    let count = RecordIter::new(&plain).try_fold(0u32, |n, r| r.map(|_| n + 1))?;
+    if count != header.count {
         return Err(FormatError::Malformed("record count differs from header"));
     }
-    Ok(records)
+    Ok(plain)
+}
+
+/// A record borrowed from a block's plaintext.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordRef<'a> {
+    pub recorded_at_ms: u64,
+    pub client_id: bool,
+    pub canonical: &'a [u8],
+}
+
+/// Splits a block's plaintext into records.
+#[derive(Debug, Clone)]
+pub struct RecordIter<'a> {
+    rest: &'a [u8],
+}
+
+impl<'a> RecordIter<'a> {
+    pub fn new(plain: &'a [u8]) -> RecordIter<'a> {
+        RecordIter { rest: plain }
+    }
+}
+
+impl<'a> Iterator for RecordIter<'a> {
+    type Item = Result<RecordRef<'a>, FormatError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.rest.is_empty() {
+            return None;
+        }
+        if self.rest.len() < RECORD_HEADER_BYTES {
+            self.rest = &[];
+            return Some(Err(FormatError::Malformed("truncated record header")));
+        }
+        let recorded_at_ms = u64::from_be_bytes(self.rest[..8].try_into().unwrap());
+        let len_and_flags = u32::from_be_bytes(self.rest[8..12].try_into().unwrap());
+        let len = (len_and_flags & !RECORD_CLIENT_ID_FLAG) as usize;
+        let rest = &self.rest[RECORD_HEADER_BYTES..];
+        if rest.len() < len {
+            self.rest = &[];
+            return Some(Err(FormatError::Malformed("truncated record")));
+        }
+        self.rest = &rest[len..];
+        Some(Ok(RecordRef { recorded_at_ms, client_id: len_and_flags & RECORD_CLIENT_ID_FLAG != 0, canonical: &rest[..len] }))
+    }
+}
+
+/// Opens a block and copies its records out.
+pub fn decode_block_body(header: &BlockHeader, body: &[u8], keys: &SegmentKeys) -> Result<Vec<Record>, FormatError> {
+    let plain = open_block_body(header, body, keys)?;
+    RecordIter::new(&plain)
+        .map(|r| r.map(|r| Record { recorded_at_ms: r.recorded_at_ms, client_id: r.client_id, canonical: r.canonical.to_vec() }))
+        .collect()
 }
 
 #[cfg(test)]

@@ -56,12 +56,10 @@ impl Generator {
                 "user_id": format!("u{user:06}"),
                 "roles": [ROLES[(user % 5) as usize]],
                 "ip": format!("10.{}.{}.{}", user % 7, user % 251, (user * 7) % 253),
-                "session_id": format!("s{:012x}", user * 7919 + self.clock_ms as u64 / 3_600_000),
-                "client_id": "ehr-web",
+                "session_id": format!("s{:08x}", user * 7919 + self.clock_ms as u64 / 3_600_000),
             },
             "source": {"system": "ehr", "site": SITES[(user % 4) as usize]},
-            "request": {"method": method, "path": format!("/api/patients/{patient}/{resource}/{object}"), "status": status},
-            "project": "default",
+            "request": {"method": method, "path": format!("/api/patients/{patient}"), "status": status},
         });
         if category.starts_with("phi") || category == "export" {
             v["patient"] = json!({"id": format!("MRN{patient:08}"), "system": "urn:oid:2.16.840.1.113883.3.0"});

@@ -1,6 +1,11 @@
 //! The `auditrail` binary: thin glue over the core and store crates. The only place `anyhow`
 //! lives.
 
+/// The store and the validators allocate many small buffers from several threads; mimalloc
+/// halves the time glibc's allocator spent on them in `bench append` (see docs/performance.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod bench;
 mod generator;
 
