@@ -37,9 +37,11 @@ impl Checkpoint {
 
     /// Parses note text (as returned by [`crate::note::open`]) strictly.
     pub fn parse(text: &str) -> Result<Checkpoint, CheckpointError> {
-        let body = text.strip_suffix('\n').ok_or(CheckpointError("text must end with a newline"))?;
+        let body =
+            text.strip_suffix('\n').ok_or(CheckpointError("text must end with a newline"))?;
         let mut lines = body.split('\n');
-        let origin = lines.next().filter(|o| valid_origin(o)).ok_or(CheckpointError("bad origin"))?;
+        let origin =
+            lines.next().filter(|o| valid_origin(o)).ok_or(CheckpointError("bad origin"))?;
         let size_str = lines.next().ok_or(CheckpointError("missing size"))?;
         if size_str.is_empty()
             || !size_str.bytes().all(|b| b.is_ascii_digit())
@@ -50,7 +52,8 @@ impl Checkpoint {
         let size = size_str.parse().map_err(|_| CheckpointError("size out of range"))?;
         let root_str = lines.next().ok_or(CheckpointError("missing root hash"))?;
         let root_bytes = B64.decode(root_str).map_err(|_| CheckpointError("bad root base64"))?;
-        let root: Hash = root_bytes.try_into().map_err(|_| CheckpointError("root is not 32 bytes"))?;
+        let root: Hash =
+            root_bytes.try_into().map_err(|_| CheckpointError("root is not 32 bytes"))?;
         if B64.encode(root) != root_str {
             return Err(CheckpointError("root base64 is not canonical"));
         }
@@ -68,7 +71,12 @@ mod tests {
 
     #[test]
     fn round_trips_and_rejects_noncanonical() {
-        let c = Checkpoint { origin: "example.com/log".into(), size: 70000, root: [9; 32], extensions: vec![] };
+        let c = Checkpoint {
+            origin: "example.com/log".into(),
+            size: 70000,
+            root: [9; 32],
+            extensions: vec![],
+        };
         assert_eq!(Checkpoint::parse(&c.to_text()), Ok(c.clone()));
         let text = c.to_text();
         assert!(Checkpoint::parse(&text.replace("70000", "070000")).is_err());

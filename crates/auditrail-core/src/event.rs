@@ -21,7 +21,11 @@ pub struct FieldError {
 
 impl std::fmt::Display for FieldError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}: {}", self.field, self.message)
+        if self.field.is_empty() {
+            write!(f, "{} ({})", self.message, self.code)
+        } else {
+            write!(f, "{}: {} ({})", self.field, self.message, self.code)
+        }
     }
 }
 
@@ -50,10 +54,17 @@ impl Checker {
 
     /// Checks a bounded, non-empty string. The path is built only when there is a problem, so
     /// valid events cost no allocation here.
-    fn string<'v>(&mut self, path: impl FnOnce() -> String, v: &'v Value, max: usize) -> Option<&'v str> {
+    fn string<'v>(
+        &mut self,
+        path: impl FnOnce() -> String,
+        v: &'v Value,
+        max: usize,
+    ) -> Option<&'v str> {
         let problem = match v {
             Value::String(s) if s.is_empty() => ("invalid_value", "must not be empty".to_string()),
-            Value::String(s) if s.len() > max => ("too_long", format!("must be at most {max} bytes")),
+            Value::String(s) if s.len() > max => {
+                ("too_long", format!("must be at most {max} bytes"))
+            }
             Value::String(s) => return Some(s),
             _ => ("wrong_type", "must be a string".to_string()),
         };
@@ -124,9 +135,24 @@ fn valid_action(s: &str) -> bool {
 }
 
 const TOP_LEVEL: &[&str] = &[
-    "id", "occurred_at", "category", "action", "outcome", "outcome_code", "outcome_desc", "actor",
-    "source", "patient", "entities", "request", "purpose_of_use", "project", "changes", "context",
-    "seq", "recorded_at",
+    "id",
+    "occurred_at",
+    "category",
+    "action",
+    "outcome",
+    "outcome_code",
+    "outcome_desc",
+    "actor",
+    "source",
+    "patient",
+    "entities",
+    "request",
+    "purpose_of_use",
+    "project",
+    "changes",
+    "context",
+    "seq",
+    "recorded_at",
 ];
 
 impl ClientEvent {
@@ -166,13 +192,21 @@ impl ClientEvent {
             && let Some(s) = c.string(|| "occurred_at".into(), v, 64)
             && parse_rfc3339(s).is_none()
         {
-            c.err("occurred_at", "invalid_format", "must be an RFC 3339 date-time such as 2026-11-22T10:15:00Z");
+            c.err(
+                "occurred_at",
+                "invalid_format",
+                "must be an RFC 3339 date-time such as 2026-11-22T10:15:00Z",
+            );
         }
         if let Some(v) = fields.get("action")
             && let Some(s) = c.string(|| "action".into(), v, 128)
             && !valid_action(s)
         {
-            c.err("action", "invalid_format", "must be lowercase dotted words such as patient.read");
+            c.err(
+                "action",
+                "invalid_format",
+                "must be lowercase dotted words such as patient.read",
+            );
         }
         let mut success = None;
         if let Some(v) = fields.get("outcome")
@@ -192,14 +226,27 @@ impl ClientEvent {
                     "must be 0 for success and 4, 8 or 12 for failure",
                 ),
                 (Some(0 | 4 | 8 | 12), _) => {}
-                _ => c.err("outcome_code", "invalid_value", "must be a FHIR outcome code: 0, 4, 8 or 12"),
+                _ => c.err(
+                    "outcome_code",
+                    "invalid_value",
+                    "must be a FHIR outcome code: 0, 4, 8 or 12",
+                ),
             }
         }
         if let Some(v) = fields.get("actor")
             && let Some(m) = c.object(
                 "actor",
                 v,
-                &["user_id", "name", "roles", "client_id", "session_id", "ip", "user_agent", "device_id"],
+                &[
+                    "user_id",
+                    "name",
+                    "roles",
+                    "client_id",
+                    "session_id",
+                    "ip",
+                    "user_agent",
+                    "device_id",
+                ],
             )
         {
             c.strings(
@@ -250,7 +297,13 @@ impl ClientEvent {
                     c.strings(
                         &path,
                         m,
-                        &[("type", 128), ("id", 512), ("role", 64), ("system", 256), ("name", FIELD_BYTES_MAX)],
+                        &[
+                            ("type", 128),
+                            ("id", 512),
+                            ("role", 64),
+                            ("system", 256),
+                            ("name", FIELD_BYTES_MAX),
+                        ],
                     );
                     if !m.contains_key("type") {
                         c.err(&join(&path, "type"), "required", "is required");
@@ -261,12 +314,20 @@ impl ClientEvent {
         if let Some(v) = fields.get("request")
             && let Some(m) = c.object("request", v, &["method", "path", "status", "query"])
         {
-            c.strings("request", m, &[("path", LONG_FIELD_BYTES_MAX), ("query", LONG_FIELD_BYTES_MAX)]);
+            c.strings(
+                "request",
+                m,
+                &[("path", LONG_FIELD_BYTES_MAX), ("query", LONG_FIELD_BYTES_MAX)],
+            );
             if let Some(method) = m.get("method")
                 && let Some(s) = c.string(|| "request.method".into(), method, 16)
                 && !s.bytes().all(|b| b.is_ascii_uppercase())
             {
-                c.err("request.method", "invalid_format", "must be an uppercase HTTP method such as GET");
+                c.err(
+                    "request.method",
+                    "invalid_format",
+                    "must be an uppercase HTTP method such as GET",
+                );
             }
             if let Some(status) = m.get("status")
                 && !matches!(status.as_u64(), Some(100..=599))
@@ -286,7 +347,9 @@ impl ClientEvent {
                     }
                 }
             }
-            Some(_) => c.err("purpose_of_use", "wrong_type", "must be a string or an array of strings"),
+            Some(_) => {
+                c.err("purpose_of_use", "wrong_type", "must be a string or an array of strings")
+            }
         }
         if let Some(v) = fields.get("changes")
             && let Some(a) = c.array("changes", v, CHANGES_MAX)
@@ -302,7 +365,11 @@ impl ClientEvent {
                         if let Some(val) = m.get(side)
                             && depth(val) > JSON_DEPTH_MAX
                         {
-                            c.err(&join(&path, side), "too_deep", format!("must nest at most {JSON_DEPTH_MAX} levels"));
+                            c.err(
+                                &join(&path, side),
+                                "too_deep",
+                                format!("must nest at most {JSON_DEPTH_MAX} levels"),
+                            );
                         }
                     }
                 }
@@ -318,7 +385,11 @@ impl ClientEvent {
                 Value::Object(m) => {
                     for (k, val) in m {
                         if k.is_empty() || k.len() > 64 {
-                            c.err(&format!("context.{k}"), "invalid_format", "keys must be 1 to 64 bytes");
+                            c.err(
+                                &format!("context.{k}"),
+                                "invalid_format",
+                                "keys must be 1 to 64 bytes",
+                            );
                         }
                         c.string(|| format!("context.{k}"), val, FIELD_BYTES_MAX);
                     }
@@ -355,7 +426,11 @@ impl ClientEvent {
 
     /// The sending system (`source.system`), which scopes idempotency keys.
     pub fn source_system(&self) -> &str {
-        self.fields.get("source").and_then(|s| s.get("system")).and_then(Value::as_str).unwrap_or("")
+        self.fields
+            .get("source")
+            .and_then(|s| s.get("system"))
+            .and_then(Value::as_str)
+            .unwrap_or("")
     }
 
     pub fn fields(&self) -> &Map<String, Value> {
@@ -459,13 +534,22 @@ impl PreparedEvent {
 
     /// The stored event's canonical bytes, written into `out`, with `default_id` used when the
     /// client sent no `id`. Returns the `id` the event is stored under when it was generated.
-    pub fn write_stored(&self, seq: u64, recorded_at: UnixMillis, default_id: &str, out: &mut Vec<u8>) {
+    pub fn write_stored(
+        &self,
+        seq: u64,
+        recorded_at: UnixMillis,
+        default_id: &str,
+        out: &mut Vec<u8>,
+    ) {
         let id_member;
         let seq_member = format!("\"seq\":{seq}");
         let recorded_member = format!("\"recorded_at\":\"{}\"", format_millis(recorded_at));
         let mut server: Vec<(&str, &[u8])> = Vec::with_capacity(3);
         if !self.has_id {
-            id_member = format!("\"id\":{}", serde_json::to_string(default_id).expect("a string serialises"));
+            id_member = format!(
+                "\"id\":{}",
+                serde_json::to_string(default_id).expect("a string serialises")
+            );
             server.push(("id", id_member.as_bytes()));
         }
         server.push(("recorded_at", recorded_member.as_bytes()));
@@ -523,13 +607,20 @@ pub fn write_canonical(value: &Value, out: &mut Vec<u8>) {
         Value::Bool(true) => out.extend_from_slice(b"true"),
         Value::Bool(false) => out.extend_from_slice(b"false"),
         Value::Number(n) => match (n.as_u64(), n.as_i64()) {
-            (Some(u), _) if u <= EXACT_INTEGER_MAX => out.extend_from_slice(u.to_string().as_bytes()),
-            (_, Some(i)) if i.unsigned_abs() <= EXACT_INTEGER_MAX => out.extend_from_slice(i.to_string().as_bytes()),
+            (Some(u), _) if u <= EXACT_INTEGER_MAX => {
+                out.extend_from_slice(u.to_string().as_bytes())
+            }
+            (_, Some(i)) if i.unsigned_abs() <= EXACT_INTEGER_MAX => {
+                out.extend_from_slice(i.to_string().as_bytes())
+            }
             _ => out.extend_from_slice(
-                &serde_json_canonicalizer::to_vec(value).expect("a finite JSON number canonicalises"),
+                &serde_json_canonicalizer::to_vec(value)
+                    .expect("a finite JSON number canonicalises"),
             ),
         },
-        Value::String(s) => serde_json::to_writer(&mut *out, s).expect("writing to a Vec cannot fail"),
+        Value::String(s) => {
+            serde_json::to_writer(&mut *out, s).expect("writing to a Vec cannot fail")
+        }
         Value::Array(items) => {
             out.push(b'[');
             for (i, item) in items.iter().enumerate() {
@@ -613,11 +704,17 @@ mod tests {
         check(json!({"action": "Patient Read"}), &[("action", "invalid_format")]);
         check(json!({"outcome": "ok"}), &[("outcome", "invalid_value")]);
         check(json!({"outcome": "failure", "outcome_code": 8}), &[]);
-        check(json!({"outcome": "failure", "outcome_code": 0}), &[("outcome_code", "invalid_value")]);
+        check(
+            json!({"outcome": "failure", "outcome_code": 0}),
+            &[("outcome_code", "invalid_value")],
+        );
         check(json!({"occurred_at": "yesterday"}), &[("occurred_at", "invalid_format")]);
         check(json!({"occurred_at": 5}), &[("occurred_at", "wrong_type")]);
         check(json!({"actor": {"ip": "10.1.2.300"}}), &[("actor.ip", "invalid_format")]);
-        check(json!({"actor": {"ip": "::1", "roles": ["a", 3]}}), &[("actor.roles[1]", "wrong_type")]);
+        check(
+            json!({"actor": {"ip": "::1", "roles": ["a", 3]}}),
+            &[("actor.roles[1]", "wrong_type")],
+        );
         check(json!({"actor": {"badge": "x"}}), &[("actor.badge", "unknown_field")]);
         check(json!({"seq": 5}), &[("seq", "server_assigned")]);
         check(json!({"colour": "red"}), &[("colour", "unknown_field")]);
@@ -628,7 +725,10 @@ mod tests {
         check(json!({"context": {"k": 1}}), &[("context.k", "wrong_type")]);
         check(json!({"purpose_of_use": ["TREAT", "ETREAT"]}), &[]);
         check(json!({"category": "x".repeat(65)}), &[("category", "too_long")]);
-        check(json!({"changes": [{"field": "a", "before": {"x": [1, {"y": null}]}, "after": true}]}), &[]);
+        check(
+            json!({"changes": [{"field": "a", "before": {"x": [1, {"y": null}]}, "after": true}]}),
+            &[],
+        );
     }
 
     #[test]
@@ -643,10 +743,18 @@ mod tests {
 
     #[test]
     fn prepared_splice_equals_full_canonicalisation() {
-        for patch in [json!({}), json!({"id": null}), json!({"id": "a\"b\\c\u{e9}", "context": {"\u{e9}": "x", "\u{1F600}": "\u{FF61}", "\u{FF61}": "y"}})] {
+        for patch in [
+            json!({}),
+            json!({"id": null}),
+            json!({"id": "a\"b\\c\u{e9}", "context": {"\u{e9}": "x", "\u{1F600}": "\u{FF61}", "\u{FF61}": "y"}}),
+        ] {
             let mut v = example();
             for (k, val) in patch.as_object().unwrap() {
-                if val.is_null() { v.as_object_mut().unwrap().remove(k); } else { v[k] = val.clone(); }
+                if val.is_null() {
+                    v.as_object_mut().unwrap().remove(k);
+                } else {
+                    v[k] = val.clone();
+                }
             }
             let Ok(e) = ClientEvent::validate(v.clone()) else { continue };
             let prepared = e.clone().prepare();
@@ -666,13 +774,15 @@ mod tests {
             any::<u64>().prop_map(Value::from),
             any::<f64>().prop_filter("finite", |f| f.is_finite()).prop_map(Value::from),
             "\\PC{0,8}".prop_map(Value::from),
-            proptest::collection::vec(any::<char>(), 0..6).prop_map(|c| Value::from(c.into_iter().collect::<String>())),
+            proptest::collection::vec(any::<char>(), 0..6)
+                .prop_map(|c| Value::from(c.into_iter().collect::<String>())),
         ];
         leaf.prop_recursive(4, 48, 6, |inner| {
             prop_oneof![
                 proptest::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
                 proptest::collection::btree_map(
-                    proptest::collection::vec(any::<char>(), 0..4).prop_map(|c| c.into_iter().collect::<String>()),
+                    proptest::collection::vec(any::<char>(), 0..4)
+                        .prop_map(|c| c.into_iter().collect::<String>()),
                     inner,
                     0..6
                 )

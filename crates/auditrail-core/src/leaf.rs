@@ -38,7 +38,9 @@ impl std::fmt::Debug for SaltDeriver {
 
 impl SaltDeriver {
     pub fn new(salt_key: &[u8; 32]) -> SaltDeriver {
-        SaltDeriver(<hmac::Hmac<Sha256> as KeyInit>::new_from_slice(salt_key).expect("any key size"))
+        SaltDeriver(
+            <hmac::Hmac<Sha256> as KeyInit>::new_from_slice(salt_key).expect("any key size"),
+        )
     }
 
     pub fn salt(&self, seq: u64) -> Salt {

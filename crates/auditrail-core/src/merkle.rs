@@ -111,7 +111,7 @@ pub trait NodeReader {
 pub fn range_root<R: NodeReader>(reader: &R, lo: u64, hi: u64) -> Result<Hash, R::Error> {
     debug_assert!(lo < hi);
     let n = hi - lo;
-    if n.is_power_of_two() && lo % n == 0 {
+    if n.is_power_of_two() && lo.is_multiple_of(n) {
         return reader.node(n.trailing_zeros(), lo / n);
     }
     let k = split_point(n);
@@ -250,7 +250,11 @@ fn inclusion_proof_len(index: u64, size: u64) -> usize {
     let (mut lo, mut hi, mut len) = (0u64, size, 0usize);
     while hi - lo > 1 {
         let k = split_point(hi - lo);
-        if index < lo + k { hi = lo + k } else { lo += k }
+        if index < lo + k {
+            hi = lo + k
+        } else {
+            lo += k
+        }
         len += 1;
     }
     len

@@ -57,7 +57,9 @@ impl std::fmt::Debug for NoteSigner {
 impl NoteSigner {
     pub fn from_seed(name: &str, seed: [u8; 32]) -> Result<NoteSigner, NoteError> {
         if !valid_name(name) {
-            return Err(NoteError::MalformedKey("key name must be non-empty, without spaces or '+'"));
+            return Err(NoteError::MalformedKey(
+                "key name must be non-empty, without spaces or '+'",
+            ));
         }
         Ok(NoteSigner { name: name.to_string(), key: ed25519_dalek::SigningKey::from_bytes(&seed) })
     }
@@ -160,7 +162,8 @@ pub fn open<'a>(note: &'a str, verifiers: &[NoteVerifier]) -> Result<&'a str, No
     if note.len() > NOTE_BYTES_MAX {
         return Err(NoteError::Malformed("note too large"));
     }
-    let split = note.rfind("\n\n").ok_or(NoteError::Malformed("no blank line before signatures"))?;
+    let split =
+        note.rfind("\n\n").ok_or(NoteError::Malformed("no blank line before signatures"))?;
     let text = &note[..split + 1];
     let sigs = &note[split + 2..];
     if !sigs.ends_with('\n') || sigs.is_empty() {
@@ -168,8 +171,9 @@ pub fn open<'a>(note: &'a str, verifiers: &[NoteVerifier]) -> Result<&'a str, No
     }
     let mut verified = false;
     for line in sigs.lines() {
-        let line =
-            line.strip_prefix(SIG_PREFIX).ok_or(NoteError::Malformed("signature line without dash"))?;
+        let line = line
+            .strip_prefix(SIG_PREFIX)
+            .ok_or(NoteError::Malformed("signature line without dash"))?;
         let (name, b64) = line.split_once(' ').ok_or(NoteError::Malformed("bad signature line"))?;
         let raw = B64.decode(b64).map_err(|_| NoteError::Malformed("bad signature base64"))?;
         if raw.len() < 5 {
@@ -199,10 +203,13 @@ mod tests {
         let note = "This is an example message.\n\n\u{2014} example.com/foo Uw2QOkn8srV1yJGh2VYRlL1Tnagv1YEq6TfXppzi2ONncAlTgK7Ztg1ERYNZXsYjOBH3mFXmRKuwHjG1Yu72IneyaQM=\n";
         let v = NoteVerifier::from_vkey(vkey).unwrap();
         assert_eq!(v.to_vkey(), vkey);
-        let text = open(note, &[v.clone()]).unwrap();
+        let text = open(note, std::slice::from_ref(&v)).unwrap();
         assert_eq!(text, "This is an example message.\n");
         let tampered = note.replace("example message", "example massage");
-        assert_eq!(open(&tampered, &[v]), Err(NoteError::BadSignature { name: "example.com/foo".into() }));
+        assert_eq!(
+            open(&tampered, &[v]),
+            Err(NoteError::BadSignature { name: "example.com/foo".into() })
+        );
     }
 
     #[test]

@@ -182,7 +182,7 @@ pub fn decode_bundle(bytes: &[u8]) -> Option<Vec<&[u8]>> {
 
 /// Splits a hash tile's bytes into hashes; `None` unless it is a whole number of hashes.
 pub fn decode_hashes(bytes: &[u8]) -> Option<Vec<Hash>> {
-    if bytes.len() % 32 != 0 {
+    if !bytes.len().is_multiple_of(32) {
         return None;
     }
     Some(bytes.chunks_exact(32).map(|c| c.try_into().unwrap()).collect())
@@ -227,7 +227,9 @@ mod tests {
 
     #[test]
     fn index_encoding_matches_the_spec() {
-        for (n, s) in [(0, "000"), (5, "005"), (999, "999"), (1000, "x001/000"), (1234067, "x001/x234/067")] {
+        for (n, s) in
+            [(0, "000"), (5, "005"), (999, "999"), (1000, "x001/000"), (1234067, "x001/x234/067")]
+        {
             assert_eq!(encode_index(n), s);
             assert_eq!(decode_index(s), Some(n));
         }
@@ -256,7 +258,9 @@ mod tests {
         for t in tiles_for_size(300_000) {
             assert_eq!(TileId::parse(&t.path()), Some(t));
         }
-        for bad in ["tile/00/000", "tile/0/000.p/0", "tile/0/000.p/256", "tile/0/000.p/07", "tile/x/000"] {
+        for bad in
+            ["tile/00/000", "tile/0/000.p/0", "tile/0/000.p/256", "tile/0/000.p/07", "tile/x/000"]
+        {
             assert_eq!(TileId::parse(bad), None, "{bad}");
         }
     }

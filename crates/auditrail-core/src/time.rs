@@ -74,7 +74,8 @@ pub fn parse_rfc3339(s: &str) -> Option<UnixMillis> {
     if b[13] != b':' || b[16] != b':' {
         return None;
     }
-    if !(1970..=9999).contains(&y) || !(1..=12).contains(&mo) || d == 0 || d > days_in_month(y, mo) {
+    if !(1970..=9999).contains(&y) || !(1..=12).contains(&mo) || d == 0 || d > days_in_month(y, mo)
+    {
         return None;
     }
     // 60 is allowed for a leap second and folded into the next second's start.
@@ -128,8 +129,15 @@ mod tests {
         assert_eq!(parse_rfc3339("2026-11-22T10:15:00Z"), Some(1_795_342_500_000));
         assert_eq!(parse_rfc3339("2026-11-22T11:15:00.5+01:00"), Some(1_795_342_500_500));
         assert_eq!(format_millis(1_795_342_500_123), "2026-11-22T10:15:00.123Z");
-        for bad in ["2026-02-30T00:00:00Z", "2026-11-22 10:15:00Z", "2026-11-22T25:00:00Z",
-                    "2026-11-22T10:15:00", "2026-11-22T10:15:00.Z", "1969-12-31T23:59:59Z", "x"] {
+        for bad in [
+            "2026-02-30T00:00:00Z",
+            "2026-11-22 10:15:00Z",
+            "2026-11-22T25:00:00Z",
+            "2026-11-22T10:15:00",
+            "2026-11-22T10:15:00.Z",
+            "1969-12-31T23:59:59Z",
+            "x",
+        ] {
             assert_eq!(parse_rfc3339(bad), None, "{bad}");
         }
     }

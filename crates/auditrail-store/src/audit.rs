@@ -63,7 +63,8 @@ fn segment_leaves(io: &dyn Io, keys: &Keys, first_seq: u64) -> SegmentLeaves {
     let seg = match load_segment(io, &keys.master, first_seq) {
         Ok(s) => s,
         Err(e) => {
-            out.problems.push(Problem { location: reader::segment_path(first_seq), detail: e.to_string() });
+            out.problems
+                .push(Problem { location: reader::segment_path(first_seq), detail: e.to_string() });
             return out;
         }
     };
@@ -88,7 +89,11 @@ fn segment_leaves(io: &dyn Io, keys: &Keys, first_seq: u64) -> SegmentLeaves {
             let (l, n) = (LeafEntry::decode(last).unwrap(), LeafEntry::decode(next).unwrap());
             if n.recorded_at_ms < l.recorded_at_ms {
                 out.problems.push(Problem {
-                    location: format!("seq {} ({})", first_seq + out.entries.len() as u64, seg.path),
+                    location: format!(
+                        "seq {} ({})",
+                        first_seq + out.entries.len() as u64,
+                        seg.path
+                    ),
                     detail: "recorded_at decreases".into(),
                 });
             }
@@ -126,7 +131,10 @@ fn block_leaves(
             let r = r.expect("open_block_body checked the framing");
             let seq = b.header.first_seq + k as u64;
             if r.recorded_at_ms < last_recorded_at {
-                problems.push(Problem { location: format!("seq {seq} ({})", location()), detail: "recorded_at decreases".into() });
+                problems.push(Problem {
+                    location: format!("seq {seq} ({})", location()),
+                    detail: "recorded_at decreases".into(),
+                });
             }
             last_recorded_at = r.recorded_at_ms;
             let commitment = leaf::commitment(&salts.salt(seq), r.canonical);
@@ -167,10 +175,21 @@ impl TileChecker<'_> {
         match self.io.read(&path) {
             Ok(bytes) if bytes == expected.concat() => {}
             Ok(bytes) => {
-                let at = bytes.chunks(32).zip(expected).position(|(a, b)| a != b).unwrap_or(expected.len().min(bytes.len() / 32));
-                problems.push(Problem { location: path, detail: format!("hash {at} differs from the hash recomputed from the leaves below") });
+                let at = bytes
+                    .chunks(32)
+                    .zip(expected)
+                    .position(|(a, b)| a != b)
+                    .unwrap_or(expected.len().min(bytes.len() / 32));
+                problems.push(Problem {
+                    location: path,
+                    detail: format!(
+                        "hash {at} differs from the hash recomputed from the leaves below"
+                    ),
+                });
             }
-            Err(e) => problems.push(Problem { location: path, detail: format!("cannot read: {e}") }),
+            Err(e) => {
+                problems.push(Problem { location: path, detail: format!("cannot read: {e}") })
+            }
         }
     }
 
@@ -180,14 +199,22 @@ impl TileChecker<'_> {
             if hashes.is_empty() {
                 continue;
             }
-            let t = TileId::hashes(level as u32, self.size >> (8 * (level as u32 + 1)), hashes.len() as u32);
+            let t = TileId::hashes(
+                level as u32,
+                self.size >> (8 * (level as u32 + 1)),
+                hashes.len() as u32,
+            );
             self.compare(&t, hashes, problems);
         }
     }
 }
 
 /// Runs the full audit. `progress` is called with the number of events checked so far.
-pub fn audit(io: &dyn Io, keys: &Keys, progress: &mut dyn FnMut(u64)) -> Result<AuditReport, StoreError> {
+pub fn audit(
+    io: &dyn Io,
+    keys: &Keys,
+    progress: &mut dyn FnMut(u64),
+) -> Result<AuditReport, StoreError> {
     let mut report = AuditReport::default();
     let verifier = keys.signer.verifier();
 
@@ -225,7 +252,10 @@ pub fn audit(io: &dyn Io, keys: &Keys, progress: &mut dyn FnMut(u64)) -> Result<
             if seg.first_seq != expect_seq {
                 report.problems.push(Problem {
                     location: reader::segment_path(seg.first_seq),
-                    detail: format!("segment starts at seq {} but seq {expect_seq} was expected", seg.first_seq),
+                    detail: format!(
+                        "segment starts at seq {} but seq {expect_seq} was expected",
+                        seg.first_seq
+                    ),
                 });
             }
             for (k, entry) in seg.entries.iter().enumerate() {
@@ -234,11 +264,18 @@ pub fn audit(io: &dyn Io, keys: &Keys, progress: &mut dyn FnMut(u64)) -> Result<
                 // commits to.
                 let tile_index = seq / TILE_WIDTH;
                 if bundle.as_ref().is_none_or(|b| b.0 != tile_index) {
-                    let width = if (tile_index + 1) * TILE_WIDTH <= published { 256 } else { (published % TILE_WIDTH).max(1) as u32 };
+                    let width = if (tile_index + 1) * TILE_WIDTH <= published {
+                        256
+                    } else {
+                        (published % TILE_WIDTH).max(1) as u32
+                    };
                     let entries = tiles
                         .bundle(tile_index, width)
                         .ok()
-                        .and_then(|b| tile::decode_bundle(&b).map(|e| e.into_iter().map(<[u8]>::to_vec).collect()))
+                        .and_then(|b| {
+                            tile::decode_bundle(&b)
+                                .map(|e| e.into_iter().map(<[u8]>::to_vec).collect())
+                        })
                         .unwrap_or_default();
                     bundle = Some((tile_index, entries));
                 }
@@ -247,15 +284,22 @@ pub fn audit(io: &dyn Io, keys: &Keys, progress: &mut dyn FnMut(u64)) -> Result<
                     Some(e) => {
                         if e.as_slice() != entry.as_slice() {
                             report.problems.push(Problem {
-                                location: format!("seq {seq} ({})", tile_path(&TileId::entries(tile_index, 256))),
-                                detail: "the leaf entry does not match the event's commitment".into(),
+                                location: format!(
+                                    "seq {seq} ({})",
+                                    tile_path(&TileId::entries(tile_index, 256))
+                                ),
+                                detail: "the leaf entry does not match the event's commitment"
+                                    .into(),
                             });
                         }
                         e
                     }
                     None if seq < published => {
                         report.problems.push(Problem {
-                            location: format!("seq {seq} ({})", tile_path(&TileId::entries(tile_index, 256))),
+                            location: format!(
+                                "seq {seq} ({})",
+                                tile_path(&TileId::entries(tile_index, 256))
+                            ),
                             detail: "the published tree has no entry for this event".into(),
                         });
                         entry
@@ -272,7 +316,7 @@ pub fn audit(io: &dyn Io, keys: &Keys, progress: &mut dyn FnMut(u64)) -> Result<
                     }
                 }
                 expect_seq = seq + 1;
-                if expect_seq % 65_536 == 0 {
+                if expect_seq.is_multiple_of(65_536) {
                     progress(expect_seq);
                 }
             }
@@ -288,7 +332,10 @@ pub fn audit(io: &dyn Io, keys: &Keys, progress: &mut dyn FnMut(u64)) -> Result<
     if report.events < published {
         report.problems.push(Problem {
             location: reader::SEGMENTS_DIR.into(),
-            detail: format!("the segments hold {} events but checkpoints cover {published}", report.events),
+            detail: format!(
+                "the segments hold {} events but checkpoints cover {published}",
+                report.events
+            ),
         });
     } else {
         checker.compare_partials(&mut report.problems);
@@ -297,8 +344,13 @@ pub fn audit(io: &dyn Io, keys: &Keys, progress: &mut dyn FnMut(u64)) -> Result<
             let t = TileId::entries(published / TILE_WIDTH, w);
             match io.read(&tile_path(&t)) {
                 Ok(b) if tile::decode_bundle(&b).is_some_and(|e| e.len() == w as usize) => {}
-                Ok(_) => report.problems.push(Problem { location: tile_path(&t), detail: "malformed entry bundle".into() }),
-                Err(e) => report.problems.push(Problem { location: tile_path(&t), detail: format!("cannot read: {e}") }),
+                Ok(_) => report.problems.push(Problem {
+                    location: tile_path(&t),
+                    detail: "malformed entry bundle".into(),
+                }),
+                Err(e) => report
+                    .problems
+                    .push(Problem { location: tile_path(&t), detail: format!("cannot read: {e}") }),
             }
         }
     }
@@ -315,7 +367,11 @@ fn check_root(c: &Checkpoint, cr: &CompactRange, problems: &mut Vec<Problem>) {
 }
 
 /// Reads and checks the checkpoint history and `log/checkpoint`; returns the valid ones.
-fn read_checkpoints(io: &dyn Io, verifier: &NoteVerifier, problems: &mut Vec<Problem>) -> Result<Vec<Checkpoint>, StoreError> {
+fn read_checkpoints(
+    io: &dyn Io,
+    verifier: &NoteVerifier,
+    problems: &mut Vec<Problem>,
+) -> Result<Vec<Checkpoint>, StoreError> {
     let parse = |bytes: &[u8]| -> Result<Checkpoint, String> {
         let s = std::str::from_utf8(bytes).map_err(|_| "not UTF-8".to_string())?;
         let text = note::open(s, std::slice::from_ref(verifier)).map_err(|e| e.to_string())?;
@@ -333,7 +389,10 @@ fn read_checkpoints(io: &dyn Io, verifier: &NoteVerifier, problems: &mut Vec<Pro
     };
     let (records, end) = history::parse(&history_bytes);
     if end != history_bytes.len() {
-        problems.push(Problem { location: format!("{HISTORY_PATH} offset {end}"), detail: "damaged record".into() });
+        problems.push(Problem {
+            location: format!("{HISTORY_PATH} offset {end}"),
+            detail: "damaged record".into(),
+        });
     }
     for (off, note_bytes) in records {
         match parse(note_bytes) {
@@ -343,13 +402,17 @@ fn read_checkpoints(io: &dyn Io, verifier: &NoteVerifier, problems: &mut Vec<Pro
                 {
                     problems.push(Problem {
                         location: format!("{HISTORY_PATH} offset {off}"),
-                        detail: format!("tree size {} is smaller than the previous checkpoint's {}", cp.size, prev.size),
+                        detail: format!(
+                            "tree size {} is smaller than the previous checkpoint's {}",
+                            cp.size, prev.size
+                        ),
                     });
                     continue;
                 }
                 out.push(cp);
             }
-            Err(e) => problems.push(Problem { location: format!("{HISTORY_PATH} offset {off}"), detail: e }),
+            Err(e) => problems
+                .push(Problem { location: format!("{HISTORY_PATH} offset {off}"), detail: e }),
         }
     }
     match io.read(CHECKPOINT_PATH) {
@@ -365,7 +428,10 @@ fn read_checkpoints(io: &dyn Io, verifier: &NoteVerifier, problems: &mut Vec<Pro
             Err(e) => problems.push(Problem { location: CHECKPOINT_PATH.into(), detail: e }),
         },
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && out.is_empty() => {}
-        Err(e) => problems.push(Problem { location: CHECKPOINT_PATH.into(), detail: format!("cannot read: {e}") }),
+        Err(e) => problems.push(Problem {
+            location: CHECKPOINT_PATH.into(),
+            detail: format!("cannot read: {e}"),
+        }),
     }
     Ok(out)
 }

@@ -49,7 +49,12 @@ impl Sealer {
             .expect("AES-GCM encryption of a bounded message cannot fail")
     }
 
-    pub fn open(&self, nonce: &[u8; NONCE_BYTES], aad: &[u8], sealed: &[u8]) -> Result<Vec<u8>, AuthError> {
+    pub fn open(
+        &self,
+        nonce: &[u8; NONCE_BYTES],
+        aad: &[u8],
+        sealed: &[u8],
+    ) -> Result<Vec<u8>, AuthError> {
         self.0.decrypt(&Nonce::from(*nonce), Payload { msg: sealed, aad }).map_err(|_| AuthError)
     }
 }
@@ -73,7 +78,8 @@ impl SegmentKeys {
         let mut data = [0u8; KEY_BYTES];
         let mut salt_key = [0u8; KEY_BYTES];
         hk.expand(b"auditrail/segment/data-key/v1", &mut data).expect("32 bytes is a valid length");
-        hk.expand(b"auditrail/segment/salt-key/v1", &mut salt_key).expect("32 bytes is a valid length");
+        hk.expand(b"auditrail/segment/salt-key/v1", &mut salt_key)
+            .expect("32 bytes is a valid length");
         SegmentKeys { data: Sealer::new(&data), salt_key }
     }
 }

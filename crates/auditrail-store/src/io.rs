@@ -61,7 +61,11 @@ impl StdIo {
         self.root.join(p)
     }
 
-    fn with_append_handle<T>(&self, path: &str, f: impl FnOnce(&mut File) -> io::Result<T>) -> io::Result<T> {
+    fn with_append_handle<T>(
+        &self,
+        path: &str,
+        f: impl FnOnce(&mut File) -> io::Result<T>,
+    ) -> io::Result<T> {
         let mut guard = self.append_handle.lock().unwrap_or_else(|e| e.into_inner());
         if guard.as_ref().is_none_or(|(p, _)| p != path) {
             let file = OpenOptions::new().create(true).append(true).open(self.path(path))?;

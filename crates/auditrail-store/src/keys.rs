@@ -20,7 +20,9 @@ pub struct MasterKeys {
 
 impl std::fmt::Debug for MasterKeys {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MasterKeys").field("versions", &self.keys.keys().collect::<Vec<_>>()).finish()
+        f.debug_struct("MasterKeys")
+            .field("versions", &self.keys.keys().collect::<Vec<_>>())
+            .finish()
     }
 }
 
@@ -33,7 +35,8 @@ impl MasterKeys {
             if line.is_empty() || line.starts_with('#') {
                 continue;
             }
-            let bad = || format!("{MASTER_KEYS_PATH} line {}: expected '<version> <base64 key>'", i + 1);
+            let bad =
+                || format!("{MASTER_KEYS_PATH} line {}: expected '<version> <base64 key>'", i + 1);
             let (v, k) = line.split_once(' ').ok_or_else(bad)?;
             let version: u32 = v.parse().map_err(|_| bad())?;
             let raw: [u8; KEY_BYTES] =
@@ -79,8 +82,13 @@ impl Keys {
     pub fn install(io: &dyn Io, origin: &str) -> Result<Keys, String> {
         let signer = NoteSigner::from_seed(origin, crypto::random()).map_err(|e| e.to_string())?;
         let master_text = format!("1 {}\n", B64.encode(crypto::random::<KEY_BYTES>()));
-        let write = |p: &str, t: &str| io.create_dir_all("keys").and_then(|_| io.write_file(p, t.as_bytes())).and_then(|_| io.sync_file(p));
-        write(SIGNING_KEY_PATH, &format!("{}\n", signer.to_private_key_string())).map_err(|e| e.to_string())?;
+        let write = |p: &str, t: &str| {
+            io.create_dir_all("keys")
+                .and_then(|_| io.write_file(p, t.as_bytes()))
+                .and_then(|_| io.sync_file(p))
+        };
+        write(SIGNING_KEY_PATH, &format!("{}\n", signer.to_private_key_string()))
+            .map_err(|e| e.to_string())?;
         write(MASTER_KEYS_PATH, &master_text).map_err(|e| e.to_string())?;
         io.sync_dir("keys").map_err(|e| e.to_string())?;
         Ok(Keys { signer, master: MasterKeys::parse(&master_text)? })
@@ -91,7 +99,8 @@ impl Keys {
 pub fn init(dir: &Path, origin: &str) -> Result<Keys, String> {
     use std::io::Write as _;
     let keys_dir = dir.join("keys");
-    std::fs::create_dir_all(&keys_dir).map_err(|e| format!("cannot create {}: {e}", keys_dir.display()))?;
+    std::fs::create_dir_all(&keys_dir)
+        .map_err(|e| format!("cannot create {}: {e}", keys_dir.display()))?;
     let signer = NoteSigner::from_seed(origin, crypto::random()).map_err(|e| e.to_string())?;
     let master_text = format!(
         "# auditrail master keys: '<version> <base64 key>'. Keep a copy offline: without it the\n\
@@ -109,10 +118,14 @@ pub fn init(dir: &Path, origin: &str) -> Result<Keys, String> {
         #[cfg(unix)]
         std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
         let mut f = opts.open(&full).map_err(|e| match e.kind() {
-            std::io::ErrorKind::AlreadyExists => format!("{} already exists: this directory is already initialised", full.display()),
+            std::io::ErrorKind::AlreadyExists => {
+                format!("{} already exists: this directory is already initialised", full.display())
+            }
             _ => format!("cannot create {}: {e}", full.display()),
         })?;
-        f.write_all(contents.as_bytes()).and_then(|_| f.sync_all()).map_err(|e| format!("cannot write {}: {e}", full.display()))?;
+        f.write_all(contents.as_bytes())
+            .and_then(|_| f.sync_all())
+            .map_err(|e| format!("cannot write {}: {e}", full.display()))?;
     }
     std::fs::File::open(&keys_dir).and_then(|d| d.sync_all()).map_err(|e| e.to_string())?;
     Ok(Keys { signer, master: MasterKeys::parse(&master_text)? })

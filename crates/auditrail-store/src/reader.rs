@@ -1,11 +1,13 @@
 //! Reading segments back: listing them, scanning blocks, decrypting records. Shared by recovery,
 //! the idempotency window, event lookup and the audit.
 
+use crate::crypto::SegmentKeys;
 use crate::error::StoreError;
 use crate::io::Io;
 use crate::keys::MasterKeys;
-use crate::segment::{self, BLOCK_HEADER_BYTES, BlockHeader, Record, SEGMENT_HEADER_BYTES, SegmentHeader};
-use crate::crypto::SegmentKeys;
+use crate::segment::{
+    self, BLOCK_HEADER_BYTES, BlockHeader, Record, SEGMENT_HEADER_BYTES, SegmentHeader,
+};
 
 pub const SEGMENTS_DIR: &str = "segments";
 
@@ -30,17 +32,29 @@ pub struct LoadedSegment {
     pub bytes: Vec<u8>,
 }
 
-pub fn load_segment(io: &dyn Io, master: &MasterKeys, first_seq: u64) -> Result<LoadedSegment, StoreError> {
+pub fn load_segment(
+    io: &dyn Io,
+    master: &MasterKeys,
+    first_seq: u64,
+) -> Result<LoadedSegment, StoreError> {
     let path = segment_path(first_seq);
     let bytes = io.read(&path)?;
-    let header = SegmentHeader::decode(&bytes).map_err(|e| StoreError::corrupted(format!("{path} offset 0"), e))?;
+    let header = SegmentHeader::decode(&bytes)
+        .map_err(|e| StoreError::corrupted(format!("{path} offset 0"), e))?;
     if header.first_seq != first_seq {
-        return Err(StoreError::corrupted(format!("{path} offset 0"), "header first_seq differs from file name"));
+        return Err(StoreError::corrupted(
+            format!("{path} offset 0"),
+            "header first_seq differs from file name",
+        ));
     }
     let sealer = master.get(header.key_version).ok_or_else(|| {
-        StoreError::Unavailable(format!("{path} needs master key version {}, which keys/master.keys lacks", header.key_version))
+        StoreError::Unavailable(format!(
+            "{path} needs master key version {}, which keys/master.keys lacks",
+            header.key_version
+        ))
     })?;
-    let keys = header.keys(sealer).map_err(|e| StoreError::corrupted(format!("{path} offset 0"), e))?;
+    let keys =
+        header.keys(sealer).map_err(|e| StoreError::corrupted(format!("{path} offset 0"), e))?;
     Ok(LoadedSegment { first_seq, path, header, keys, bytes })
 }
 
@@ -69,19 +83,40 @@ impl LoadedSegment {
         while offset < self.bytes.len() {
             let header = match BlockHeader::decode(&self.bytes[offset..]) {
                 Ok(h) => h,
-                Err(e) => return (out, BlocksEnd::Broken { offset, detail: format!("block header: {e}") }),
+                Err(e) => {
+                    return (
+                        out,
+                        BlocksEnd::Broken { offset, detail: format!("block header: {e}") },
+                    );
+                }
             };
             if header.first_seq != expect {
-                return (out, BlocksEnd::Broken {
-                    offset,
-                    detail: format!("block starts at seq {} but seq {expect} was expected", header.first_seq),
-                });
+                return (
+                    out,
+                    BlocksEnd::Broken {
+                        offset,
+                        detail: format!(
+                            "block starts at seq {} but seq {expect} was expected",
+                            header.first_seq
+                        ),
+                    },
+                );
             }
             let end = offset + header.total_len() as usize;
             if end > self.bytes.len() {
-                return (out, BlocksEnd::Broken { offset, detail: "block extends past the end of the file".into() });
+                return (
+                    out,
+                    BlocksEnd::Broken {
+                        offset,
+                        detail: "block extends past the end of the file".into(),
+                    },
+                );
             }
-            out.push(BlockAt { offset, header, body: &self.bytes[offset + BLOCK_HEADER_BYTES..end] });
+            out.push(BlockAt {
+                offset,
+                header,
+                body: &self.bytes[offset + BLOCK_HEADER_BYTES..end],
+            });
             expect = header.end_seq();
             offset = end;
         }

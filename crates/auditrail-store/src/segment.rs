@@ -3,7 +3,7 @@
 //! then sealed with AES-256-GCM under the segment's data key. Byte layouts are in
 //! `docs/format.md`; every structure carries a version byte and a CRC-32C.
 
-use crate::crypto::{self, KEY_BYTES, NONCE_BYTES, SegmentKeys, Sealer, TAG_BYTES};
+use crate::crypto::{self, KEY_BYTES, NONCE_BYTES, Sealer, SegmentKeys, TAG_BYTES};
 
 pub const SEGMENT_MAGIC: &[u8; 8] = b"ATRLSEG1";
 pub const SEGMENT_VERSION: u8 = 1;
@@ -27,7 +27,8 @@ pub fn segment_file_name(first_seq: u64) -> String {
 
 pub fn parse_segment_file_name(name: &str) -> Option<u64> {
     let digits = name.strip_suffix(".seg")?;
-    (digits.len() == 20 && digits.bytes().all(|b| b.is_ascii_digit())).then(|| digits.parse().ok())?
+    (digits.len() == 20 && digits.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| digits.parse().ok())?
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -61,10 +62,21 @@ pub enum FormatError {
 
 impl SegmentHeader {
     /// A new segment's header, with a fresh secret wrapped under `master` (version `key_version`).
-    pub fn create(key_version: u32, master: &Sealer, first_seq: u64, created_ms: i64) -> (SegmentHeader, SegmentKeys) {
+    pub fn create(
+        key_version: u32,
+        master: &Sealer,
+        first_seq: u64,
+        created_ms: i64,
+    ) -> (SegmentHeader, SegmentKeys) {
         let secret: [u8; KEY_BYTES] = crypto::random();
         let wrap_nonce = crypto::random();
-        let mut h = SegmentHeader { key_version, first_seq, created_ms, wrap_nonce, wrapped_secret: [0; 48] };
+        let mut h = SegmentHeader {
+            key_version,
+            first_seq,
+            created_ms,
+            wrap_nonce,
+            wrapped_secret: [0; 48],
+        };
         let sealed = master.seal(&wrap_nonce, &h.aad(), &secret);
         h.wrapped_secret.copy_from_slice(&sealed);
         (h, SegmentKeys::derive(&secret))
@@ -117,7 +129,9 @@ impl SegmentHeader {
         let secret = master
             .open(&self.wrap_nonce, &self.aad(), &self.wrapped_secret)
             .map_err(|_| FormatError::Authentication)?;
-        Ok(SegmentKeys::derive(&secret.try_into().map_err(|_| FormatError::Malformed("secret length"))?))
+        Ok(SegmentKeys::derive(
+            &secret.try_into().map_err(|_| FormatError::Malformed("secret length"))?,
+        ))
     }
 }
 
@@ -184,7 +198,10 @@ impl BlockHeader {
             nonce: b[32..44].try_into().unwrap(),
             body_crc: u32::from_be_bytes(b[44..48].try_into().unwrap()),
         };
-        if h.count == 0 || h.sealed_len as usize > BLOCK_SEALED_BYTES_MAX || (h.sealed_len as usize) < TAG_BYTES {
+        if h.count == 0
+            || h.sealed_len as usize > BLOCK_SEALED_BYTES_MAX
+            || (h.sealed_len as usize) < TAG_BYTES
+        {
             return Err(FormatError::Malformed("impossible block lengths"));
         }
         Ok(h)
@@ -244,7 +261,11 @@ pub const RECORD_CLIENT_ID_FLAG: u32 = 1 << 31;
 
 /// Checks a block body's CRC, authenticates and decrypts it, and decompresses it: the block's
 /// plaintext, to be split with [`RecordIter`]. `body` is the sealed bytes after the header.
-pub fn open_block_body(header: &BlockHeader, body: &[u8], keys: &SegmentKeys) -> Result<Vec<u8>, FormatError> {
+pub fn open_block_body(
+    header: &BlockHeader,
+    body: &[u8],
+    keys: &SegmentKeys,
+) -> Result<Vec<u8>, FormatError> {
     if body.len() != header.sealed_len as usize {
         return Err(FormatError::Truncated { need: header.sealed_len as usize, have: body.len() });
     }
@@ -252,9 +273,12 @@ pub fn open_block_body(header: &BlockHeader, body: &[u8], keys: &SegmentKeys) ->
         return Err(FormatError::BodyChecksum);
     }
     let aad = header.encode();
-    let compressed =
-        keys.data.open(&header.nonce, &aad[..BLOCK_AAD_BYTES], body).map_err(|_| FormatError::Authentication)?;
-    let plain = zstd::bulk::decompress(&compressed, header.plain_len as usize).map_err(|_| FormatError::Decompression)?;
+    let compressed = keys
+        .data
+        .open(&header.nonce, &aad[..BLOCK_AAD_BYTES], body)
+        .map_err(|_| FormatError::Authentication)?;
+    let plain = zstd::bulk::decompress(&compressed, header.plain_len as usize)
+        .map_err(|_| FormatError::Decompression)?;
     if plain.len() != header.plain_len as usize {
         return Err(FormatError::Malformed("decompressed length differs from header"));
     }
@@ -305,15 +329,29 @@ impl<'a> Iterator for RecordIter<'a> {
             return Some(Err(FormatError::Malformed("truncated record")));
         }
         self.rest = &rest[len..];
-        Some(Ok(RecordRef { recorded_at_ms, client_id: len_and_flags & RECORD_CLIENT_ID_FLAG != 0, canonical: &rest[..len] }))
+        Some(Ok(RecordRef {
+            recorded_at_ms,
+            client_id: len_and_flags & RECORD_CLIENT_ID_FLAG != 0,
+            canonical: &rest[..len],
+        }))
     }
 }
 
 /// Opens a block and copies its records out.
-pub fn decode_block_body(header: &BlockHeader, body: &[u8], keys: &SegmentKeys) -> Result<Vec<Record>, FormatError> {
+pub fn decode_block_body(
+    header: &BlockHeader,
+    body: &[u8],
+    keys: &SegmentKeys,
+) -> Result<Vec<Record>, FormatError> {
     let plain = open_block_body(header, body, keys)?;
     RecordIter::new(&plain)
-        .map(|r| r.map(|r| Record { recorded_at_ms: r.recorded_at_ms, client_id: r.client_id, canonical: r.canonical.to_vec() }))
+        .map(|r| {
+            r.map(|r| Record {
+                recorded_at_ms: r.recorded_at_ms,
+                client_id: r.client_id,
+                canonical: r.canonical.to_vec(),
+            })
+        })
         .collect()
 }
 
@@ -336,7 +374,10 @@ mod tests {
         let block = encode_block(&keys, 1, 100, 2, &plain, &mut z);
         let h = BlockHeader::decode(&block).unwrap();
         let recs = decode_block_body(&h, &block[BLOCK_HEADER_BYTES..], &keys2).unwrap();
-        assert_eq!(recs[1], Record { recorded_at_ms: 2, client_id: true, canonical: b"{\"b\":2}".to_vec() });
+        assert_eq!(
+            recs[1],
+            Record { recorded_at_ms: 2, client_id: true, canonical: b"{\"b\":2}".to_vec() }
+        );
         for i in 0..block.len() {
             let mut bad = block.clone();
             bad[i] ^= 0x40;

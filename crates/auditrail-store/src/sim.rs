@@ -245,7 +245,10 @@ impl Io for SimDisk {
     fn rename(&self, from: &str, to: &str) -> io::Result<()> {
         let mut d = self.lock();
         Self::check(&d)?;
-        let ino = d.names.remove(from).ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, from.to_string()))?;
+        let ino = d
+            .names
+            .remove(from)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, from.to_string()))?;
         d.names.insert(to.to_string(), ino);
         Ok(())
     }
@@ -253,7 +256,9 @@ impl Io for SimDisk {
     fn remove(&self, path: &str) -> io::Result<()> {
         let mut d = self.lock();
         Self::check(&d)?;
-        d.names.remove(path).ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, path.to_string()))?;
+        d.names
+            .remove(path)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, path.to_string()))?;
         Ok(())
     }
 
@@ -269,8 +274,7 @@ impl Io for SimDisk {
     fn list(&self, dir: &str) -> io::Result<Vec<String>> {
         let d = self.lock();
         Self::check(&d)?;
-        Ok(d
-            .names
+        Ok(d.names
             .keys()
             .filter(|p| parent(p) == dir)
             .map(|p| p.rsplit_once('/').map_or(p.as_str(), |(_, n)| n).to_string())

@@ -139,7 +139,9 @@ impl Shared {
 
     fn check(&self) -> Result<(), StoreError> {
         if self.poisoned.load(Ordering::SeqCst) {
-            Err(StoreError::Poisoned(self.poison_reason.lock().unwrap_or_else(|e| e.into_inner()).clone()))
+            Err(StoreError::Poisoned(
+                self.poison_reason.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+            ))
         } else {
             Ok(())
         }
@@ -155,8 +157,15 @@ enum Request {
 }
 
 enum SyncMsg {
-    Batch { path: Option<String>, entries: Vec<[u8; leaf::LEAF_ENTRY_BYTES]>, end_seq: u64, replies: Vec<(Reply, Vec<Receipt>)> },
-    Publish { reply: SyncSender<Result<Stages, StoreError>> },
+    Batch {
+        path: Option<String>,
+        entries: Vec<[u8; leaf::LEAF_ENTRY_BYTES]>,
+        end_seq: u64,
+        replies: Vec<(Reply, Vec<Receipt>)>,
+    },
+    Publish {
+        reply: SyncSender<Result<Stages, StoreError>>,
+    },
     Shutdown,
 }
 
@@ -181,7 +190,9 @@ impl std::fmt::Debug for Store {
 /// Creates a new data directory: key files and the directory layout.
 pub fn init(dir: &std::path::Path, origin: &str) -> Result<NoteVerifier, StoreError> {
     if !auditrail_core::checkpoint::valid_origin(origin) {
-        return Err(StoreError::InvalidInput(format!("origin {origin:?} must be non-empty, without spaces or '+'")));
+        return Err(StoreError::InvalidInput(format!(
+            "origin {origin:?} must be non-empty, without spaces or '+'"
+        )));
     }
     for sub in [SEGMENTS_DIR, LOG_DIR, "checkpoints"] {
         std::fs::create_dir_all(dir.join(sub))?;
@@ -246,7 +257,9 @@ impl Store {
         let t1 = std::thread::Builder::new()
             .name("auditrail-sequencer".into())
             .spawn(move || sequencer.run(req_rx))?;
-        let t2 = std::thread::Builder::new().name("auditrail-syncer".into()).spawn(move || syncer.run(sync_rx))?;
+        let t2 = std::thread::Builder::new()
+            .name("auditrail-syncer".into())
+            .spawn(move || syncer.run(sync_rx))?;
         Ok(Store {
             requests: req_tx,
             shared,
@@ -381,7 +394,11 @@ fn lock_dir(dir: &std::path::Path) -> Result<std::fs::File, StoreError> {
             dir.display()
         )));
     }
-    let f = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(dir.join("LOCK"))?;
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join("LOCK"))?;
     f.try_lock().map_err(|_| {
         StoreError::Unavailable(format!("{} is in use by another auditrail process", dir.display()))
     })?;
@@ -468,7 +485,8 @@ impl Sequencer {
                     }
                     None => {}
                 }
-                if events >= self.options.batch_events_max || bytes >= self.options.batch_bytes_max {
+                if events >= self.options.batch_events_max || bytes >= self.options.batch_bytes_max
+                {
                     break;
                 }
                 match requests.try_recv() {
@@ -518,11 +536,17 @@ impl Sequencer {
     }
 
     /// Assigns seqs, builds and writes one block. On failure, returns why and who to tell.
-    fn seal_group(&mut self, group: Vec<(Vec<PreparedEvent>, Reply)>) -> Result<SyncMsg, (String, Vec<Reply>)> {
+    fn seal_group(
+        &mut self,
+        group: Vec<(Vec<PreparedEvent>, Reply)>,
+    ) -> Result<SyncMsg, (String, Vec<Reply>)> {
         let now = (self.options.clock)();
         let recorded_at = now.max(self.last_recorded_at);
         if let Err(e) = self.roll_if_needed(recorded_at) {
-            return Err((format!("cannot start a new segment: {e}"), group.into_iter().map(|g| g.1).collect()));
+            return Err((
+                format!("cannot start a new segment: {e}"),
+                group.into_iter().map(|g| g.1).collect(),
+            ));
         }
         let first_seq = self.next_seq;
         let mut seq = first_seq;
@@ -550,7 +574,9 @@ impl Sequencer {
                     Some(id) => id,
                     None => {
                         crypto::random_fill(&mut ids);
-                        uuid::Builder::from_unix_timestamp_millis(recorded_at as u64, &ids).into_uuid().to_string()
+                        uuid::Builder::from_unix_timestamp_millis(recorded_at as u64, &ids)
+                            .into_uuid()
+                            .to_string()
                     }
                 };
                 self.stored.clear();
@@ -562,7 +588,12 @@ impl Sequencer {
                 }
                 .encode();
                 let leaf_hash = merkle::leaf_hash(&entry);
-                segment::push_record(&mut self.plain, recorded_at as u64, ev.idempotency_key().is_some(), &self.stored);
+                segment::push_record(
+                    &mut self.plain,
+                    recorded_at as u64,
+                    ev.idempotency_key().is_some(),
+                    &self.stored,
+                );
                 if let Some(key) = ev.idempotency_key() {
                     self.dedup.insert(key, seq, leaf_hash);
                 }
@@ -574,10 +605,19 @@ impl Sequencer {
         }
         let count = (seq - first_seq) as u32;
         let path = if count > 0 {
-            let block =
-                segment::encode_block(&active.keys, active.key_version, first_seq, count, &self.plain, &mut self.compressor);
+            let block = segment::encode_block(
+                &active.keys,
+                active.key_version,
+                first_seq,
+                count,
+                &self.plain,
+                &mut self.compressor,
+            );
             if let Err(e) = self.io.append(&active.path, &block) {
-                return Err((format!("write to {} failed: {e}", active.path), replies.into_iter().map(|r| r.0).collect()));
+                return Err((
+                    format!("write to {} failed: {e}", active.path),
+                    replies.into_iter().map(|r| r.0).collect(),
+                ));
             }
             let len = block.len() as u64;
             let path = active.path.clone();
@@ -662,10 +702,11 @@ impl Syncer {
             }
             self.commit(batch_msgs);
             let due = self.last_publish.elapsed() >= interval;
-            if (due || !publish_replies.is_empty() || shutdown) && self.shared.check().is_ok() {
-                if let Err(e) = self.publish() {
-                    self.shared.poison(format!("publishing a checkpoint failed: {e}"));
-                }
+            if (due || !publish_replies.is_empty() || shutdown)
+                && self.shared.check().is_ok()
+                && let Err(e) = self.publish()
+            {
+                self.shared.poison(format!("publishing a checkpoint failed: {e}"));
             }
             let result = self.shared.check().map(|_| Stages {
                 sequenced: self.shared.sequenced.load(Ordering::SeqCst),
@@ -673,7 +714,9 @@ impl Syncer {
                 published: self.shared.published.load(Ordering::SeqCst),
             });
             for r in publish_replies {
-                let _ = r.send(result.as_ref().map(|s| *s).map_err(|e| StoreError::Poisoned(e.to_string())));
+                let _ = r.send(
+                    result.as_ref().map(|s| *s).map_err(|e| StoreError::Poisoned(e.to_string())),
+                );
             }
             if shutdown {
                 return;
@@ -727,7 +770,10 @@ impl Syncer {
                     return;
                 }
             }
-            assert!(self.tree.size() <= self.shared.sequenced.load(Ordering::SeqCst), "integrated ≤ sequenced");
+            assert!(
+                self.tree.size() <= self.shared.sequenced.load(Ordering::SeqCst),
+                "integrated ≤ sequenced"
+            );
             self.shared.integrated.store(self.tree.size(), Ordering::SeqCst);
         }
     }
@@ -825,14 +871,23 @@ struct Recovered {
 }
 
 /// The latest checkpoint we signed, from `log/checkpoint` or the history, whichever is newer.
-fn latest_checkpoint(io: &dyn Io, keys: &Keys) -> Result<Option<(Checkpoint, String)>, StoreError> {
+fn latest_checkpoint(
+    io: &dyn Io,
+    keys: &Keys,
+    repair: bool,
+) -> Result<Option<(Checkpoint, String)>, StoreError> {
     let verifier = keys.signer.verifier();
     let open = |bytes: &[u8], location: &str| -> Result<(Checkpoint, String), StoreError> {
-        let s = std::str::from_utf8(bytes).map_err(|_| StoreError::corrupted(location, "not UTF-8"))?;
-        let text = note::open(s, std::slice::from_ref(&verifier)).map_err(|e| StoreError::corrupted(location, e))?;
+        let s =
+            std::str::from_utf8(bytes).map_err(|_| StoreError::corrupted(location, "not UTF-8"))?;
+        let text = note::open(s, std::slice::from_ref(&verifier))
+            .map_err(|e| StoreError::corrupted(location, e))?;
         let cp = Checkpoint::parse(text).map_err(|e| StoreError::corrupted(location, e))?;
         if cp.origin != keys.signer.name() {
-            return Err(StoreError::corrupted(location, "checkpoint origin differs from the log's key name"));
+            return Err(StoreError::corrupted(
+                location,
+                "checkpoint origin differs from the log's key name",
+            ));
         }
         Ok((cp, s.to_string()))
     };
@@ -845,7 +900,7 @@ fn latest_checkpoint(io: &dyn Io, keys: &Keys) -> Result<Option<(Checkpoint, Str
     match io.read(HISTORY_PATH) {
         Ok(b) => {
             let (records, end) = history::parse(&b);
-            if end < b.len() {
+            if end < b.len() && repair {
                 // A torn append of the newest record: it was never used, so it can go.
                 io.truncate(HISTORY_PATH, end as u64)?;
             }
@@ -864,7 +919,7 @@ fn latest_checkpoint(io: &dyn Io, keys: &Keys) -> Result<Option<(Checkpoint, Str
 
 fn recover(io: &dyn Io, keys: &Keys, options: &Options) -> Result<Recovered, StoreError> {
     let mut report = RecoveryReport::default();
-    let checkpoint = latest_checkpoint(io, keys)?;
+    let checkpoint = latest_checkpoint(io, keys, true)?;
     let published = checkpoint.as_ref().map_or(0, |c| c.0.size);
 
     // 1. Segments: sealed ones are trusted to their successor's first seq (the audit checks
@@ -876,7 +931,8 @@ fn recover(io: &dyn Io, keys: &Keys, options: &Options) -> Result<Recovered, Sto
     while let Some(&last) = segments.last() {
         let path = segment_path(last);
         let len = io.len(&path)?.unwrap_or(0);
-        let header_ok = io.read_at(&path, 0, segment::SEGMENT_HEADER_BYTES)
+        let header_ok = io
+            .read_at(&path, 0, segment::SEGMENT_HEADER_BYTES)
             .ok()
             .and_then(|b| SegmentHeader::decode(&b).ok())
             .is_some();
@@ -913,12 +969,17 @@ fn recover(io: &dyn Io, keys: &Keys, options: &Options) -> Result<Recovered, Sto
         if let Some((offset, detail)) = broken {
             let location = format!("{} offset {offset}", seg.path);
             if seg.valid_block_after(offset, end_seq) {
-                return Err(StoreError::corrupted(location, format!("{detail}, and valid blocks follow it")));
+                return Err(StoreError::corrupted(
+                    location,
+                    format!("{detail}, and valid blocks follow it"),
+                ));
             }
             if end_seq < published {
                 return Err(StoreError::corrupted(
                     location,
-                    format!("{detail}; the segment ends at seq {end_seq} but checkpoint {published} covers more"),
+                    format!(
+                        "{detail}; the segment ends at seq {end_seq} but checkpoint {published} covers more"
+                    ),
                 ));
             }
             // A torn tail: written but never acknowledged, since acknowledging follows fsync.
@@ -941,7 +1002,9 @@ fn recover(io: &dyn Io, keys: &Keys, options: &Options) -> Result<Recovered, Sto
     if next_seq < published {
         return Err(StoreError::corrupted(
             SEGMENTS_DIR,
-            format!("the segments hold {next_seq} events but the published checkpoint covers {published}"),
+            format!(
+                "the segments hold {next_seq} events but the published checkpoint covers {published}"
+            ),
         ));
     }
 
@@ -956,7 +1019,10 @@ fn recover(io: &dyn Io, keys: &Keys, options: &Options) -> Result<Recovered, Sto
     {
         return Err(StoreError::corrupted(
             LOG_DIR,
-            format!("tiles do not match the signed checkpoint at size {}; run `auditrail verify`", cp.size),
+            format!(
+                "tiles do not match the signed checkpoint at size {}; run `auditrail verify`",
+                cp.size
+            ),
         ));
     }
 
@@ -964,11 +1030,16 @@ fn recover(io: &dyn Io, keys: &Keys, options: &Options) -> Result<Recovered, Sto
     // the records themselves.
     let mut dedup = Dedup::new(options.idempotency_window_events);
     // At least the last record is read, for the newest `recorded_at` (which never decreases).
-    let window_from = next_seq.saturating_sub(options.idempotency_window_events.max(1)).min(published);
+    let window_from =
+        next_seq.saturating_sub(options.idempotency_window_events.max(1)).min(published);
     let mut reintegrated = 0;
     reader::for_each_record(io, &keys.master, window_from, next_seq, |seq, r, seg_keys| {
         let salt = leaf::derive_salt(&seg_keys.salt_key, seq);
-        let entry = LeafEntry { recorded_at_ms: r.recorded_at_ms, commitment: leaf::commitment(&salt, &r.canonical) }.encode();
+        let entry = LeafEntry {
+            recorded_at_ms: r.recorded_at_ms,
+            commitment: leaf::commitment(&salt, &r.canonical),
+        }
+        .encode();
         let leaf_hash = merkle::leaf_hash(&entry);
         last_recorded_at = last_recorded_at.max(r.recorded_at_ms as i64);
         if seq >= published {
@@ -980,7 +1051,11 @@ fn recover(io: &dyn Io, keys: &Keys, options: &Options) -> Result<Recovered, Sto
             let v: serde_json::Value = serde_json::from_slice(&r.canonical)
                 .map_err(|e| StoreError::corrupted(format!("seq {seq}"), e))?;
             let id = v.get("id").and_then(|i| i.as_str()).unwrap_or_default();
-            let system = v.get("source").and_then(|s| s.get("system")).and_then(|s| s.as_str()).unwrap_or("");
+            let system = v
+                .get("source")
+                .and_then(|s| s.get("system"))
+                .and_then(|s| s.as_str())
+                .unwrap_or("");
             dedup.insert(auditrail_core::event::idempotency_key(system, id), seq, leaf_hash);
         }
         Ok(())
@@ -993,9 +1068,9 @@ fn recover(io: &dyn Io, keys: &Keys, options: &Options) -> Result<Recovered, Sto
 /// The signed checkpoint of tree size `size` from the history, or the newest one.
 pub fn find_checkpoint(io: &dyn Io, keys: &Keys, size: Option<u64>) -> Result<String, StoreError> {
     let Some(size) = size else {
-        return latest_checkpoint(io, keys)?
-            .map(|c| c.1)
-            .ok_or_else(|| StoreError::InvalidInput("no checkpoint has been published yet".into()));
+        return latest_checkpoint(io, keys, false)?.map(|c| c.1).ok_or_else(|| {
+            StoreError::InvalidInput("no checkpoint has been published yet".into())
+        });
     };
     let bytes = io.read(HISTORY_PATH)?;
     let (records, _) = history::parse(&bytes);

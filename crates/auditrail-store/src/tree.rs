@@ -70,7 +70,11 @@ impl TreeWriter {
         let hashes = std::mem::take(&mut self.levels[level]);
         assert_eq!(hashes.len(), TILE_WIDTH as usize);
         let index = (self.size >> (TILE_HEIGHT * (level as u32 + 1))) - 1;
-        write_creating_dirs(io, &tile_path(&TileId::hashes(level as u32, index, 256)), &hashes.concat())?;
+        write_creating_dirs(
+            io,
+            &tile_path(&TileId::hashes(level as u32, index, 256)),
+            &hashes.concat(),
+        )?;
         if self.levels.len() == level + 1 {
             self.levels.push(Vec::new());
         }
@@ -139,7 +143,8 @@ impl TreeWriter {
             let bytes = reader
                 .bundle(size / TILE_WIDTH, w0)
                 .map_err(|e| format!("right-edge entry bundle: {e}"))?;
-            let entries = tile::decode_bundle(&bytes).ok_or("right-edge entry bundle is malformed")?;
+            let entries =
+                tile::decode_bundle(&bytes).ok_or("right-edge entry bundle is malformed")?;
             if entries.len() < w0 as usize {
                 return Err("right-edge entry bundle is short".into());
             }
@@ -209,7 +214,10 @@ impl DiskTiles<'_> {
                 }
             }
         }
-        Err(io::Error::new(io::ErrorKind::NotFound, format!("{} is missing", tile_path(&make(width)))))
+        Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("{} is missing", tile_path(&make(width))),
+        ))
     }
 
     pub fn bundle(&self, index: u64, width: u32) -> io::Result<Vec<u8>> {
@@ -222,8 +230,9 @@ impl TileReader for DiskTiles<'_> {
 
     fn tile_hashes(&self, level: u32, index: u64, width: u32) -> io::Result<Vec<Hash>> {
         let bytes = self.read_tile(Some(level), index, width)?;
-        let hashes = tile::decode_hashes(&bytes)
-            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "tile is not a whole number of hashes"))?;
+        let hashes = tile::decode_hashes(&bytes).ok_or_else(|| {
+            io::Error::new(io::ErrorKind::InvalidData, "tile is not a whole number of hashes")
+        })?;
         if hashes.len() < width as usize {
             return Err(io::Error::new(io::ErrorKind::InvalidData, "tile is shorter than needed"));
         }
@@ -258,6 +267,9 @@ mod tests {
                 assert_eq!(tree_root(&nodes, w.size()).unwrap(), w.root());
             }
         }
-        assert!(disk.paths().contains(&"log/tile/2/000.p/1".to_string()) || disk.paths().iter().any(|p| p.starts_with("log/tile/1/")));
+        assert!(
+            disk.paths().contains(&"log/tile/2/000.p/1".to_string())
+                || disk.paths().iter().any(|p| p.starts_with("log/tile/1/"))
+        );
     }
 }

@@ -79,7 +79,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
                         .collect::<Result<Vec<_>, _>>()?;
                     store.append(prepared)?;
                     latencies.lock().unwrap().push(t.elapsed());
-                    if i % (chunks.len() / 4).max(1) == 0 {
+                    if i.is_multiple_of((chunks.len() / 4).max(1)) {
                         rss_samples.lock().unwrap().push((i * batch, rss_kib("VmRSS")));
                     }
                 }
@@ -104,26 +104,51 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
     println!("\n== store: durable appends ==");
     println!("events/s            {rate:>12.0}");
     println!("input MB/s          {:>12.1}", input_bytes as f64 / secs / 1e6);
-    println!("fsyncs/s            {:>12.0}  ({:.0} events per fsync)", syncs as f64 / secs, events as f64 / syncs.max(1) as f64);
+    println!(
+        "fsyncs/s            {:>12.0}  ({:.0} events per fsync)",
+        syncs as f64 / secs,
+        events as f64 / syncs.max(1) as f64
+    );
     println!("ack latency p50     {:>12.2} ms  (one append call of {batch})", ms(pct(0.50)));
     println!("ack latency p99     {:>12.2} ms", ms(pct(0.99)));
-    println!("bytes on disk/event {:>12.1}  (allocated {:.1}; segments {:.1}, tiles+bundles {:.1}, checkpoints {:.1})",
-        disk.total() as f64 / events as f64, disk.allocated as f64 / events as f64,
-        disk.segments as f64 / events as f64, disk.tiles as f64 / events as f64, disk.checkpoints as f64 / events as f64);
+    println!(
+        "bytes on disk/event {:>12.1}  (allocated {:.1}; segments {:.1}, tiles+bundles {:.1}, checkpoints {:.1})",
+        disk.total() as f64 / events as f64,
+        disk.allocated as f64 / events as f64,
+        disk.segments as f64 / events as f64,
+        disk.tiles as f64 / events as f64,
+        disk.checkpoints as f64 / events as f64
+    );
     let samples = rss_samples.into_inner().unwrap();
-    println!("memory (RSS)        {}  peak {} MiB (input held in memory: {} MiB)",
-        samples.iter().map(|(n, kib)| format!("{:.0} MiB @{n}", *kib as f64 / 1024.0)).collect::<Vec<_>>().join(", "),
-        rss_kib("VmHWM") / 1024, input_bytes >> 20);
+    println!(
+        "memory (RSS)        {}  peak {} MiB (input held in memory: {} MiB)",
+        samples
+            .iter()
+            .map(|(n, kib)| format!("{:.0} MiB @{n}", *kib as f64 / 1024.0))
+            .collect::<Vec<_>>()
+            .join(", "),
+        rss_kib("VmHWM") / 1024,
+        input_bytes >> 20
+    );
 
     // Raw limits, same session: the same bytes written with the same number of fdatasyncs, and
     // SHA-256 over the same JSON.
     let raw = raw_write_fdatasync(&dir, disk.segments, syncs.max(1))?;
     let sha = sha256_rate(&lines);
     println!("\n== this machine, same bytes, same session ==");
-    println!("write+fdatasync     {:>12.1} MB/s for {} MB in {} syncs -> store reaches {:.0}% of the raw disk rate",
-        disk.segments as f64 / raw / 1e6, disk.segments / 1_000_000, syncs, 100.0 * raw / secs);
-    println!("SHA-256             {:>12.0} events/s ({:.2} GB/s) -> store appends at {:.2}x the speed of hashing the input once",
-        events as f64 / sha, input_bytes as f64 / sha / 1e9, sha / secs);
+    println!(
+        "write+fdatasync     {:>12.1} MB/s for {} MB in {} syncs -> store reaches {:.0}% of the raw disk rate",
+        disk.segments as f64 / raw / 1e6,
+        disk.segments / 1_000_000,
+        syncs,
+        100.0 * raw / secs
+    );
+    println!(
+        "SHA-256             {:>12.0} events/s ({:.2} GB/s) -> store appends at {:.2}x the speed of hashing the input once",
+        events as f64 / sha,
+        input_bytes as f64 / sha / 1e9,
+        sha / secs
+    );
 
     if !no_verify {
         let keys = Keys::load(&StdIo::new(&dir)).map_err(anyhow::Error::msg)?;
@@ -132,8 +157,14 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         let vsecs = t.elapsed().as_secs_f64();
         anyhow::ensure!(report.ok(), "audit failed: {:?}", report.problems);
         println!("\n== verify (full audit) ==");
-        println!("events/s            {:>12.0}  ({} events, {} checkpoints, {:.2}s) -> {:.2}x SHA-256 of the input",
-            report.events as f64 / vsecs, report.events, report.checkpoints, vsecs, sha / vsecs);
+        println!(
+            "events/s            {:>12.0}  ({} events, {} checkpoints, {:.2}s) -> {:.2}x SHA-256 of the input",
+            report.events as f64 / vsecs,
+            report.events,
+            report.checkpoints,
+            vsecs,
+            sha / vsecs
+        );
     }
     std::fs::remove_dir_all(&dir).ok();
     Ok(())
@@ -146,7 +177,11 @@ fn ms(d: Duration) -> f64 {
 fn rss_kib(field: &str) -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with(field)).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
         .unwrap_or(0)
 }
 

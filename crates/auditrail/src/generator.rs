@@ -15,11 +15,17 @@ pub struct Generator {
 
 const SITES: [&str; 4] = ["main-campus", "north-clinic", "imaging-center", "telehealth"];
 const ROLES: [&str; 5] = ["physician", "nurse", "radiologist", "annotator", "admin"];
-const RESOURCES: [&str; 5] = ["Observation", "ImagingStudy", "DiagnosticReport", "MedicationRequest", "Encounter"];
+const RESOURCES: [&str; 5] =
+    ["Observation", "ImagingStudy", "DiagnosticReport", "MedicationRequest", "Encounter"];
 
 impl Generator {
     pub fn new(seed: u64) -> Generator {
-        Generator { rng: Rng::new(seed), users: 5_000, patients: 50_000, clock_ms: 1_795_342_500_000 }
+        Generator {
+            rng: Rng::new(seed),
+            users: 5_000,
+            patients: 50_000,
+            clock_ms: 1_795_342_500_000,
+        }
     }
 
     /// A patient number with log-uniform (heavily skewed) popularity.

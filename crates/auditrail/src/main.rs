@@ -21,7 +21,11 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "auditrail", version, about = "A tamper-evident audit record repository for healthcare software")]
+#[command(
+    name = "auditrail",
+    version,
+    about = "A tamper-evident audit record repository for healthcare software"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -48,6 +52,23 @@ enum Command {
         data: PathBuf,
         /// A file of one JSON event per line, or '-' for standard input.
         file: PathBuf,
+        /// Events per append (one block, one fsync, all or nothing).
+        #[arg(long, default_value_t = 8192)]
+        chunk_lines: usize,
+        /// Print a JSON line to standard output as each chunk becomes durable.
+        #[arg(long)]
+        report_chunks: bool,
+    },
+    /// Write stored events as NDJSON (canonical JSON, one per line), oldest first.
+    Export {
+        #[arg(long)]
+        data: PathBuf,
+        /// First seq to export.
+        #[arg(long, default_value_t = 0)]
+        from: u64,
+        /// Seq to stop before (default: everything).
+        #[arg(long)]
+        to: Option<u64>,
     },
     /// Audit the whole log: blocks, commitments, leaves, tiles, every checkpoint.
     Verify {
@@ -93,13 +114,19 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Init { data, origin } => {
             let verifier = auditrail_store::init(&data, &origin)?;
             println!("{}", verifier.to_vkey());
-            eprintln!("initialised {} for log {origin}; keep keys/ private and backed up", data.display());
+            eprintln!(
+                "initialised {} for log {origin}; keep keys/ private and backed up",
+                data.display()
+            );
         }
         Command::Key { command: KeyCommand::Show { data } } => {
             let keys = load_keys(&data)?;
             println!("{}", keys.signer.verifier().to_vkey());
         }
-        Command::Import { data, file } => return import(&data, &file),
+        Command::Import { data, file, chunk_lines, report_chunks } => {
+            return import(&data, &file, chunk_lines, report_chunks);
+        }
+        Command::Export { data, from, to } => export(&data, from, to)?,
         Command::Verify { data } => return verify(&data),
         Command::Checkpoint { data, size } => {
             let io = StdIo::new(&data);
@@ -116,17 +143,16 @@ fn load_keys(data: &Path) -> Result<Keys> {
     Keys::load(&StdIo::new(data)).map_err(anyhow::Error::msg)
 }
 
-/// Lines per append call: one block, one fsync, all or nothing.
-const IMPORT_CHUNK_LINES: usize = 8192;
-
-fn import(data: &Path, file: &Path) -> Result<ExitCode> {
+fn import(data: &Path, file: &Path, chunk_lines: usize, report_chunks: bool) -> Result<ExitCode> {
+    anyhow::ensure!(chunk_lines > 0, "--chunk-lines must be at least 1");
     let from_stdin = file == Path::new("-");
     let open = || -> Result<Box<dyn std::io::BufRead>> {
         Ok(if from_stdin {
             Box::new(std::io::stdin().lock())
         } else {
             Box::new(std::io::BufReader::new(
-                std::fs::File::open(file).with_context(|| format!("cannot open {}", file.display()))?,
+                std::fs::File::open(file)
+                    .with_context(|| format!("cannot open {}", file.display()))?,
             ))
         })
     };
@@ -148,9 +174,18 @@ fn import(data: &Path, file: &Path) -> Result<ExitCode> {
     let mut appended = 0u64;
     let mut duplicates = 0u64;
     let (mut first_seq, mut last_seq) = (None, None);
-    let mut chunk: Vec<PreparedEvent> = Vec::with_capacity(IMPORT_CHUNK_LINES);
+    let mut chunk: Vec<PreparedEvent> = Vec::with_capacity(chunk_lines);
     let mut flush = |chunk: &mut Vec<PreparedEvent>| -> Result<()> {
-        for r in store.append(std::mem::take(chunk))? {
+        if chunk.is_empty() {
+            return Ok(());
+        }
+        let receipts = store.append(std::mem::take(chunk))?;
+        if report_chunks {
+            let seqs: Vec<u64> = receipts.iter().map(|r| r.seq).collect();
+            println!("{}", serde_json::json!({"durable": receipts.len(), "seqs": seqs}));
+            std::io::stdout().flush()?;
+        }
+        for r in receipts {
             if r.duplicate {
                 duplicates += 1;
                 continue;
@@ -170,15 +205,18 @@ fn import(data: &Path, file: &Path) -> Result<ExitCode> {
             Ok(e) => chunk.push(e.prepare()),
             Err(e) => {
                 flush(&mut Vec::new())?;
-                bail!("line {}: {e}; the {} events before this line's chunk were imported", n + 1, appended);
+                bail!(
+                    "line {}: {e}; the {} events before this line's chunk were imported",
+                    n + 1,
+                    appended
+                );
             }
         }
-        if chunk.len() == IMPORT_CHUNK_LINES {
+        if chunk.len() == chunk_lines {
             flush(&mut chunk)?;
         }
     }
     flush(&mut chunk)?;
-    drop(flush);
     let stages = store.close()?;
     let mut summary = serde_json::json!({
         "appended": appended, "first_seq": first_seq, "last_seq": last_seq, "tree_size": stages.published,
@@ -188,6 +226,24 @@ fn import(data: &Path, file: &Path) -> Result<ExitCode> {
     }
     println!("{summary}");
     Ok(ExitCode::SUCCESS)
+}
+
+fn export(data: &Path, from: u64, to: Option<u64>) -> Result<()> {
+    let store = Store::open(data, Options::default())?;
+    let to = to.unwrap_or(u64::MAX).min(store.stages().sequenced);
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    // Bounded memory: one slice of the log at a time.
+    let mut seq = from;
+    while seq < to {
+        let end = (seq + 65_536).min(to);
+        for (_, bytes) in store.read_events(seq, end)? {
+            out.write_all(&bytes)?;
+            out.write_all(b"\n")?;
+        }
+        seq = end;
+    }
+    out.flush()?;
+    Ok(())
 }
 
 fn verify(data: &Path) -> Result<ExitCode> {

@@ -27,7 +27,10 @@ fn append_publish_reopen_read_back() {
     assert_eq!(v["seq"], 5);
     assert_eq!(v["id"], all[5].id.as_str());
     store.close().unwrap();
-    assert!(disk.paths().iter().filter(|p| p.starts_with("segments/")).count() > 1, "segments rolled by size");
+    assert!(
+        disk.paths().iter().filter(|p| p.starts_with("segments/")).count() > 1,
+        "segments rolled by size"
+    );
 
     let store = Store::open_with(Arc::new(disk.clone()), options()).unwrap();
     assert_eq!(store.stages().sequenced, 740);
@@ -42,7 +45,8 @@ fn a_repeated_client_id_returns_the_original_receipt() {
     let disk = SimDisk::new();
     Keys::install(&disk, "test.example/log").unwrap();
     let store = Store::open_with(Arc::new(disk.clone()), options()).unwrap();
-    let first = store.append(vec![event(1, Some("k1")), event(2, Some("k1")), event(3, None)]).unwrap();
+    let first =
+        store.append(vec![event(1, Some("k1")), event(2, Some("k1")), event(3, None)]).unwrap();
     assert!(!first[0].duplicate && first[1].duplicate);
     assert_eq!((first[1].seq, first[1].leaf_hash), (first[0].seq, first[0].leaf_hash));
     assert_eq!(first[2].seq, 1);
@@ -75,7 +79,8 @@ fn a_failed_fsync_poisons_the_store() {
 fn oversized_batches_are_refused_before_anything_is_written() {
     let disk = SimDisk::new();
     Keys::install(&disk, "test.example/log").unwrap();
-    let store = Store::open_with(Arc::new(disk), Options { batch_events_max: 4, ..options() }).unwrap();
+    let store =
+        Store::open_with(Arc::new(disk), Options { batch_events_max: 4, ..options() }).unwrap();
     let err = store.append((0..5).map(|i| event(i, None)).collect()).unwrap_err();
     assert!(matches!(err, StoreError::InvalidInput(_)));
     assert_eq!(store.stages().sequenced, 0);

@@ -55,7 +55,10 @@ fn check_recovered(disk: SimDisk, acked: &BTreeMap<u64, Receipt>, context: &str)
         .unwrap_or_else(|e| panic!("{context}: reopening failed: {e}"));
     let stages = store.stages();
     let last_acked = acked.keys().next_back().map_or(0, |s| s + 1);
-    assert!(stages.sequenced >= last_acked, "{context}: {stages:?} lost acknowledged events up to {last_acked}");
+    assert!(
+        stages.sequenced >= last_acked,
+        "{context}: {stages:?} lost acknowledged events up to {last_acked}"
+    );
     let stored = store.read_events(0, stages.sequenced).unwrap();
     for (seq, receipt) in acked {
         let (s, bytes) = &stored[*seq as usize];
@@ -64,7 +67,9 @@ fn check_recovered(disk: SimDisk, acked: &BTreeMap<u64, Receipt>, context: &str)
         assert_eq!(v["id"].as_str(), Some(receipt.id.as_str()), "{context}: seq {seq}");
     }
     // The recovered store accepts more, and the whole log audits clean.
-    store.append(vec![event(424_242, None)]).unwrap_or_else(|e| panic!("{context}: append after recovery: {e}"));
+    store
+        .append(vec![event(424_242, None)])
+        .unwrap_or_else(|e| panic!("{context}: append after recovery: {e}"));
     store.close().unwrap();
     let keys = Keys::load(&disk).unwrap();
     let report = audit(&disk, &keys, &mut |_| {}).unwrap();
@@ -109,6 +114,10 @@ fn recovery_after_a_crash_is_itself_crash_safe() {
         let second = image.after_power_cut(&mut Rng::new(k));
         second.crash_at_sync(k);
         let _ = Store::open_with(Arc::new(second.clone()), options()).map(|s| s.publish());
-        check_recovered(second.after_power_cut(&mut Rng::new(k + 100)), &acked, &format!("second crash at {k}"));
+        check_recovered(
+            second.after_power_cut(&mut Rng::new(k + 100)),
+            &acked,
+            &format!("second crash at {k}"),
+        );
     }
 }

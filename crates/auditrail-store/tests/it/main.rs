@@ -1,8 +1,8 @@
 //! The store's integration tests: behaviour through the public API, over a simulated disk or a
 //! temporary directory.
 
-mod crash;
 mod basics;
+mod crash;
 
 use auditrail_core::event::{ClientEvent, PreparedEvent};
 use serde_json::json;

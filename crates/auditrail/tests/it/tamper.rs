@@ -1,0 +1,85 @@
+//! Changes single bytes of every kind of stored file and requires `verify` to fail and to name
+//! the place.
+
+use crate::*;
+use std::path::Path;
+
+fn flip(path: &Path, offset: usize) -> Vec<u8> {
+    let original = std::fs::read(path).unwrap();
+    let mut bytes = original.clone();
+    let at = offset.min(bytes.len() - 1);
+    bytes[at] ^= 0x20;
+    std::fs::write(path, bytes).unwrap();
+    original
+}
+
+/// Flips a byte, runs verify, restores the file; returns verify's report.
+fn tampered_report(data: &Path, rel: &str, offset: usize) -> String {
+    let path = data.join(rel);
+    let original = flip(&path, offset);
+    let o = verify(data);
+    std::fs::write(&path, original).unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "a flip at {rel}:{offset} went unnoticed:\n{}",
+        stdout(&o)
+    );
+    stdout(&o)
+}
+
+#[test]
+fn verify_reports_every_altered_file_by_location() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = init_dir(tmp.path());
+    let file = tmp.path().join("e.ndjson");
+    // Two imports: two checkpoints in the history; 1000 events = 3 full tiles and .p/232.
+    std::fs::write(&file, ndjson("t", 700)).unwrap();
+    assert!(import_file(&data, &file).status.success());
+    std::fs::write(&file, ndjson("u", 300)).unwrap();
+    assert!(import_file(&data, &file).status.success());
+    assert!(verify(&data).status.success());
+
+    let segment = std::fs::read_dir(data.join("segments")).unwrap().next().unwrap().unwrap();
+    let segment = format!("segments/{}", segment.file_name().to_string_lossy());
+    let seg_len = std::fs::metadata(data.join(&segment)).unwrap().len() as usize;
+    let cases: Vec<(String, usize, &str)> = vec![
+        (segment.clone(), 20, &segment),            // segment header
+        (segment.clone(), 96 + 14, &segment),       // first block header
+        (segment.clone(), 96 + 52 + 100, &segment), // first block body
+        (segment.clone(), seg_len - 3, &segment),   // last block body
+        ("log/tile/entries/000".into(), 2 + 20, "log/tile/entries/000"),
+        ("log/tile/entries/003.p/232".into(), 500, "log/tile/entries/003"),
+        ("log/tile/0/001".into(), 4000, "log/tile/0/001"),
+        ("log/tile/0/003.p/232".into(), 32 * 231, "log/tile/0/003.p/232"),
+        ("log/tile/1/000.p/3".into(), 40, "log/tile/1/000.p/3"),
+        ("log/checkpoint".into(), 30, "log/checkpoint"),
+        ("log/checkpoint".into(), 200, "log/checkpoint"),
+        ("checkpoints/history".into(), 40, "checkpoints/history"),
+    ];
+    for (rel, offset, expect) in cases {
+        let report = tampered_report(&data, &rel, offset);
+        assert!(
+            report.contains(expect),
+            "flip at {rel}:{offset}: the report does not name {expect}:\n{report}"
+        );
+    }
+    // Removing files is tampering too.
+    for rel in ["log/tile/entries/001", "log/tile/0/002"] {
+        let path = data.join(rel);
+        let original = std::fs::read(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        let o = verify(&data);
+        std::fs::write(&path, original).unwrap();
+        assert_eq!(o.status.code(), Some(1), "{rel} removed");
+        assert!(stdout(&o).contains(rel), "{}", stdout(&o));
+    }
+    assert!(verify(&data).status.success(), "every file was restored");
+
+    // The store refuses to open on damage it can see, and says where.
+    let original = flip(&data.join("log/tile/0/003.p/232"), 100);
+    let o = run(&["import", "--data", data.to_str().unwrap(), file.to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("corrupted at log"), "{}", stderr(&o));
+    std::fs::write(data.join("log/tile/0/003.p/232"), original).unwrap();
+}
