@@ -697,6 +697,23 @@ mod tests {
     }
 
     #[test]
+    fn agrees_with_the_json_schema_fixtures() {
+        // schema/check_schema.py checks the JSON Schema against the same fixtures.
+        let examples: Value =
+            serde_json::from_str(include_str!("../../../schema/examples.json")).unwrap();
+        for (i, e) in examples["valid"].as_array().unwrap().iter().enumerate() {
+            assert!(
+                ClientEvent::validate(e.clone()).is_ok(),
+                "valid[{i}]: {:?}",
+                ClientEvent::validate(e.clone())
+            );
+        }
+        for (i, e) in examples["invalid"].as_array().unwrap().iter().enumerate() {
+            assert!(ClientEvent::validate(e.clone()).is_err(), "invalid[{i}] was accepted");
+        }
+    }
+
+    #[test]
     fn validation_table() {
         check(json!({}), &[]);
         check(json!({"id": null, "occurred_at": null, "actor": null, "entities": null}), &[]);
