@@ -677,9 +677,8 @@ mod tests {
          "context": {"reason": "chart review"}})
     }
 
-    /// One data-driven helper: an event with `patch` merged into the example, and the expected
-    /// `(field, code)` pairs (empty = valid).
-    fn check(patch: Value, expect: &[(&str, &str)]) {
+    /// The example with `patch`'s members set (or removed, where they are null).
+    fn patched(patch: &Value) -> Value {
         let mut v = example();
         for (k, val) in patch.as_object().unwrap() {
             if val.is_null() {
@@ -688,6 +687,13 @@ mod tests {
                 v[k] = val.clone();
             }
         }
+        v
+    }
+
+    /// One data-driven helper: an event with `patch` merged into the example, and the expected
+    /// `(field, code)` pairs (empty = valid).
+    fn check(patch: Value, expect: &[(&str, &str)]) {
+        let v = patched(&patch);
         let got: Vec<(String, &str)> = match ClientEvent::validate(v) {
             Ok(_) => vec![],
             Err(InvalidEvent(errs)) => errs.into_iter().map(|e| (e.field, e.code)).collect(),
@@ -765,14 +771,7 @@ mod tests {
             json!({"id": null}),
             json!({"id": "a\"b\\c\u{e9}", "context": {"\u{e9}": "x", "\u{1F600}": "\u{FF61}", "\u{FF61}": "y"}}),
         ] {
-            let mut v = example();
-            for (k, val) in patch.as_object().unwrap() {
-                if val.is_null() {
-                    v.as_object_mut().unwrap().remove(k);
-                } else {
-                    v[k] = val.clone();
-                }
-            }
+            let v = patched(&patch);
             let Ok(e) = ClientEvent::validate(v.clone()) else { continue };
             let prepared = e.clone().prepare();
             let mut spliced = Vec::new();
