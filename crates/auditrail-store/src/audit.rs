@@ -15,6 +15,7 @@ use auditrail_core::leaf::{self, LEAF_ENTRY_BYTES, LeafEntry, SaltDeriver};
 use auditrail_core::merkle::{self, CompactRange, Hash};
 use auditrail_core::note::{self, NoteVerifier};
 use auditrail_core::tile::{self, TILE_WIDTH, TileId};
+use std::collections::BTreeMap;
 use std::sync::mpsc;
 
 /// One problem found, and where.
@@ -149,6 +150,9 @@ struct TileChecker<'a> {
     io: &'a dyn Io,
     levels: Vec<Vec<Hash>>,
     size: u64,
+    /// Partial tile files on disk by (level, index), `None` for entry bundles: each must be a
+    /// prefix of what the leaves say, like the full tile it precedes.
+    partials: BTreeMap<(Option<u32>, u64), Vec<u32>>,
 }
 
 impl TileChecker<'_> {
@@ -166,6 +170,14 @@ impl TileChecker<'_> {
             let hashes = std::mem::take(&mut self.levels[level]);
             let index = (self.size >> (8 * (level as u32 + 1))) - 1;
             self.compare(&TileId::hashes(level as u32, index, 256), &hashes, problems);
+            self.compare_stale_partials(
+                Some(level as u32),
+                index,
+                &hashes.concat(),
+                32,
+                256,
+                problems,
+            );
             self.push_at(level + 1, merkle::root_of(&hashes), problems);
         }
     }
@@ -199,14 +211,84 @@ impl TileChecker<'_> {
             if hashes.is_empty() {
                 continue;
             }
-            let t = TileId::hashes(
-                level as u32,
-                self.size >> (8 * (level as u32 + 1)),
-                hashes.len() as u32,
-            );
+            let index = self.size >> (8 * (level as u32 + 1));
+            let t = TileId::hashes(level as u32, index, hashes.len() as u32);
             self.compare(&t, hashes, problems);
+            let known = hashes.concat();
+            self.compare_stale_partials(
+                Some(level as u32),
+                index,
+                &known,
+                32,
+                hashes.len() as u32,
+                problems,
+            );
         }
     }
+
+    /// Older partial files of one tile (narrower than the `count` items known) must be prefixes
+    /// of it. Wider ones lie beyond the published tree, are covered by no signature yet, and are
+    /// removed at the next publication.
+    fn compare_stale_partials(
+        &self,
+        level: Option<u32>,
+        index: u64,
+        known: &[u8],
+        item_bytes: usize,
+        count: u32,
+        problems: &mut Vec<Problem>,
+    ) {
+        let Some(widths) = self.partials.get(&(level, index)) else { return };
+        for &w in widths.iter().filter(|w| **w < count) {
+            let path = tile_path(&TileId { level, index, width: w });
+            let expected = if level.is_some() {
+                &known[..w as usize * item_bytes]
+            } else {
+                prefix_of_bundle(known, w)
+            };
+            match self.io.read(&path) {
+                Ok(bytes) if bytes == expected => {}
+                Ok(_) => problems.push(Problem {
+                    location: path,
+                    detail: "differs from the tile recomputed from the leaves".into(),
+                }),
+                Err(e) => {
+                    problems.push(Problem { location: path, detail: format!("cannot read: {e}") })
+                }
+            }
+        }
+    }
+}
+
+/// The first `w` entries of an encoded entry bundle.
+fn prefix_of_bundle(bundle: &[u8], w: u32) -> &[u8] {
+    let mut off = 0;
+    for _ in 0..w {
+        if off + 2 > bundle.len() {
+            break;
+        }
+        off += 2 + u16::from_be_bytes([bundle[off], bundle[off + 1]]) as usize;
+    }
+    &bundle[..off.min(bundle.len())]
+}
+
+/// Lists `log/tile`: unknown files are problems; partial files are returned for checking.
+fn partial_files(
+    io: &dyn Io,
+    problems: &mut Vec<Problem>,
+) -> Result<BTreeMap<(Option<u32>, u64), Vec<u32>>, StoreError> {
+    let mut out: BTreeMap<(Option<u32>, u64), Vec<u32>> = BTreeMap::new();
+    for path in io.list_tree("log/tile")? {
+        match path.strip_prefix("log/").and_then(TileId::parse) {
+            Some(t) if !t.is_full() => out.entry((t.level, t.index)).or_default().push(t.width),
+            Some(_) => {}
+            None => problems.push(Problem {
+                location: path,
+                detail: "unexpected file in the tile tree".into(),
+            }),
+        }
+    }
+    Ok(out)
 }
 
 /// Runs the full audit. `progress` is called with the number of events checked so far.
@@ -231,7 +313,10 @@ pub fn audit(
     let segments = list_segments(io)?;
     report.segments = segments.len() as u64;
     let tiles = DiskTiles { io };
-    let mut checker = TileChecker { io, levels: vec![Vec::new()], size: 0 };
+    let partials = partial_files(io, &mut report.problems)?;
+    let mut checker = TileChecker { io, levels: vec![Vec::new()], size: 0, partials };
+    // The published leaf entries of the current bundle, encoded, to check its older partials.
+    let mut bundle_bytes: Vec<u8> = Vec::with_capacity(256 * 43);
     let mut cr = CompactRange::new();
     let mut bundle: Option<(u64, Vec<Vec<u8>>)> = None;
     let published = report.published;
@@ -308,6 +393,22 @@ pub fn audit(
                     None => entry,
                 };
                 if seq < published {
+                    bundle_bytes.extend_from_slice(&(leaf_entry.len() as u16).to_be_bytes());
+                    bundle_bytes.extend_from_slice(leaf_entry);
+                    let filled = (seq % TILE_WIDTH + 1) as u32;
+                    if filled == 256 || seq + 1 == published {
+                        checker.compare_stale_partials(
+                            None,
+                            tile_index,
+                            &bundle_bytes,
+                            43,
+                            filled,
+                            &mut report.problems,
+                        );
+                        if filled == 256 {
+                            bundle_bytes.clear();
+                        }
+                    }
                     let leaf = merkle::leaf_hash(leaf_entry);
                     checker.push(leaf, &mut report.problems);
                     cr.append(leaf);

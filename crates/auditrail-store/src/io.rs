@@ -32,6 +32,8 @@ pub trait Io: Send + Sync + 'static {
     fn truncate(&self, path: &str, len: u64) -> io::Result<()>;
     /// File names (not paths) in a directory; empty if it does not exist.
     fn list(&self, dir: &str) -> io::Result<Vec<String>>;
+    /// Paths of every file below a directory, at any depth, relative to the data directory.
+    fn list_tree(&self, dir: &str) -> io::Result<Vec<String>>;
     fn create_dir_all(&self, dir: &str) -> io::Result<()>;
     /// How many syncs (of any kind) have been issued: for benchmarks and tests.
     fn sync_count(&self) -> u64 {
@@ -165,6 +167,25 @@ impl Io for StdIo {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
             Err(e) => Err(e),
         }
+    }
+
+    fn list_tree(&self, dir: &str) -> io::Result<Vec<String>> {
+        let mut out = Vec::new();
+        let mut stack = vec![dir.to_string()];
+        while let Some(d) = stack.pop() {
+            let rd = match std::fs::read_dir(self.path(&d)) {
+                Ok(rd) => rd,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            };
+            for e in rd {
+                let e = e?;
+                let p = format!("{d}/{}", e.file_name().to_string_lossy());
+                if e.file_type()?.is_dir() { stack.push(p) } else { out.push(p) }
+            }
+        }
+        out.sort();
+        Ok(out)
     }
 
     fn create_dir_all(&self, dir: &str) -> io::Result<()> {

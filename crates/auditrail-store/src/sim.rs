@@ -285,6 +285,13 @@ impl Io for SimDisk {
         self.syncs()
     }
 
+    fn list_tree(&self, dir: &str) -> io::Result<Vec<String>> {
+        let d = self.lock();
+        Self::check(&d)?;
+        let prefix = format!("{dir}/");
+        Ok(d.names.keys().filter(|p| p.starts_with(&prefix)).cloned().collect())
+    }
+
     fn create_dir_all(&self, _dir: &str) -> io::Result<()> {
         // Directories are implicit in the simulation: they exist when a file is in them.
         Ok(())

@@ -257,7 +257,9 @@ impl Store {
             tree: recovered.tree,
             published: recovered.published,
             last_publish: Instant::now(),
-            partials: Vec::new(),
+            // Partial tiles already on disk, including strays a crash left: the next
+            // publication removes every one its checkpoint does not need.
+            partials: crate::tree::partial_tiles_on_disk(io.as_ref())?,
         };
         let t1 = std::thread::Builder::new()
             .name("auditrail-sequencer".into())
@@ -796,6 +798,7 @@ impl Syncer {
         let size = self.tree.size();
         assert!(size >= self.published, "the tree never shrinks");
         if size == self.published && self.io.len(CHECKPOINT_PATH)?.is_some() {
+            self.remove_stale_partials(Vec::new());
             return Ok(());
         }
         let partials = self.tree.write_partials(self.io.as_ref())?;
@@ -810,15 +813,34 @@ impl Syncer {
         };
         let signed = self.keys.signer.sign(&cp.to_text());
         write_checkpoint(self.io.as_ref(), &signed)?;
-        for old in std::mem::replace(&mut self.partials, partials) {
-            if !self.partials.contains(&old) {
-                let _ = self.io.remove(&crate::tree::tile_path(&old));
-            }
-        }
         self.published = size;
+        self.remove_stale_partials(partials);
         assert!(self.published <= self.shared.integrated.load(Ordering::SeqCst).max(size));
         self.shared.published.store(size, Ordering::SeqCst);
         Ok(())
+    }
+}
+
+impl Syncer {
+    /// Deletes partial tiles that the published checkpoint does not need (tlog-tiles allows it
+    /// once the full tile or a wider partial exists). Only called once the checkpoint that
+    /// supersedes them is durable. Failures only leave a stray file behind.
+    fn remove_stale_partials(&mut self, written: Vec<TileId>) {
+        let wanted: Vec<TileId> = auditrail_core::tile::tiles_for_size(self.published)
+            .into_iter()
+            .filter(|t| !t.is_full())
+            .collect();
+        let mut keep = Vec::new();
+        for t in std::mem::take(&mut self.partials).into_iter().chain(written) {
+            if wanted.contains(&t) {
+                if !keep.contains(&t) {
+                    keep.push(t);
+                }
+            } else {
+                let _ = self.io.remove(&crate::tree::tile_path(&t));
+            }
+        }
+        self.partials = keep;
     }
 }
 

@@ -17,6 +17,16 @@ pub fn tile_path(t: &TileId) -> String {
     format!("{LOG_DIR}/{}", t.path())
 }
 
+/// Every partial tile and bundle file under `log/tile`.
+pub fn partial_tiles_on_disk(io: &dyn Io) -> io::Result<Vec<TileId>> {
+    Ok(io
+        .list_tree(&format!("{LOG_DIR}/tile"))?
+        .iter()
+        .filter_map(|p| TileId::parse(p.strip_prefix(&format!("{LOG_DIR}/"))?))
+        .filter(|t| !t.is_full())
+        .collect())
+}
+
 /// Writes a file, creating its directory on first use.
 pub fn write_creating_dirs(io: &dyn Io, path: &str, data: &[u8]) -> io::Result<()> {
     match io.write_file(path, data) {

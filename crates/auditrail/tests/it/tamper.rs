@@ -76,6 +76,24 @@ fn verify_reports_every_altered_file_by_location() {
     }
     assert!(verify(&data).status.success(), "every file was restored");
 
+    // The first import's right-edge partials were superseded and removed by the second import.
+    assert!(!data.join("log/tile/0/002.p/188").exists());
+    assert!(!data.join("log/tile/entries/002.p/188").exists());
+    // A partial tile is allowed next to its full tile only as an exact prefix of it, and nothing
+    // else may live in the tile tree.
+    let full = std::fs::read(data.join("log/tile/0/001")).unwrap();
+    let stale = data.join("log/tile/0/001.p/10");
+    std::fs::create_dir_all(stale.parent().unwrap()).unwrap();
+    std::fs::write(&stale, &full[..320]).unwrap();
+    assert!(verify(&data).status.success(), "{}", stdout(&verify(&data)));
+    let report = tampered_report(&data, "log/tile/0/001.p/10", 33);
+    assert!(report.contains("log/tile/0/001.p/10"), "{report}");
+    std::fs::remove_file(&stale).unwrap();
+    std::fs::write(data.join("log/tile/0/junk"), b"x").unwrap();
+    let o = verify(&data);
+    assert!(!o.status.success() && stdout(&o).contains("log/tile/0/junk"), "{}", stdout(&o));
+    std::fs::remove_file(data.join("log/tile/0/junk")).unwrap();
+
     // The store refuses to open on damage it can see, and says where.
     let original = flip(&data.join("log/tile/0/003.p/232"), 100);
     let o = run(&["import", "--data", data.to_str().unwrap(), file.to_str().unwrap()]);
