@@ -152,8 +152,11 @@ struct TileChecker<'a> {
     size: u64,
     /// Partial tile files on disk by (level, index), `None` for entry bundles: each must be a
     /// prefix of what the leaves say, like the full tile it precedes.
-    partials: BTreeMap<(Option<u32>, u64), Vec<u32>>,
+    partials: PartialFiles,
 }
+
+/// Widths of the partial files on disk, by (tile level or `None` for bundles, tile index).
+type PartialFiles = BTreeMap<(Option<u32>, u64), Vec<u32>>;
 
 impl TileChecker<'_> {
     fn push(&mut self, leaf: Hash, problems: &mut Vec<Problem>) {
@@ -273,11 +276,8 @@ fn prefix_of_bundle(bundle: &[u8], w: u32) -> &[u8] {
 }
 
 /// Lists `log/tile`: unknown files are problems; partial files are returned for checking.
-fn partial_files(
-    io: &dyn Io,
-    problems: &mut Vec<Problem>,
-) -> Result<BTreeMap<(Option<u32>, u64), Vec<u32>>, StoreError> {
-    let mut out: BTreeMap<(Option<u32>, u64), Vec<u32>> = BTreeMap::new();
+fn partial_files(io: &dyn Io, problems: &mut Vec<Problem>) -> Result<PartialFiles, StoreError> {
+    let mut out = PartialFiles::new();
     for path in io.list_tree("log/tile")? {
         match path.strip_prefix("log/").and_then(TileId::parse) {
             Some(t) if !t.is_full() => out.entry((t.level, t.index)).or_default().push(t.width),
