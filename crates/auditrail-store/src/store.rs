@@ -224,6 +224,13 @@ impl Store {
         for d in [SEGMENTS_DIR, LOG_DIR, "checkpoints"] {
             io.create_dir_all(d)?;
         }
+        // The history file is created once, durably (its directory entry too): later appends
+        // sync only its data, and a checkpoint must never outlive its history record.
+        if io.len(HISTORY_PATH)?.is_none() {
+            io.write_file(HISTORY_PATH, b"")?;
+            io.sync_file(HISTORY_PATH)?;
+            io.sync_dir("checkpoints")?;
+        }
         let recovered = recover(io.as_ref(), &keys, &options)?;
         let shared = Arc::new(Shared {
             sequenced: AtomicU64::new(recovered.next_seq),
@@ -848,6 +855,11 @@ impl Syncer {
 fn write_checkpoint(io: &dyn Io, signed: &str) -> Result<(), StoreError> {
     io.append(HISTORY_PATH, &history::frame(signed.as_bytes()))?;
     io.sync_file(HISTORY_PATH)?;
+    replace_checkpoint_file(io, signed)
+}
+
+/// Atomically and durably makes `log/checkpoint` hold `signed`.
+fn replace_checkpoint_file(io: &dyn Io, signed: &str) -> Result<(), StoreError> {
     let tmp = "log/checkpoint.tmp";
     io.write_file(tmp, signed.as_bytes())?;
     io.sync_file(tmp)?;
@@ -955,6 +967,18 @@ fn latest_checkpoint(
 fn recover(io: &dyn Io, keys: &Keys, options: &Options) -> Result<Recovered, StoreError> {
     let mut report = RecoveryReport::default();
     let checkpoint = latest_checkpoint(io, keys, true)?;
+    // A crash between the history append and the rename leaves `log/checkpoint` behind the
+    // history; bring it up to date now, as nothing may be published to wait for.
+    if let Some((_, signed)) = &checkpoint {
+        match io.read(CHECKPOINT_PATH) {
+            Ok(current) if current == signed.as_bytes() => {}
+            Ok(_) => replace_checkpoint_file(io, signed)?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                replace_checkpoint_file(io, signed)?
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
     let published = checkpoint.as_ref().map_or(0, |c| c.0.size);
 
     // 1. Segments: sealed ones are trusted to their successor's first seq (the audit checks
