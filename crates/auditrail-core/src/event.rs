@@ -403,11 +403,7 @@ impl ClientEvent {
     /// Parses and validates one JSON document.
     pub fn from_json(bytes: &[u8]) -> Result<ClientEvent, InvalidEvent> {
         if bytes.len() > EVENT_BYTES_MAX {
-            return Err(InvalidEvent(vec![FieldError {
-                field: String::new(),
-                code: "too_large",
-                message: format!("an event must be at most {EVENT_BYTES_MAX} bytes"),
-            }]));
+            return Err(too_large());
         }
         let value: Value = serde_json::from_slice(bytes).map_err(|e| {
             InvalidEvent(vec![FieldError {
@@ -436,30 +432,16 @@ impl ClientEvent {
     pub fn fields(&self) -> &Map<String, Value> {
         &self.fields
     }
+}
 
-    /// Adds the server-assigned fields and returns the stored event's canonical bytes.
-    /// `default_id` is used when the client sent no `id` (the store passes a UUIDv7).
-    pub fn into_stored(
-        mut self,
-        seq: u64,
-        recorded_at: UnixMillis,
-        default_id: impl FnOnce() -> String,
-    ) -> Result<Vec<u8>, InvalidEvent> {
-        if !self.fields.contains_key("id") {
-            self.fields.insert("id".into(), Value::String(default_id()));
-        }
-        self.fields.insert("seq".into(), Value::from(seq));
-        self.fields.insert("recorded_at".into(), Value::String(format_millis(recorded_at)));
-        let bytes = canonical_bytes(&Value::Object(self.fields));
-        if bytes.len() > EVENT_BYTES_MAX {
-            return Err(InvalidEvent(vec![FieldError {
-                field: String::new(),
-                code: "too_large",
-                message: format!("an event must be at most {EVENT_BYTES_MAX} bytes"),
-            }]));
-        }
-        Ok(bytes)
-    }
+fn too_large() -> InvalidEvent {
+    InvalidEvent(vec![FieldError {
+        field: String::new(),
+        code: "too_large",
+        message: format!(
+            "an event must be at most {EVENT_BYTES_MAX} bytes, in canonical form with the server's fields"
+        ),
+    }])
 }
 
 /// A validated event whose client fields are already in canonical form, so the single writer
@@ -494,7 +476,9 @@ pub fn idempotency_key(source_system: &str, id: &str) -> IdempotencyKey {
 }
 
 impl ClientEvent {
-    pub fn prepare(self) -> PreparedEvent {
+    /// Canonicalises the client's fields; refuses an event whose stored form would exceed
+    /// [`EVENT_BYTES_MAX`] once the server's fields are added.
+    pub fn prepare(self) -> Result<PreparedEvent, InvalidEvent> {
         let idempotency_key = self.id().map(|id| idempotency_key(self.source_system(), id));
         let has_id = self.fields.contains_key("id");
         let mut members: Vec<(&'static str, Vec<u8>)> = self
@@ -512,7 +496,10 @@ impl ClientEvent {
             .collect();
         members.sort_unstable_by(|a, b| a.0.cmp(b.0));
         let len = members.iter().map(|m| m.1.len() + 1).sum::<usize>() + 1;
-        PreparedEvent { members, has_id, idempotency_key, len }
+        if len + SERVER_FIELDS_BYTES_MAX > EVENT_BYTES_MAX {
+            return Err(too_large());
+        }
+        Ok(PreparedEvent { members, has_id, idempotency_key, len })
     }
 }
 
@@ -754,10 +741,46 @@ mod tests {
         );
     }
 
+    /// The stored event built the slow, obvious way: insert the server's fields into the
+    /// object and canonicalise the whole. The reference for [`PreparedEvent::write_stored`].
+    fn reference_stored(
+        e: ClientEvent,
+        seq: u64,
+        recorded_at: UnixMillis,
+        default_id: &str,
+    ) -> Vec<u8> {
+        let mut fields = e.fields;
+        fields.entry("id").or_insert_with(|| Value::String(default_id.into()));
+        fields.insert("seq".into(), Value::from(seq));
+        fields.insert("recorded_at".into(), Value::String(format_millis(recorded_at)));
+        serde_json_canonicalizer::to_vec(&Value::Object(fields)).unwrap()
+    }
+
+    fn stored(e: ClientEvent, seq: u64, recorded_at: UnixMillis, default_id: &str) -> Vec<u8> {
+        let mut out = Vec::new();
+        e.prepare().unwrap().write_stored(seq, recorded_at, default_id, &mut out);
+        assert!(out.len() <= EVENT_BYTES_MAX);
+        out
+    }
+
+    #[test]
+    fn an_event_too_large_once_canonical_is_refused() {
+        let big = |n: usize| {
+            let entities: Vec<Value> =
+                (0..n).map(|i| json!({"type": "Observation", "id": format!("{i}"), "name": "n".repeat(1024)})).collect();
+            ClientEvent::validate(
+                json!({"action": "patient.read", "outcome": "success", "entities": entities}),
+            )
+            .unwrap()
+        };
+        assert!(big(40).prepare().is_ok());
+        assert_eq!(big(64).prepare().unwrap_err().0[0].code, "too_large");
+    }
+
     #[test]
     fn stored_bytes_are_canonical_and_carry_server_fields() {
         let e = ClientEvent::validate(json!({"outcome": "success", "action": "login.success", "context": {"b": "1", "a": "2"}})).unwrap();
-        let bytes = e.into_stored(7, 1_795_342_500_123, || "fixed".into()).unwrap();
+        let bytes = stored(e, 7, 1_795_342_500_123, "fixed");
         assert_eq!(
             std::str::from_utf8(&bytes).unwrap(),
             r#"{"action":"login.success","context":{"a":"2","b":"1"},"id":"fixed","outcome":"success","recorded_at":"2026-11-22T10:15:00.123Z","seq":7}"#
@@ -773,10 +796,8 @@ mod tests {
         ] {
             let v = patched(&patch);
             let Ok(e) = ClientEvent::validate(v.clone()) else { continue };
-            let prepared = e.clone().prepare();
-            let mut spliced = Vec::new();
-            prepared.write_stored(42, 1_795_342_500_123, "0190-generated", &mut spliced);
-            let full = e.into_stored(42, 1_795_342_500_123, || "0190-generated".into()).unwrap();
+            let spliced = stored(e.clone(), 42, 1_795_342_500_123, "0190-generated");
+            let full = reference_stored(e, 42, 1_795_342_500_123, "0190-generated");
             assert_eq!(String::from_utf8(spliced).unwrap(), String::from_utf8(full).unwrap());
         }
     }

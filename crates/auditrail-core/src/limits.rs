@@ -4,6 +4,9 @@
 /// The largest canonical stored event, in bytes. Large enough for a FHIR AuditEvent with many
 /// entities, small enough that a burst of maximal events cannot exhaust memory.
 pub const EVENT_BYTES_MAX: usize = 64 * 1024;
+/// The most the server adds to an event: `,"id":"<UUIDv7>"` (44 bytes, when the client sent
+/// no id), `,"recorded_at":"<24-byte timestamp>"` (41) and `,"seq":<up to 20 digits>` (27).
+pub const SERVER_FIELDS_BYTES_MAX: usize = 128;
 /// The longest ordinary string field (names, ids, actions), in bytes.
 pub const FIELD_BYTES_MAX: usize = 1024;
 /// The longest request path or user agent, in bytes.

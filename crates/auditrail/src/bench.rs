@@ -77,7 +77,9 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
                     let t = Instant::now();
                     let prepared = chunk
                         .iter()
-                        .map(|l| ClientEvent::from_json(l.as_bytes()).map(ClientEvent::prepare))
+                        .map(|l| {
+                            ClientEvent::from_json(l.as_bytes()).and_then(ClientEvent::prepare)
+                        })
                         .collect::<Result<Vec<_>, _>>()?;
                     store.append(prepared)?;
                     latencies.lock().unwrap().push(t.elapsed());

@@ -165,7 +165,7 @@ fn import(data: &Path, file: &Path, chunk_lines: usize, report_chunks: bool) -> 
             if line.trim().is_empty() {
                 continue;
             }
-            if let Err(e) = ClientEvent::from_json(line.as_bytes()) {
+            if let Err(e) = ClientEvent::from_json(line.as_bytes()).and_then(ClientEvent::prepare) {
                 bail!("line {}: {e}; nothing was imported", n + 1);
             }
         }
@@ -201,10 +201,9 @@ fn import(data: &Path, file: &Path, chunk_lines: usize, report_chunks: bool) -> 
         if line.trim().is_empty() {
             continue;
         }
-        match ClientEvent::from_json(line.as_bytes()) {
-            Ok(e) => chunk.push(e.prepare()),
+        match ClientEvent::from_json(line.as_bytes()).and_then(ClientEvent::prepare) {
+            Ok(e) => chunk.push(e),
             Err(e) => {
-                flush(&mut Vec::new())?;
                 bail!(
                     "line {}: {e}; the {} events before this line's chunk were imported",
                     n + 1,

@@ -17,5 +17,5 @@ pub fn event(i: u64, id: Option<&str>) -> PreparedEvent {
     if let Some(id) = id {
         v["id"] = json!(id);
     }
-    ClientEvent::validate(v).unwrap().prepare()
+    ClientEvent::validate(v).unwrap().prepare().unwrap()
 }
