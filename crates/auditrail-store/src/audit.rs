@@ -11,7 +11,7 @@ use crate::segment;
 use crate::store::{CHECKPOINT_PATH, HISTORY_PATH, history};
 use crate::tree::{DiskTiles, tile_path};
 use auditrail_core::checkpoint::Checkpoint;
-use auditrail_core::leaf::{self, LEAF_ENTRY_BYTES, LeafEntry, SaltDeriver};
+use auditrail_core::leaf::{self, LEAF_ENTRY_BYTES, LeafEntry};
 use auditrail_core::merkle::{self, CompactRange, Hash};
 use auditrail_core::note::{self, NoteVerifier};
 use auditrail_core::tile::{self, TILE_WIDTH, TileId};
@@ -69,15 +69,14 @@ fn segment_leaves(io: &dyn Io, keys: &Keys, first_seq: u64) -> SegmentLeaves {
             return out;
         }
     };
-    let salts = SaltDeriver::new(&seg.keys.salt_key);
     let (blocks, end) = seg.blocks();
     out.blocks = blocks.len() as u64;
     // Blocks are independent: the second half is opened and hashed on another core.
     let half = blocks.len() / 2;
     let (first, second) = blocks.split_at(half);
     let (mut a, b) = std::thread::scope(|s| {
-        let other = s.spawn(|| block_leaves(&seg, &salts, second));
-        (block_leaves(&seg, &salts, first), other.join().expect("audit worker panicked"))
+        let other = s.spawn(|| block_leaves(&seg, second));
+        (block_leaves(&seg, first), other.join().expect("audit worker panicked"))
     });
     // A problem in the first half ends the segment there; the second half's leaves would not
     // line up with seqs.
@@ -113,7 +112,6 @@ fn segment_leaves(io: &dyn Io, keys: &Keys, first_seq: u64) -> SegmentLeaves {
 /// Leaf entries recomputed from a run of blocks, stopping at the first block that fails.
 fn block_leaves(
     seg: &reader::LoadedSegment,
-    salts: &SaltDeriver,
     blocks: &[reader::BlockAt<'_>],
 ) -> (Vec<[u8; LEAF_ENTRY_BYTES]>, Vec<Problem>) {
     let mut entries = Vec::new();
@@ -138,7 +136,7 @@ fn block_leaves(
                 });
             }
             last_recorded_at = r.recorded_at_ms;
-            let commitment = leaf::commitment(&salts.salt(seq), r.canonical);
+            let commitment = leaf::commitment(&seg.keys.salts.salt(seq), r.canonical);
             entries.push(LeafEntry { recorded_at_ms: r.recorded_at_ms, commitment }.encode());
         }
     }

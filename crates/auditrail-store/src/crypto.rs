@@ -63,7 +63,8 @@ impl Sealer {
 #[derive(Clone)]
 pub struct SegmentKeys {
     pub data: Sealer,
-    pub salt_key: [u8; KEY_BYTES],
+    /// Derives each event's commitment salt from the segment's salt key.
+    pub salts: auditrail_core::leaf::SaltDeriver,
 }
 
 impl std::fmt::Debug for SegmentKeys {
@@ -80,7 +81,10 @@ impl SegmentKeys {
         hk.expand(b"auditrail/segment/data-key/v1", &mut data).expect("32 bytes is a valid length");
         hk.expand(b"auditrail/segment/salt-key/v1", &mut salt_key)
             .expect("32 bytes is a valid length");
-        SegmentKeys { data: Sealer::new(&data), salt_key }
+        SegmentKeys {
+            data: Sealer::new(&data),
+            salts: auditrail_core::leaf::SaltDeriver::new(&salt_key),
+        }
     }
 }
 

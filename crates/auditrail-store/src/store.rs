@@ -22,7 +22,7 @@ use crate::segment::{self, SegmentHeader};
 use crate::tree::{LOG_DIR, TreeWriter};
 use auditrail_core::checkpoint::Checkpoint;
 use auditrail_core::event::{IdempotencyKey, PreparedEvent};
-use auditrail_core::leaf::{self, LeafEntry, SaltDeriver};
+use auditrail_core::leaf::{self, LeafEntry};
 use auditrail_core::merkle::{self, Hash};
 use auditrail_core::note::{self, NoteVerifier};
 use auditrail_core::tile::TileId;
@@ -427,7 +427,6 @@ struct ActiveSegment {
     len: u64,
     key_version: u32,
     keys: SegmentKeys,
-    salts: SaltDeriver,
 }
 
 /// Client ids seen in the last `window` events: key → (seq, leaf hash).
@@ -492,6 +491,7 @@ impl Sequencer {
                     }
                     Some(Request::Publish { reply }) => {
                         self.flush(&mut group);
+                        (events, bytes) = (0, 0);
                         let _ = self.to_syncer.send(SyncMsg::Publish { reply });
                     }
                     Some(Request::Shutdown) => {
@@ -603,7 +603,7 @@ impl Sequencer {
                 };
                 self.stored.clear();
                 ev.write_stored(seq, recorded_at, &id, &mut self.stored);
-                let salt = active.salts.salt(seq);
+                let salt = active.keys.salts.salt(seq);
                 let entry = LeafEntry {
                     recorded_at_ms: recorded_at as u64,
                     commitment: leaf::commitment(&salt, &self.stored),
@@ -672,7 +672,6 @@ impl Sequencer {
         self.io.write_file(&path, &header.encode())?;
         self.io.sync_file(&path)?;
         self.io.sync_dir(SEGMENTS_DIR)?;
-        let salts = SaltDeriver::new(&keys.salt_key);
         self.active = Some(ActiveSegment {
             first_seq: self.next_seq,
             path,
@@ -680,7 +679,6 @@ impl Sequencer {
             len: segment::SEGMENT_HEADER_BYTES as u64,
             key_version: version,
             keys,
-            salts,
         });
         Ok(())
     }
@@ -822,7 +820,7 @@ impl Syncer {
         write_checkpoint(self.io.as_ref(), &signed)?;
         self.published = size;
         self.remove_stale_partials(partials);
-        assert!(self.published <= self.shared.integrated.load(Ordering::SeqCst).max(size));
+        assert!(size <= self.shared.sequenced.load(Ordering::SeqCst), "published ≤ sequenced");
         self.shared.published.store(size, Ordering::SeqCst);
         Ok(())
     }
@@ -1047,7 +1045,6 @@ fn recover(io: &dyn Io, keys: &Keys, options: &Options) -> Result<Recovered, Sto
         }
         next_seq = end_seq;
         let header = seg.header.clone();
-        let salts = SaltDeriver::new(&seg.keys.salt_key);
         active = Some(ActiveSegment {
             first_seq: last,
             path: seg.path.clone(),
@@ -1055,7 +1052,6 @@ fn recover(io: &dyn Io, keys: &Keys, options: &Options) -> Result<Recovered, Sto
             len: valid_len as u64,
             key_version: header.key_version,
             keys: seg.keys.clone(),
-            salts,
         });
     }
     if next_seq < published {
@@ -1093,7 +1089,7 @@ fn recover(io: &dyn Io, keys: &Keys, options: &Options) -> Result<Recovered, Sto
         next_seq.saturating_sub(options.idempotency_window_events.max(1)).min(published);
     let mut reintegrated = 0;
     reader::for_each_record(io, &keys.master, window_from, next_seq, |seq, r, seg_keys| {
-        let salt = leaf::derive_salt(&seg_keys.salt_key, seq);
+        let salt = seg_keys.salts.salt(seq);
         let entry = LeafEntry {
             recorded_at_ms: r.recorded_at_ms,
             commitment: leaf::commitment(&salt, &r.canonical),

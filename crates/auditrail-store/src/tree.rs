@@ -277,9 +277,15 @@ mod tests {
                 assert_eq!(tree_root(&nodes, w.size()).unwrap(), w.root());
             }
         }
-        assert!(
-            disk.paths().contains(&"log/tile/2/000.p/1".to_string())
-                || disk.paths().iter().any(|p| p.starts_with("log/tile/1/"))
+        // At 70,000 leaves (the tlog-tiles example) the right edge is .p/112, .p/17 and .p/1.
+        let written: Vec<String> =
+            w.write_partials(&disk).unwrap().iter().map(TileId::path).collect();
+        assert_eq!(
+            written,
+            ["tile/0/273.p/112", "tile/1/001.p/17", "tile/2/000.p/1", "tile/entries/273.p/112"]
         );
+        for p in written {
+            assert!(disk.paths().contains(&format!("log/{p}")), "{p}");
+        }
     }
 }
