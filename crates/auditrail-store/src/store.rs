@@ -379,12 +379,25 @@ impl Store {
         Ok(self.stages())
     }
 
-    /// The stored events with seq in `[from, to)`, as canonical bytes.
-    pub fn read_events(&self, from: u64, to: u64) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+    /// Calls `f` with each durable stored event in `[from, to)`, oldest first, as canonical
+    /// bytes. Reads one segment at a time, so memory stays bounded whatever the range.
+    pub fn for_each_event(
+        &self,
+        from: u64,
+        to: u64,
+        mut f: impl FnMut(u64, &[u8]) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
         let to = to.min(self.stages().sequenced);
-        let mut out = Vec::new();
         reader::for_each_record(self.io.as_ref(), &self.keys.master, from, to, |seq, r, _| {
-            out.push((seq, r.canonical.clone()));
+            f(seq, &r.canonical)
+        })
+    }
+
+    /// The stored events with seq in `[from, to)`, as canonical bytes (for small ranges).
+    pub fn read_events(&self, from: u64, to: u64) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        let mut out = Vec::new();
+        self.for_each_event(from, to, |seq, bytes| {
+            out.push((seq, bytes.to_vec()));
             Ok(())
         })?;
         Ok(out)

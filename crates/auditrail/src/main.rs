@@ -229,18 +229,10 @@ fn import(data: &Path, file: &Path, chunk_lines: usize, report_chunks: bool) -> 
 
 fn export(data: &Path, from: u64, to: Option<u64>) -> Result<()> {
     let store = Store::open(data, Options::default())?;
-    let to = to.unwrap_or(u64::MAX).min(store.stages().sequenced);
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-    // Bounded memory: one slice of the log at a time.
-    let mut seq = from;
-    while seq < to {
-        let end = (seq + 65_536).min(to);
-        for (_, bytes) in store.read_events(seq, end)? {
-            out.write_all(&bytes)?;
-            out.write_all(b"\n")?;
-        }
-        seq = end;
-    }
+    store.for_each_event(from, to.unwrap_or(u64::MAX), |_, bytes| {
+        out.write_all(bytes).and_then(|_| out.write_all(b"\n")).map_err(Into::into)
+    })?;
     out.flush()?;
     Ok(())
 }
