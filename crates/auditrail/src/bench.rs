@@ -34,11 +34,14 @@ pub enum BenchCommand {
         /// Skip the audit at the end.
         #[arg(long)]
         no_verify: bool,
+        /// Keep the log afterwards (to try `verify`, `export` or recovery on a large log).
+        #[arg(long)]
+        keep: bool,
     },
 }
 
 pub fn run(cmd: BenchCommand) -> Result<()> {
-    let BenchCommand::Append { events, producers, batch, dir, no_verify } = cmd;
+    let BenchCommand::Append { events, producers, batch, dir, no_verify, keep } = cmd;
     let dir = match dir {
         Some(d) => d,
         None => std::env::temp_dir().join(format!("auditrail-bench-{}", std::process::id())),
@@ -173,7 +176,11 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             sha / vsecs
         );
     }
-    std::fs::remove_dir_all(&dir).ok();
+    if keep {
+        println!("\nkept the log in {}", dir.display());
+    } else {
+        std::fs::remove_dir_all(&dir).ok();
+    }
     Ok(())
 }
 
