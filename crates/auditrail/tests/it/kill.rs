@@ -4,7 +4,7 @@
 use crate::*;
 use auditrail_store::sim::Rng;
 use std::collections::BTreeSet;
-use std::io::Read as _;
+use std::io::BufRead as _;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -35,18 +35,36 @@ fn sigkill_during_import_loses_no_acknowledged_event() {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        // The moment of the kill is the random variable here, not a synchronisation.
-        std::thread::sleep(Duration::from_micros(rng.below(80_000)));
+        // The import's progress lines arrive on a channel so the kill can be timed against them.
+        let (lines_tx, lines) = std::sync::mpsc::channel::<String>();
+        let mut child_stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+        let reader = std::thread::spawn(move || {
+            let mut line = String::new();
+            while child_stdout.read_line(&mut line).unwrap_or(0) > 0 {
+                let _ = lines_tx.send(std::mem::take(&mut line));
+            }
+        });
+        // The kill moment is the random variable: after 0..3 acknowledged chunks (so a slow,
+        // loaded machine still kills mid-import rather than before the first ack), plus a
+        // random delay of up to 20 ms.
+        let mut out = Vec::new();
+        for _ in 0..rng.below(4) {
+            match lines.recv_timeout(Duration::from_secs(20)) {
+                Ok(line) => out.push(line),
+                Err(_) => break,
+            }
+        }
+        std::thread::sleep(Duration::from_micros(rng.below(20_000)));
         let finished = child.try_wait().unwrap().is_some();
         child.kill().unwrap();
         let status = child.wait().unwrap();
         if !finished && !status.success() {
             kills += 1;
         }
-        let mut out = String::new();
-        child.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+        reader.join().unwrap();
+        out.extend(lines.try_iter());
         let mut line_no = 0;
-        for line in out.lines() {
+        for line in &out {
             let v: serde_json::Value = serde_json::from_str(line).unwrap();
             if let Some(n) = v["durable"].as_u64() {
                 for i in line_no..line_no + n as usize {
