@@ -151,6 +151,7 @@ const TOP_LEVEL: &[&str] = &[
     "project",
     "changes",
     "context",
+    "fhir",
     "seq",
     "recorded_at",
 ];
@@ -396,6 +397,15 @@ impl ClientEvent {
                 }
                 _ => c.err("context", "wrong_type", "must be an object of strings"),
             }
+        }
+        if let Some(v) = fields.get("fhir")
+            && v.get("resourceType").and_then(Value::as_str) != Some("AuditEvent")
+        {
+            c.err(
+                "fhir",
+                "invalid_value",
+                "must be a FHIR AuditEvent resource (an object with resourceType AuditEvent)",
+            );
         }
         if c.errors.is_empty() { Ok(ClientEvent { fields }) } else { Err(InvalidEvent(c.errors)) }
     }
