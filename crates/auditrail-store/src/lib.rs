@@ -11,6 +11,7 @@ pub mod reader;
 pub mod segment;
 pub mod sim;
 pub mod store;
+pub mod tail;
 pub mod tree;
 
 pub use error::StoreError;

@@ -68,6 +68,10 @@ pub struct Options {
     pub queue_requests_max: usize,
     /// Client `id`s are remembered for the most recent this-many events.
     pub idempotency_window_events: u64,
+    /// A group commit is cut into blocks of about this many plaintext bytes (between append
+    /// calls, so one call's events stay in one block). Small blocks make reading one event
+    /// back cheap (one block is decrypted and decompressed); large ones compress better.
+    pub block_plain_bytes_target: usize,
     pub clock: Clock,
 }
 
@@ -92,6 +96,7 @@ impl Default for Options {
             batch_bytes_max: 16 << 20,
             queue_requests_max: 1024,
             idempotency_window_events: 2_000_000,
+            block_plain_bytes_target: 32 << 10,
             clock: system_clock(),
         }
     }
@@ -393,6 +398,16 @@ impl Store {
         })
     }
 
+    /// A forward reader of the durable log starting at `from`.
+    pub fn tail(&self, from: u64) -> crate::tail::LogTail {
+        crate::tail::LogTail::new(self.io.clone(), self.keys.master.clone(), from)
+    }
+
+    /// A reader of single blocks at locations a [`crate::tail::LogTail`] reported.
+    pub fn block_reader(&self) -> crate::tail::BlockReader {
+        crate::tail::BlockReader::new(self.io.clone(), self.keys.master.clone())
+    }
+
     /// The stored events with seq in `[from, to)`, as canonical bytes (for small ranges).
     pub fn read_events(&self, from: u64, to: u64) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
         let mut out = Vec::new();
@@ -585,6 +600,8 @@ impl Sequencer {
         }
         let first_seq = self.next_seq;
         let mut seq = first_seq;
+        let mut block_first = first_seq;
+        let mut blocks = Vec::new();
         let mut entries = Vec::new();
         let mut replies = Vec::with_capacity(group.len());
         self.plain.clear();
@@ -637,17 +654,31 @@ impl Sequencer {
                 seq += 1;
             }
             replies.push((reply, receipts));
+            if self.plain.len() >= self.options.block_plain_bytes_target {
+                blocks.extend(segment::encode_block(
+                    &active.keys,
+                    active.key_version,
+                    block_first,
+                    (seq - block_first) as u32,
+                    &self.plain,
+                    &mut self.compressor,
+                ));
+                self.plain.clear();
+                block_first = seq;
+            }
         }
-        let count = (seq - first_seq) as u32;
-        let path = if count > 0 {
-            let block = segment::encode_block(
+        if seq > block_first {
+            blocks.extend(segment::encode_block(
                 &active.keys,
                 active.key_version,
-                first_seq,
-                count,
+                block_first,
+                (seq - block_first) as u32,
                 &self.plain,
                 &mut self.compressor,
-            );
+            ));
+        }
+        let path = if seq > first_seq {
+            let block = blocks;
             if let Err(e) = self.io.append(&active.path, &block) {
                 return Err((
                     format!("write to {} failed: {e}", active.path),

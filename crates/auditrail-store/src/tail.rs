@@ -1,0 +1,271 @@
+//! Reading the log from outside the writer: forward from any seq, block by block, never past
+//! what is durable ([`LogTail`], used by the search index to follow the log and to rebuild
+//! itself), and one block at a known place ([`BlockReader`], used to read events back for
+//! query results).
+
+use crate::crypto::SegmentKeys;
+use crate::error::StoreError;
+use crate::io::Io;
+use crate::keys::MasterKeys;
+use crate::reader::{list_segments, segment_path};
+use crate::segment::{
+    self, BLOCK_HEADER_BYTES, BlockHeader, RecordIter, RecordRef, SEGMENT_HEADER_BYTES,
+    SegmentHeader,
+};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+/// Where one block lives, so it can be read back without scanning its segment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockLocation {
+    /// The segment, named by its first seq.
+    pub segment: u64,
+    /// Byte offset of the block header within the segment file.
+    pub offset: u64,
+    pub first_seq: u64,
+    pub count: u32,
+}
+
+impl BlockLocation {
+    pub fn end_seq(&self) -> u64 {
+        self.first_seq + u64::from(self.count)
+    }
+}
+
+fn unwrap_segment_keys(
+    io: &dyn Io,
+    master: &MasterKeys,
+    first_seq: u64,
+) -> Result<SegmentKeys, StoreError> {
+    let path = segment_path(first_seq);
+    let bytes = io.read_at(&path, 0, SEGMENT_HEADER_BYTES)?;
+    let header = SegmentHeader::decode(&bytes)
+        .map_err(|e| StoreError::corrupted(format!("{path} offset 0"), e))?;
+    if header.first_seq != first_seq {
+        return Err(StoreError::corrupted(
+            format!("{path} offset 0"),
+            "header first_seq differs from file name",
+        ));
+    }
+    let sealer = master.get(header.key_version).ok_or_else(|| {
+        StoreError::Unavailable(format!(
+            "{path} needs master key version {}, which keys/master.keys lacks",
+            header.key_version
+        ))
+    })?;
+    header.keys(sealer).map_err(|e| StoreError::corrupted(format!("{path} offset 0"), e))
+}
+
+/// Reads the block header at `offset`, or `None` when the file ends before a whole header.
+fn read_block_header(
+    io: &dyn Io,
+    path: &str,
+    offset: u64,
+) -> Result<Option<BlockHeader>, StoreError> {
+    let bytes = io.read_at(path, offset, BLOCK_HEADER_BYTES)?;
+    if bytes.len() < BLOCK_HEADER_BYTES {
+        return Ok(None);
+    }
+    BlockHeader::decode(&bytes)
+        .map(Some)
+        .map_err(|e| StoreError::corrupted(format!("{path} offset {offset}"), e))
+}
+
+fn read_block_plain(
+    io: &dyn Io,
+    path: &str,
+    offset: u64,
+    header: &BlockHeader,
+    keys: &SegmentKeys,
+) -> Result<Vec<u8>, StoreError> {
+    let body = io.read_at(path, offset + BLOCK_HEADER_BYTES as u64, header.sealed_len as usize)?;
+    segment::open_block_body(header, &body, keys)
+        .map_err(|e| StoreError::corrupted(format!("{path} offset {offset}"), e))
+}
+
+struct Position {
+    segment: u64,
+    path: String,
+    keys: SegmentKeys,
+    offset: u64,
+}
+
+/// A forward reader of the durable log. It keeps its place between calls, so following a
+/// growing log costs only the new blocks.
+pub struct LogTail {
+    io: Arc<dyn Io>,
+    master: MasterKeys,
+    next_seq: u64,
+    at: Option<Position>,
+}
+
+impl LogTail {
+    pub fn new(io: Arc<dyn Io>, master: MasterKeys, next_seq: u64) -> LogTail {
+        LogTail { io, master, next_seq, at: None }
+    }
+
+    /// The seq of the next event this reader will deliver.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    /// Finds the segment and block holding `next_seq`.
+    fn seek(&mut self) -> Result<bool, StoreError> {
+        let segments = list_segments(self.io.as_ref())?;
+        let Some(&segment) = segments.iter().rev().find(|&&first| first <= self.next_seq) else {
+            return Ok(false);
+        };
+        let path = segment_path(segment);
+        let keys = unwrap_segment_keys(self.io.as_ref(), &self.master, segment)?;
+        let mut offset = SEGMENT_HEADER_BYTES as u64;
+        // Walk the headers (52 bytes each) to the block that holds next_seq.
+        while let Some(h) = read_block_header(self.io.as_ref(), &path, offset)? {
+            if h.end_seq() > self.next_seq {
+                break;
+            }
+            offset += h.total_len();
+        }
+        self.at = Some(Position { segment, path, keys, offset });
+        Ok(true)
+    }
+
+    /// Delivers every event from `next_seq` up to `durable_end` (exclusive), whole blocks at a
+    /// time, at most `blocks_max` blocks per call. `durable_end` must be a durable size of the
+    /// log (the store's `sequenced`), so nothing that a crash could still take away is read.
+    /// Returns how many events were delivered.
+    pub fn read(
+        &mut self,
+        durable_end: u64,
+        blocks_max: usize,
+        mut f: impl FnMut(&BlockLocation, u64, RecordRef<'_>) -> Result<(), StoreError>,
+    ) -> Result<u64, StoreError> {
+        let start = self.next_seq;
+        for _ in 0..blocks_max {
+            if self.next_seq >= durable_end {
+                break;
+            }
+            if self.at.is_none() && !self.seek()? {
+                break;
+            }
+            let at = self.at.as_mut().expect("positioned by seek");
+            let Some(header) = read_block_header(self.io.as_ref(), &at.path, at.offset)? else {
+                // The segment ends here: the log continues in the next one.
+                let next = self.next_seq;
+                let segments = list_segments(self.io.as_ref())?;
+                if !segments.contains(&next) || at.segment == next {
+                    return Err(StoreError::corrupted(
+                        format!("{} offset {}", at.path, at.offset),
+                        format!("seq {next} is durable but no block holds it"),
+                    ));
+                }
+                self.at = None;
+                continue;
+            };
+            assert!(header.end_seq() <= durable_end, "a durable size never cuts a block");
+            let plain = read_block_plain(self.io.as_ref(), &at.path, at.offset, &header, &at.keys)?;
+            let location = BlockLocation {
+                segment: at.segment,
+                offset: at.offset,
+                first_seq: header.first_seq,
+                count: header.count,
+            };
+            at.offset += header.total_len();
+            for (k, record) in RecordIter::new(&plain).enumerate() {
+                let record = record.map_err(|e| {
+                    StoreError::corrupted(format!("{} offset {}", at.path, location.offset), e)
+                })?;
+                let seq = header.first_seq + k as u64;
+                if seq >= self.next_seq {
+                    f(&location, seq, record)?;
+                }
+            }
+            self.next_seq = header.end_seq();
+        }
+        Ok(self.next_seq - start)
+    }
+}
+
+/// Reads single blocks at known locations, keeping each segment's unwrapped keys.
+pub struct BlockReader {
+    io: Arc<dyn Io>,
+    master: MasterKeys,
+    keys: Mutex<HashMap<u64, SegmentKeys>>,
+}
+
+/// A block's events, in seq order, as canonical bytes.
+pub struct BlockEvents {
+    pub first_seq: u64,
+    plain: Vec<u8>,
+    /// (start, end) of each record's canonical bytes within `plain`.
+    spans: Vec<(u32, u32)>,
+}
+
+impl BlockEvents {
+    pub fn get(&self, seq: u64) -> Option<&[u8]> {
+        let k = usize::try_from(seq.checked_sub(self.first_seq)?).ok()?;
+        let &(start, end) = self.spans.get(k)?;
+        Some(&self.plain[start as usize..end as usize])
+    }
+
+    pub fn len(&self) -> usize {
+        self.spans.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.spans.is_empty()
+    }
+
+    /// Heap bytes held, for cache accounting.
+    pub fn bytes(&self) -> usize {
+        self.plain.len() + self.spans.len() * 8
+    }
+}
+
+impl BlockReader {
+    pub fn new(io: Arc<dyn Io>, master: MasterKeys) -> BlockReader {
+        BlockReader { io, master, keys: Mutex::new(HashMap::new()) }
+    }
+
+    pub fn read(&self, at: &BlockLocation) -> Result<BlockEvents, StoreError> {
+        let keys = {
+            let cached =
+                self.keys.lock().unwrap_or_else(|e| e.into_inner()).get(&at.segment).cloned();
+            match cached {
+                Some(k) => k,
+                None => {
+                    let k = unwrap_segment_keys(self.io.as_ref(), &self.master, at.segment)?;
+                    self.keys
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(at.segment, k.clone());
+                    k
+                }
+            }
+        };
+        let path = segment_path(at.segment);
+        let header = read_block_header(self.io.as_ref(), &path, at.offset)?.ok_or_else(|| {
+            StoreError::corrupted(format!("{path} offset {}", at.offset), "no block here")
+        })?;
+        if header.first_seq != at.first_seq || header.count != at.count {
+            return Err(StoreError::corrupted(
+                format!("{path} offset {}", at.offset),
+                "the block here is not the one the index points to",
+            ));
+        }
+        let plain = read_block_plain(self.io.as_ref(), &path, at.offset, &header, &keys)?;
+        let base = plain.as_ptr() as usize;
+        let mut spans = Vec::with_capacity(header.count as usize);
+        for record in RecordIter::new(&plain) {
+            let record = record
+                .map_err(|e| StoreError::corrupted(format!("{path} offset {}", at.offset), e))?;
+            let start = record.canonical.as_ptr() as usize - base;
+            spans.push((start as u32, (start + record.canonical.len()) as u32));
+        }
+        Ok(BlockEvents { first_seq: header.first_seq, plain, spans })
+    }
+
+    /// Forgets the keys of a segment (after retention erased it).
+    pub fn forget(&self, segment: u64) {
+        self.keys.lock().unwrap_or_else(|e| e.into_inner()).remove(&segment);
+    }
+}
