@@ -1,0 +1,275 @@
+//! What the index keeps of one stored event: its times, the values it can be grouped by, a hash
+//! of its `id`, and the terms it can be found by. Patient identifiers become keyed HMAC tokens
+//! here, before anything reaches memory that outlives the event or the disk.
+
+use auditrail_core::time::parse_rfc3339;
+use hmac::{KeyInit, Mac};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+/// A searchable field. The byte is the first byte of every term key, so it is part of the
+/// on-disk format: never renumber.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum Field {
+    /// The native dotted action (`patient.read`).
+    Action = 1,
+    Category = 2,
+    /// `success` or `failure`.
+    Outcome = 3,
+    Project = 4,
+    /// Lowercased words of the event's descriptive fields, for `q=`.
+    Text = 5,
+    /// The acting user (`actor.user_id`); shared with FHIR `agent`.
+    User = 6,
+    /// The actor's network address; shared with FHIR `address`.
+    Address = 7,
+    /// `source.system`; shared with FHIR `source`.
+    Source = 8,
+    /// A keyed HMAC token of the patient identifier; shared with FHIR `patient`.
+    Patient = 9,
+}
+
+/// The first tag of the FHIR search parameters that have no native twin: `FHIR_BASE + n` for
+/// the n-th parameter of `auditrail_core::fhir::SearchParam`.
+pub const FHIR_BASE: u8 = 64;
+
+/// Values an aggregate can group by; each is a column of dictionary ids.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupBy {
+    Action = 0,
+    User = 1,
+    Outcome = 2,
+    Category = 3,
+}
+
+pub const GROUP_FIELDS: usize = 4;
+
+impl GroupBy {
+    pub fn parse(s: &str) -> Option<GroupBy> {
+        Some(match s {
+            "action" => GroupBy::Action,
+            "user" => GroupBy::User,
+            "outcome" => GroupBy::Outcome,
+            "category" => GroupBy::Category,
+            _ => return None,
+        })
+    }
+}
+
+/// Most words one event contributes to `q=`.
+pub const TEXT_TERMS_MAX: usize = 24;
+
+/// Derives patient tokens. The key is the index's own secret (`keys/index.key`), so the index
+/// files alone reveal no patient identifier, not even by guessing and hashing candidates.
+#[derive(Clone)]
+pub struct PatientTokens {
+    mac: hmac::Hmac<Sha256>,
+}
+
+impl std::fmt::Debug for PatientTokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PatientTokens(..)")
+    }
+}
+
+impl PatientTokens {
+    pub fn new(key: &[u8; 32]) -> PatientTokens {
+        PatientTokens { mac: hmac::Hmac::<Sha256>::new_from_slice(key).expect("any key length") }
+    }
+
+    /// The term key for a patient given as a bare id, `Patient/<id>` or a URL ending in it.
+    pub fn term(&self, patient: &str) -> Vec<u8> {
+        let bare = match patient.rfind("Patient/") {
+            Some(i) => &patient[i + "Patient/".len()..],
+            None => patient,
+        };
+        let mut mac = self.mac.clone();
+        mac.update(bare.as_bytes());
+        let tag = mac.finalize().into_bytes();
+        let mut key = Vec::with_capacity(17);
+        key.push(Field::Patient as u8);
+        key.extend_from_slice(&tag[..16]);
+        key
+    }
+}
+
+pub fn term(field: Field, value: &str) -> Vec<u8> {
+    tagged(field as u8, value)
+}
+
+pub fn tagged(tag: u8, value: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(1 + value.len());
+    key.push(tag);
+    key.extend_from_slice(value.as_bytes());
+    key
+}
+
+/// A stable 64-bit hash of an event `id`, for `GET /events/{id}`. Collisions are harmless:
+/// candidates are read back from the log and compared.
+pub fn id_hash(id: &str) -> u64 {
+    let d = Sha256::digest(id.as_bytes());
+    u64::from_le_bytes(d[..8].try_into().expect("8 bytes"))
+}
+
+/// One event as the index sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Doc {
+    pub seq: u64,
+    pub occurred_ms: i64,
+    pub recorded_ms: i64,
+    pub id_hash: u64,
+    pub group: [String; GROUP_FIELDS],
+    /// Sorted, without duplicates.
+    pub terms: Vec<Vec<u8>>,
+}
+
+/// Emits the FHIR search terms of an event; wired to `auditrail_core::fhir` by the caller so
+/// this crate does not fix the mapping.
+pub type FhirTerms = fn(&Value, &mut dyn FnMut(u8, &str));
+
+/// Builds the index's view of a stored event (canonical JSON with `seq` and `recorded_at`).
+pub fn extract(
+    seq: u64,
+    stored: &[u8],
+    patients: &PatientTokens,
+    fhir_terms: Option<FhirTerms>,
+) -> Result<Doc, String> {
+    let v: Value =
+        serde_json::from_slice(stored).map_err(|e| format!("seq {seq}: not JSON: {e}"))?;
+    let s = |path: &[&str]| -> Option<&str> {
+        let mut cur = &v;
+        for p in path {
+            cur = cur.get(p)?;
+        }
+        cur.as_str()
+    };
+    let recorded_ms = s(&["recorded_at"]).and_then(parse_rfc3339).unwrap_or(0);
+    let occurred_ms = s(&["occurred_at"]).and_then(parse_rfc3339).unwrap_or(recorded_ms);
+    let mut terms = Vec::with_capacity(24);
+    let mut add = |field: Field, value: Option<&str>| {
+        if let Some(value) = value {
+            terms.push(term(field, value));
+        }
+    };
+    add(Field::Action, s(&["action"]));
+    add(Field::Category, s(&["category"]));
+    add(Field::Outcome, s(&["outcome"]));
+    add(Field::Project, s(&["project"]));
+    add(Field::User, s(&["actor", "user_id"]));
+    add(Field::Source, s(&["source", "system"]));
+    if let Some(ip) = s(&["actor", "ip"]) {
+        terms.push(term(Field::Address, &ip.to_ascii_lowercase()));
+    }
+    if let Some(p) = s(&["patient", "id"]) {
+        terms.push(patients.term(p));
+    }
+    text_terms(&v, &mut terms);
+    if let Some(fhir_terms) = fhir_terms {
+        fhir_terms(&v, &mut |tag, value| {
+            if tag == Field::Patient as u8 {
+                terms.push(patients.term(value));
+            } else {
+                terms.push(tagged(tag, value));
+            }
+        });
+    }
+    terms.sort_unstable();
+    terms.dedup();
+    let group = [
+        s(&["action"]).unwrap_or("").to_string(),
+        s(&["actor", "user_id"]).unwrap_or("").to_string(),
+        s(&["outcome"]).unwrap_or("").to_string(),
+        s(&["category"]).unwrap_or("").to_string(),
+    ];
+    let id_hash = id_hash(s(&["id"]).unwrap_or(""));
+    Ok(Doc { seq, occurred_ms, recorded_ms, id_hash, group, terms })
+}
+
+/// Splits into lowercase words of letters and digits, the way `q=` is split too.
+pub fn words(text: &str, mut f: impl FnMut(&str)) {
+    for w in text.split(|c: char| !c.is_alphanumeric()) {
+        if w.len() >= 2 && w.len() <= 64 {
+            if w.bytes().any(|b| b.is_ascii_uppercase()) || !w.is_ascii() {
+                f(&w.to_lowercase());
+            } else {
+                f(w);
+            }
+        }
+    }
+}
+
+/// Words of the descriptive fields. The patient and the request path (which often holds a
+/// patient id) are deliberately not among them: they are findable only through the token.
+fn text_terms(v: &Value, terms: &mut Vec<Vec<u8>>) {
+    let mut n = 0;
+    let mut push = |text: &str| {
+        words(text, |w| {
+            if n < TEXT_TERMS_MAX {
+                terms.push(term(Field::Text, w));
+                n += 1;
+            }
+        })
+    };
+    for key in ["action", "category", "outcome_desc", "project", "purpose_of_use"] {
+        if let Some(t) = v.get(key).and_then(Value::as_str) {
+            push(t);
+        }
+    }
+    if let Some(actor) = v.get("actor") {
+        for key in ["user_id", "name"] {
+            if let Some(t) = actor.get(key).and_then(Value::as_str) {
+                push(t);
+            }
+        }
+    }
+    if let Some(Value::Array(entities)) = v.get("entities") {
+        for e in entities {
+            for key in ["type", "id", "name"] {
+                if let Some(t) = e.get(key).and_then(Value::as_str) {
+                    push(t);
+                }
+            }
+        }
+    }
+    if let Some(Value::Object(context)) = v.get("context") {
+        for t in context.values().filter_map(Value::as_str) {
+            push(t);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patient_tokens_hide_the_identifier_and_match_every_reference_form() {
+        let p = PatientTokens::new(&[7; 32]);
+        let t = p.term("MRN0001");
+        assert_eq!(t.len(), 17);
+        assert!(!t.windows(7).any(|w| w == b"MRN0001"));
+        assert_eq!(p.term("Patient/MRN0001"), t);
+        assert_eq!(p.term("https://ehr.example/fhir/Patient/MRN0001"), t);
+        assert_ne!(PatientTokens::new(&[8; 32]).term("MRN0001"), t);
+    }
+
+    #[test]
+    fn extract_reads_the_native_fields() {
+        let stored = br#"{"action":"patient.read","actor":{"ip":"10.0.0.1","user_id":"dr.who"},"category":"phi_access","id":"e-1","occurred_at":"2026-11-22T10:00:00Z","outcome":"success","patient":{"id":"MRN9"},"recorded_at":"2026-11-22T10:00:01.500Z","entities":[{"type":"ImagingStudy","name":"Chest CT"}],"request":{"path":"/Patient/MRN9/chart"},"seq":4,"source":{"system":"ehr"}}"#;
+        let p = PatientTokens::new(&[1; 32]);
+        let d = extract(4, stored, &p, None).unwrap();
+        assert_eq!(d.recorded_ms - d.occurred_ms, 1500);
+        assert_eq!(d.group[0], "patient.read");
+        assert_eq!(d.group[1], "dr.who");
+        assert!(d.terms.contains(&term(Field::User, "dr.who")));
+        assert!(d.terms.contains(&p.term("MRN9")));
+        assert!(d.terms.contains(&term(Field::Text, "chest")));
+        assert!(!d.terms.iter().any(|t| t.windows(4).any(|w| w == b"MRN9" || w == b"mrn9")));
+        assert_eq!(d.id_hash, id_hash("e-1"));
+        let mut sorted = d.terms.clone();
+        sorted.sort();
+        sorted.dedup();
+        assert_eq!(sorted, d.terms);
+    }
+}

@@ -1,0 +1,586 @@
+//! The index: frozen segments plus one memtable, searched newest first; the follower that feeds
+//! it from the log; and its files under `<data>/index/`.
+//!
+//! Invariant: the parts cover seqs `0..indexed_through` contiguously, and `indexed_through`
+//! never exceeds the log's durable size, because the follower reads only durable blocks.
+
+use crate::doc::{self, Doc, FhirTerms, GroupBy, PatientTokens};
+use crate::file;
+use crate::part::{Memtable, Part, Segment};
+use auditrail_store::Store;
+use auditrail_store::tail::{BlockLocation, LogTail};
+use std::collections::HashMap;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+#[derive(Debug, thiserror::Error)]
+pub enum IndexError {
+    #[error(transparent)]
+    Store(#[from] auditrail_store::StoreError),
+    #[error("index i/o: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("index: {0}")]
+    Invalid(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct IndexOptions {
+    /// The memtable freezes into a segment file at this many events.
+    pub memtable_rows_max: usize,
+}
+
+impl Default for IndexOptions {
+    fn default() -> IndexOptions {
+        IndexOptions { memtable_rows_max: 1 << 18 }
+    }
+}
+
+/// A search: every group of `all_of` must match (AND), and within a group any term (OR).
+#[derive(Debug, Clone)]
+pub struct Query {
+    pub all_of: Vec<Vec<Vec<u8>>>,
+    /// `occurred_at` in `[lo, hi)`, milliseconds.
+    pub occurred: (i64, i64),
+    /// `recorded_at` in `[lo, hi)`, milliseconds.
+    pub recorded: (i64, i64),
+    /// Only seqs in `[lo, hi)`: the cursor of a paged search.
+    pub seqs: (u64, u64),
+    pub newest_first: bool,
+    pub limit: usize,
+}
+
+impl Default for Query {
+    fn default() -> Query {
+        Query {
+            all_of: Vec::new(),
+            occurred: (i64::MIN, i64::MAX),
+            recorded: (i64::MIN, i64::MAX),
+            seqs: (0, u64::MAX),
+            newest_first: true,
+            limit: 50,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hits {
+    pub seqs: Vec<u64>,
+    /// More events match beyond `limit`.
+    pub more: bool,
+}
+
+struct State {
+    segments: Vec<Arc<Segment>>,
+    mem: Memtable,
+}
+
+impl State {
+    fn parts(&self) -> impl DoubleEndedIterator<Item = &dyn Part> {
+        self.segments
+            .iter()
+            .map(|s| s.as_ref() as &dyn Part)
+            .chain(std::iter::once(&self.mem as &dyn Part))
+    }
+}
+
+pub struct Index {
+    dir: PathBuf,
+    options: IndexOptions,
+    patients: PatientTokens,
+    fhir_terms: Option<FhirTerms>,
+    state: RwLock<State>,
+    indexed: AtomicU64,
+    persisted: AtomicU64,
+}
+
+impl std::fmt::Debug for Index {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Index")
+            .field("indexed_through", &self.indexed_through())
+            .field("persisted_through", &self.persisted_through())
+            .finish_non_exhaustive()
+    }
+}
+
+pub const INDEX_DIR: &str = "index";
+pub const INDEX_KEY_FILE: &str = "keys/index.key";
+
+/// Loads the index's patient-token key, creating it on first use. A new key makes any
+/// existing index files useless, so they are removed.
+fn load_or_create_key(data_dir: &Path) -> Result<[u8; 32], IndexError> {
+    let path = data_dir.join(INDEX_KEY_FILE);
+    match std::fs::read(&path) {
+        Ok(bytes) => bytes
+            .try_into()
+            .map_err(|_| IndexError::Invalid(format!("{INDEX_KEY_FILE} must hold 32 bytes"))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let mut key = [0u8; 32];
+            getrandom::fill(&mut key).map_err(|e| IndexError::Invalid(e.to_string()))?;
+            let dir = data_dir.join(INDEX_DIR);
+            if dir.exists() {
+                std::fs::remove_dir_all(&dir)?;
+            }
+            let tmp = path.with_extension("tmp");
+            let mut f = std::fs::OpenOptions::new();
+            f.write(true).create(true).truncate(true);
+            #[cfg(unix)]
+            std::os::unix::fs::OpenOptionsExt::mode(&mut f, 0o600);
+            let mut f = f.open(&tmp)?;
+            f.write_all(&key)?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &path)?;
+            sync_dir(path.parent().expect("keys dir"))?;
+            Ok(key)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
+impl Index {
+    /// Opens the index of a data directory, loading every intact segment file that continues
+    /// the chain from seq 0. Files that do not (damaged, from another key, a gap) are removed;
+    /// the follower re-reads those events from the log.
+    pub fn open(
+        data_dir: &Path,
+        options: IndexOptions,
+        fhir_terms: Option<FhirTerms>,
+    ) -> Result<Index, IndexError> {
+        let key = load_or_create_key(data_dir)?;
+        let dir = data_dir.join(INDEX_DIR);
+        std::fs::create_dir_all(&dir)?;
+        let mut files: Vec<(u64, u64, String)> = std::fs::read_dir(&dir)?
+            .filter_map(|e| e.ok())
+            .filter_map(|e| {
+                let name = e.file_name().into_string().ok()?;
+                let (a, b) = file::parse_file_name(&name)?;
+                Some((a, b, name))
+            })
+            .collect();
+        files.sort();
+        let mut segments = Vec::new();
+        let mut next = 0;
+        for (first, end, name) in files {
+            let path = dir.join(&name);
+            let loaded = (first == next)
+                .then(|| std::fs::read(&path).ok())
+                .flatten()
+                .and_then(|bytes| file::decode(&bytes).ok())
+                .filter(|d| d.first_seq == first && first + d.occurred.len() as u64 == end);
+            match loaded {
+                Some(d) => {
+                    segments.push(Arc::new(Segment::new(d)));
+                    next = end;
+                }
+                None => std::fs::remove_file(&path)?,
+            }
+        }
+        // Temporary files of an interrupted write.
+        for e in std::fs::read_dir(&dir)?.filter_map(|e| e.ok()) {
+            if e.file_name().to_string_lossy().ends_with(".tmp") {
+                std::fs::remove_file(e.path())?;
+            }
+        }
+        Ok(Index {
+            dir,
+            options,
+            patients: PatientTokens::new(&key),
+            fhir_terms,
+            state: RwLock::new(State { segments, mem: Memtable::new(next) }),
+            indexed: AtomicU64::new(next),
+            persisted: AtomicU64::new(next),
+        })
+    }
+
+    /// Removes every index file: the next follower rebuilds from seq 0.
+    pub fn reset(&self) -> Result<(), IndexError> {
+        let mut state = self.write();
+        for s in &state.segments {
+            let path = self.dir.join(file::file_name(s.first_seq(), s.end_seq()));
+            std::fs::remove_file(&path)?;
+        }
+        sync_dir(&self.dir)?;
+        state.segments.clear();
+        state.mem = Memtable::new(0);
+        self.indexed.store(0, Ordering::SeqCst);
+        self.persisted.store(0, Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, State> {
+        self.state.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, State> {
+        self.state.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn patients(&self) -> &PatientTokens {
+        &self.patients
+    }
+
+    /// Events `0..indexed_through` are searchable.
+    pub fn indexed_through(&self) -> u64 {
+        self.indexed.load(Ordering::SeqCst)
+    }
+
+    /// Events `0..persisted_through` are in index files and need not be re-read after a restart.
+    pub fn persisted_through(&self) -> u64 {
+        self.persisted.load(Ordering::SeqCst)
+    }
+
+    /// Builds documents for stored events (no lock held: this is the expensive part).
+    pub fn extract(&self, seq: u64, stored: &[u8]) -> Result<Doc, IndexError> {
+        doc::extract(seq, stored, &self.patients, self.fhir_terms).map_err(IndexError::Invalid)
+    }
+
+    /// Adds the next events, in seq order.
+    pub fn add(&self, docs: Vec<(Doc, BlockLocation)>) {
+        let Some(last) = docs.last().map(|d| d.0.seq) else { return };
+        let mut state = self.write();
+        for (doc, block) in docs {
+            state.mem.push(doc, &block);
+        }
+        self.indexed.store(last + 1, Ordering::SeqCst);
+    }
+
+    /// Freezes the memtable into a segment file when it is full (or always, with `force`).
+    pub fn flush(&self, force: bool) -> Result<(), IndexError> {
+        let frozen = {
+            let state = self.read();
+            if state.mem.is_empty() || (!force && state.mem.len() < self.options.memtable_rows_max)
+            {
+                return Ok(());
+            }
+            // Only the follower thread adds, so the memtable cannot change until it swaps.
+            Arc::new(state.mem.freeze())
+        };
+        let name = file::file_name(frozen.first_seq(), frozen.end_seq());
+        let tmp = self.dir.join(format!("{name}.tmp"));
+        {
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(&file::encode(&frozen.data))?;
+            f.sync_all()?;
+        }
+        std::fs::rename(&tmp, self.dir.join(&name))?;
+        sync_dir(&self.dir)?;
+        let end = frozen.end_seq();
+        let mut state = self.write();
+        assert_eq!(state.mem.end_seq(), end, "the memtable changed while it was frozen");
+        state.segments.push(frozen);
+        state.mem = Memtable::new(end);
+        self.persisted.store(end, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// The block holding `seq`, if it is indexed.
+    pub fn block_for(&self, seq: u64) -> Option<BlockLocation> {
+        let state = self.read();
+        state.parts().find(|p| (p.first_seq()..p.end_seq()).contains(&seq))?.block_for(seq)
+    }
+
+    /// Seqs of the events whose `id` may be `id` (hash matches; compare after reading).
+    pub fn id_candidates(&self, id: &str) -> Vec<u64> {
+        let hash = doc::id_hash(id);
+        let state = self.read();
+        state
+            .parts()
+            .flat_map(|p| p.id_rows(hash).into_iter().map(move |r| p.first_seq() + u64::from(r)))
+            .collect()
+    }
+
+    pub fn search(&self, q: &Query) -> Hits {
+        let state = self.read();
+        let mut seqs = Vec::new();
+        let want = q.limit.saturating_add(1);
+        let mut visit = |part: &dyn Part| {
+            for_each_match(part, q, q.newest_first, &mut |seq| {
+                seqs.push(seq);
+                seqs.len() < want
+            });
+            seqs.len() < want
+        };
+        if q.newest_first {
+            for part in state.parts().rev() {
+                if !visit(part) {
+                    break;
+                }
+            }
+        } else {
+            for part in state.parts() {
+                if !visit(part) {
+                    break;
+                }
+            }
+        }
+        let more = seqs.len() > q.limit;
+        seqs.truncate(q.limit);
+        Hits { seqs, more }
+    }
+
+    /// How many events match (ignores `limit` and the order).
+    pub fn count(&self, q: &Query) -> u64 {
+        let state = self.read();
+        let mut n = 0u64;
+        for part in state.parts() {
+            if q.all_of.len() == 1
+                && q.all_of[0].len() == 1
+                && q.occurred == (i64::MIN, i64::MAX)
+                && q.recorded == (i64::MIN, i64::MAX)
+                && q.seqs == (0, u64::MAX)
+            {
+                n += part.postings(&q.all_of[0][0]).len() as u64;
+                continue;
+            }
+            for_each_match(part, q, false, &mut |_| {
+                n += 1;
+                true
+            });
+        }
+        n
+    }
+
+    /// Counts of events with `occurred_at` in `[from, to)` per value of `group`, largest first.
+    pub fn stats(&self, group: GroupBy, from: i64, to: i64) -> Vec<(String, u64)> {
+        let g = group as usize;
+        let state = self.read();
+        let mut totals: HashMap<&str, u64> = HashMap::new();
+        for part in state.parts() {
+            let mut local = vec![0u64; part.dict(g).len()];
+            let chunks = part.chunks();
+            let scan = |local: &mut Vec<u64>, rows: std::ops::Range<usize>| {
+                for row in rows {
+                    let t = part.occurred(row as u32);
+                    if t >= from && t < to {
+                        local[part.group_id(g, row as u32) as usize] += 1;
+                    }
+                }
+            };
+            if chunks.is_empty() {
+                scan(&mut local, 0..part.len());
+            } else {
+                for (c, chunk) in chunks.iter().enumerate() {
+                    if chunk.occurred_max < from || chunk.occurred_min >= to {
+                        continue;
+                    }
+                    if chunk.occurred_min >= from && chunk.occurred_max < to {
+                        for &(id, count) in &chunk.counts[g] {
+                            local[id as usize] += u64::from(count);
+                        }
+                    } else {
+                        let start = c * crate::part::CHUNK_ROWS;
+                        scan(&mut local, start..(start + crate::part::CHUNK_ROWS).min(part.len()));
+                    }
+                }
+            }
+            for (id, count) in local.into_iter().enumerate() {
+                if count > 0 {
+                    *totals.entry(part.dict(g)[id].as_str()).or_default() += count;
+                }
+            }
+        }
+        let mut out: Vec<(String, u64)> =
+            totals.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+        out.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        out
+    }
+
+    /// Bytes of index files on disk.
+    pub fn disk_bytes(&self) -> u64 {
+        std::fs::read_dir(&self.dir)
+            .map(|d| d.filter_map(|e| e.ok()?.metadata().ok()).map(|m| m.len()).sum())
+            .unwrap_or(0)
+    }
+
+    pub fn segment_count(&self) -> usize {
+        self.read().segments.len()
+    }
+}
+
+/// Rows of `part` matching the term groups, ascending; `None` means every row.
+fn candidate_rows<'a>(
+    part: &'a dyn Part,
+    all_of: &[Vec<Vec<u8>>],
+) -> Option<std::borrow::Cow<'a, [u32]>> {
+    use std::borrow::Cow;
+    if all_of.is_empty() {
+        return None;
+    }
+    let mut lists: Vec<Cow<'a, [u32]>> = Vec::with_capacity(all_of.len());
+    for group in all_of {
+        let list: Cow<'a, [u32]> = if group.len() == 1 {
+            Cow::Borrowed(part.postings(&group[0]))
+        } else {
+            let mut union: Vec<u32> =
+                group.iter().flat_map(|k| part.postings(k)).copied().collect();
+            union.sort_unstable();
+            union.dedup();
+            Cow::Owned(union)
+        };
+        if list.is_empty() {
+            return Some(Cow::Borrowed(&[]));
+        }
+        lists.push(list);
+    }
+    lists.sort_by_key(|l| l.len());
+    let mut iter = lists.into_iter();
+    let first = iter.next().expect("at least one group");
+    let rest: Vec<_> = iter.collect();
+    if rest.is_empty() {
+        return Some(first);
+    }
+    let out: Vec<u32> =
+        first.iter().copied().filter(|r| rest.iter().all(|l| l.binary_search(r).is_ok())).collect();
+    Some(Cow::Owned(out))
+}
+
+/// Calls `f` with each matching seq of `part` in the given order until it returns false.
+fn for_each_match(part: &dyn Part, q: &Query, newest_first: bool, f: &mut dyn FnMut(u64) -> bool) {
+    let first = part.first_seq();
+    if part.len() == 0 || q.seqs.1 <= first || q.seqs.0 >= part.end_seq() {
+        return;
+    }
+    // Rows allowed by the seq bounds; recorded_at is non-decreasing in seq, so its bounds narrow
+    // the same range by binary search.
+    let mut lo = q.seqs.0.saturating_sub(first).min(part.len() as u64) as usize;
+    let mut hi = (q.seqs.1.saturating_sub(first)).min(part.len() as u64) as usize;
+    if q.recorded != (i64::MIN, i64::MAX) {
+        lo = lo.max(partition(part.len(), |r| part.recorded(r) < q.recorded.0));
+        hi = hi.min(partition(part.len(), |r| part.recorded(r) < q.recorded.1));
+    }
+    if lo >= hi {
+        return;
+    }
+    let chunks = part.chunks();
+    let time_ok = |row: u32| {
+        let t = part.occurred(row);
+        t >= q.occurred.0 && t < q.occurred.1
+    };
+    let chunk_may_match = |row: u32| {
+        q.occurred == (i64::MIN, i64::MAX)
+            || chunks
+                .get(row as usize / crate::part::CHUNK_ROWS)
+                .is_none_or(|c| c.occurred_max >= q.occurred.0 && c.occurred_min < q.occurred.1)
+    };
+    let mut emit =
+        |row: u32| -> bool { if time_ok(row) { f(first + u64::from(row)) } else { true } };
+    match candidate_rows(part, &q.all_of) {
+        Some(rows) => {
+            let start = rows.partition_point(|&r| (r as usize) < lo);
+            let end = rows.partition_point(|&r| (r as usize) < hi);
+            let rows = &rows[start..end];
+            if newest_first {
+                for &r in rows.iter().rev() {
+                    if !emit(r) {
+                        return;
+                    }
+                }
+            } else {
+                for &r in rows {
+                    if !emit(r) {
+                        return;
+                    }
+                }
+            }
+        }
+        None => {
+            let step = crate::part::CHUNK_ROWS;
+            if newest_first {
+                let mut r = hi;
+                while r > lo {
+                    let row = (r - 1) as u32;
+                    if !chunk_may_match(row) {
+                        // Skip to the end of the previous chunk.
+                        r = (row as usize / step * step).max(lo);
+                        continue;
+                    }
+                    if !emit(row) {
+                        return;
+                    }
+                    r -= 1;
+                }
+            } else {
+                let mut r = lo;
+                while r < hi {
+                    let row = r as u32;
+                    if !chunk_may_match(row) {
+                        r = ((row as usize / step + 1) * step).min(hi);
+                        continue;
+                    }
+                    if !emit(row) {
+                        return;
+                    }
+                    r += 1;
+                }
+            }
+        }
+    }
+}
+
+/// The first row in `0..len` for which `before` is false (`before` must be monotonic).
+fn partition(len: usize, before: impl Fn(u32) -> bool) -> usize {
+    let (mut lo, mut hi) = (0, len);
+    while lo < hi {
+        let mid = (lo + hi) / 2;
+        if before(mid as u32) {
+            lo = mid + 1;
+        } else {
+            hi = mid;
+        }
+    }
+    lo
+}
+
+/// Feeds the index from the log: reads durable blocks after `indexed_through` and adds them.
+pub struct Follower {
+    tail: LogTail,
+}
+
+impl Follower {
+    pub fn new(index: &Index, store: &Store) -> Follower {
+        Follower { tail: store.tail(index.indexed_through()) }
+    }
+
+    /// Indexes up to `blocks_max` durable blocks; returns how many events it added.
+    pub fn step(
+        &mut self,
+        index: &Index,
+        store: &Store,
+        blocks_max: usize,
+    ) -> Result<u64, IndexError> {
+        assert_eq!(self.tail.next_seq(), index.indexed_through(), "one follower per index");
+        let durable = store.stages().sequenced;
+        let mut docs = Vec::new();
+        let mut failure = None;
+        let n = self.tail.read(durable, blocks_max, |at, seq, record| {
+            match index.extract(seq, record.canonical) {
+                Ok(d) => docs.push((d, *at)),
+                Err(e) => failure = Some(e),
+            }
+            Ok(())
+        })?;
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        index.add(docs);
+        index.flush(false)?;
+        Ok(n)
+    }
+
+    /// Indexes everything durable now.
+    pub fn catch_up(&mut self, index: &Index, store: &Store) -> Result<u64, IndexError> {
+        let mut total = 0;
+        loop {
+            let n = self.step(index, store, 8)?;
+            if n == 0 {
+                return Ok(total);
+            }
+            total += n;
+        }
+    }
+}

@@ -1,0 +1,273 @@
+//! The two kinds of index part. The [`Memtable`] takes new events; when it is full it freezes
+//! into a [`Segment`], which is immutable, written to one file, and searched by binary search.
+//! Both cover a contiguous run of seqs and are read through the [`Part`] trait.
+//!
+//! Rows are positions within a part (`seq - first_seq`), so postings are `u32`s.
+
+use crate::doc::{Doc, GROUP_FIELDS};
+use auditrail_store::tail::BlockLocation;
+use std::collections::HashMap;
+
+/// Rows per zone-map chunk: the unit at which time ranges are pruned and counts pre-summed.
+pub const CHUNK_ROWS: usize = 4096;
+
+/// What a query reads from a part.
+pub trait Part: Send + Sync {
+    fn first_seq(&self) -> u64;
+    fn len(&self) -> usize;
+    fn occurred(&self, row: u32) -> i64;
+    fn recorded(&self, row: u32) -> i64;
+    /// The rows holding `key`, ascending.
+    fn postings(&self, key: &[u8]) -> &[u32];
+    fn group_id(&self, group: usize, row: u32) -> u32;
+    fn dict(&self, group: usize) -> &[String];
+    fn id_rows(&self, hash: u64) -> Vec<u32>;
+    fn blocks(&self) -> &[BlockLocation];
+    /// Zone maps, when the part has them (frozen segments do).
+    fn chunks(&self) -> &[Chunk];
+
+    fn end_seq(&self) -> u64 {
+        self.first_seq() + self.len() as u64
+    }
+
+    /// The block holding `seq`, if this part covers it.
+    fn block_for(&self, seq: u64) -> Option<BlockLocation> {
+        let blocks = self.blocks();
+        let i = blocks.partition_point(|b| b.end_seq() <= seq);
+        blocks.get(i).filter(|b| b.first_seq <= seq).copied()
+    }
+}
+
+/// A zone-map entry for [`CHUNK_ROWS`] rows: their time bounds and, per group field, how many
+/// rows hold each value, so a count over whole chunks never looks at rows.
+#[derive(Debug, Clone, Default)]
+pub struct Chunk {
+    pub occurred_min: i64,
+    pub occurred_max: i64,
+    pub counts: [Vec<(u32, u32)>; GROUP_FIELDS],
+}
+
+fn build_chunks(occurred: &[i64], group_ids: &[Vec<u32>; GROUP_FIELDS]) -> Vec<Chunk> {
+    let mut out = Vec::with_capacity(occurred.len().div_ceil(CHUNK_ROWS));
+    for (c, times) in occurred.chunks(CHUNK_ROWS).enumerate() {
+        let start = c * CHUNK_ROWS;
+        let mut chunk = Chunk {
+            occurred_min: times.iter().copied().min().unwrap_or(0),
+            occurred_max: times.iter().copied().max().unwrap_or(0),
+            counts: Default::default(),
+        };
+        for (g, ids) in group_ids.iter().enumerate() {
+            let mut tally: HashMap<u32, u32> = HashMap::new();
+            for &id in &ids[start..start + times.len()] {
+                *tally.entry(id).or_default() += 1;
+            }
+            let mut v: Vec<(u32, u32)> = tally.into_iter().collect();
+            v.sort_unstable();
+            chunk.counts[g] = v;
+        }
+        out.push(chunk);
+    }
+    out
+}
+
+/// The part that takes new events, in memory only. Losing it in a crash loses nothing: the
+/// index catches up from the log.
+#[derive(Debug, Default)]
+pub struct Memtable {
+    first_seq: u64,
+    occurred: Vec<i64>,
+    recorded: Vec<i64>,
+    group_ids: [Vec<u32>; GROUP_FIELDS],
+    dicts: [Vec<String>; GROUP_FIELDS],
+    dict_ids: [HashMap<String, u32>; GROUP_FIELDS],
+    ids: HashMap<u64, Vec<u32>>,
+    postings: HashMap<Vec<u8>, Vec<u32>>,
+    blocks: Vec<BlockLocation>,
+}
+
+impl Memtable {
+    pub fn new(first_seq: u64) -> Memtable {
+        Memtable { first_seq, ..Memtable::default() }
+    }
+
+    /// Adds the next event; seqs must be contiguous.
+    pub fn push(&mut self, doc: Doc, block: &BlockLocation) {
+        assert_eq!(doc.seq, self.end_seq(), "the index takes events in seq order, without gaps");
+        let row = self.occurred.len() as u32;
+        self.occurred.push(doc.occurred_ms);
+        self.recorded.push(doc.recorded_ms);
+        for (g, value) in doc.group.into_iter().enumerate() {
+            let id = match self.dict_ids[g].get(&value) {
+                Some(&id) => id,
+                None => {
+                    let id = self.dicts[g].len() as u32;
+                    self.dicts[g].push(value.clone());
+                    self.dict_ids[g].insert(value, id);
+                    id
+                }
+            };
+            self.group_ids[g].push(id);
+        }
+        self.ids.entry(doc.id_hash).or_default().push(row);
+        for key in doc.terms {
+            self.postings.entry(key).or_default().push(row);
+        }
+        if self.blocks.last() != Some(block) {
+            self.blocks.push(*block);
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.occurred.is_empty()
+    }
+
+    /// An immutable copy, ready to be written and searched.
+    pub fn freeze(&self) -> Segment {
+        let mut keys: Vec<&Vec<u8>> = self.postings.keys().collect();
+        keys.sort_unstable();
+        let mut term_bytes = Vec::new();
+        let mut key_ends = Vec::with_capacity(keys.len());
+        let mut postings = Vec::new();
+        let mut post_ends = Vec::with_capacity(keys.len());
+        for key in keys {
+            term_bytes.extend_from_slice(key);
+            key_ends.push(term_bytes.len() as u32);
+            postings.extend_from_slice(&self.postings[key]);
+            post_ends.push(postings.len() as u32);
+        }
+        let mut ids: Vec<(u64, u32)> =
+            self.ids.iter().flat_map(|(&h, rows)| rows.iter().map(move |&r| (h, r))).collect();
+        ids.sort_unstable();
+        Segment::new(SegmentData {
+            first_seq: self.first_seq,
+            occurred: self.occurred.clone(),
+            recorded: self.recorded.clone(),
+            group_ids: self.group_ids.clone(),
+            dicts: self.dicts.clone(),
+            ids,
+            term_bytes,
+            key_ends,
+            postings,
+            post_ends,
+            blocks: self.blocks.clone(),
+        })
+    }
+}
+
+impl Part for Memtable {
+    fn first_seq(&self) -> u64 {
+        self.first_seq
+    }
+    fn len(&self) -> usize {
+        self.occurred.len()
+    }
+    fn occurred(&self, row: u32) -> i64 {
+        self.occurred[row as usize]
+    }
+    fn recorded(&self, row: u32) -> i64 {
+        self.recorded[row as usize]
+    }
+    fn postings(&self, key: &[u8]) -> &[u32] {
+        self.postings.get(key).map(Vec::as_slice).unwrap_or(&[])
+    }
+    fn group_id(&self, group: usize, row: u32) -> u32 {
+        self.group_ids[group][row as usize]
+    }
+    fn dict(&self, group: usize) -> &[String] {
+        &self.dicts[group]
+    }
+    fn id_rows(&self, hash: u64) -> Vec<u32> {
+        self.ids.get(&hash).cloned().unwrap_or_default()
+    }
+    fn blocks(&self) -> &[BlockLocation] {
+        &self.blocks
+    }
+    fn chunks(&self) -> &[Chunk] {
+        &[]
+    }
+}
+
+/// The stored arrays of a frozen segment (what its file holds).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SegmentData {
+    pub first_seq: u64,
+    pub occurred: Vec<i64>,
+    pub recorded: Vec<i64>,
+    pub group_ids: [Vec<u32>; GROUP_FIELDS],
+    pub dicts: [Vec<String>; GROUP_FIELDS],
+    /// (id hash, row), sorted.
+    pub ids: Vec<(u64, u32)>,
+    /// Term keys, sorted and concatenated; `key_ends[i]` is where key `i` ends.
+    pub term_bytes: Vec<u8>,
+    pub key_ends: Vec<u32>,
+    /// Postings of all terms, concatenated in key order; `post_ends[i]` is where term `i`'s end.
+    pub postings: Vec<u32>,
+    pub post_ends: Vec<u32>,
+    pub blocks: Vec<BlockLocation>,
+}
+
+/// A frozen part: its data plus zone maps computed when it is built or loaded.
+#[derive(Debug)]
+pub struct Segment {
+    pub data: SegmentData,
+    chunks: Vec<Chunk>,
+}
+
+impl Segment {
+    pub fn new(data: SegmentData) -> Segment {
+        let chunks = build_chunks(&data.occurred, &data.group_ids);
+        Segment { data, chunks }
+    }
+
+    fn key(&self, i: usize) -> &[u8] {
+        let start = if i == 0 { 0 } else { self.data.key_ends[i - 1] as usize };
+        &self.data.term_bytes[start..self.data.key_ends[i] as usize]
+    }
+}
+
+impl Part for Segment {
+    fn first_seq(&self) -> u64 {
+        self.data.first_seq
+    }
+    fn len(&self) -> usize {
+        self.data.occurred.len()
+    }
+    fn occurred(&self, row: u32) -> i64 {
+        self.data.occurred[row as usize]
+    }
+    fn recorded(&self, row: u32) -> i64 {
+        self.data.recorded[row as usize]
+    }
+    fn postings(&self, key: &[u8]) -> &[u32] {
+        let (mut lo, mut hi) = (0, self.data.key_ends.len());
+        while lo < hi {
+            let mid = (lo + hi) / 2;
+            match self.key(mid).cmp(key) {
+                std::cmp::Ordering::Less => lo = mid + 1,
+                std::cmp::Ordering::Greater => hi = mid,
+                std::cmp::Ordering::Equal => {
+                    let start = if mid == 0 { 0 } else { self.data.post_ends[mid - 1] as usize };
+                    return &self.data.postings[start..self.data.post_ends[mid] as usize];
+                }
+            }
+        }
+        &[]
+    }
+    fn group_id(&self, group: usize, row: u32) -> u32 {
+        self.data.group_ids[group][row as usize]
+    }
+    fn dict(&self, group: usize) -> &[String] {
+        &self.data.dicts[group]
+    }
+    fn id_rows(&self, hash: u64) -> Vec<u32> {
+        let ids = &self.data.ids;
+        let start = ids.partition_point(|&(h, _)| h < hash);
+        ids[start..].iter().take_while(|&&(h, _)| h == hash).map(|&(_, r)| r).collect()
+    }
+    fn blocks(&self) -> &[BlockLocation] {
+        &self.data.blocks
+    }
+    fn chunks(&self) -> &[Chunk] {
+        &self.chunks
+    }
+}
