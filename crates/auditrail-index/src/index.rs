@@ -442,7 +442,7 @@ fn candidate_rows<'a>(
 /// Calls `f` with each matching seq of `part` in the given order until it returns false.
 fn for_each_match(part: &dyn Part, q: &Query, newest_first: bool, f: &mut dyn FnMut(u64) -> bool) {
     let first = part.first_seq();
-    if part.len() == 0 || q.seqs.1 <= first || q.seqs.0 >= part.end_seq() {
+    if part.is_empty() || q.seqs.1 <= first || q.seqs.0 >= part.end_seq() {
         return;
     }
     // Rows allowed by the seq bounds; recorded_at is non-decreasing in seq, so its bounds narrow

@@ -30,6 +30,10 @@ pub trait Part: Send + Sync {
         self.first_seq() + self.len() as u64
     }
 
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// The block holding `seq`, if this part covers it.
     fn block_for(&self, seq: u64) -> Option<BlockLocation> {
         let blocks = self.blocks();
@@ -115,10 +119,6 @@ impl Memtable {
         if self.blocks.last() != Some(block) {
             self.blocks.push(*block);
         }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.occurred.is_empty()
     }
 
     /// An immutable copy, ready to be written and searched.
