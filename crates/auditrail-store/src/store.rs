@@ -25,7 +25,7 @@ use auditrail_core::event::{IdempotencyKey, PreparedEvent};
 use auditrail_core::leaf::{self, LeafEntry};
 use auditrail_core::merkle::{self, Hash};
 use auditrail_core::note::{self, NoteVerifier};
-use auditrail_core::tile::TileId;
+use auditrail_core::tile::{self, TileId};
 use auditrail_core::time::{UnixMillis, day_of};
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -396,6 +396,45 @@ impl Store {
         reader::for_each_record(self.io.as_ref(), &self.keys.master, from, to, |seq, r, _| {
             f(seq, &r.canonical)
         })
+    }
+
+    /// The signed checkpoint of tree size `size`, or the newest one.
+    pub fn checkpoint(&self, size: Option<u64>) -> Result<String, StoreError> {
+        find_checkpoint(self.io.as_ref(), &self.keys, size)
+    }
+
+    /// RFC 6962 inclusion proof of leaf `seq` in the published tree of `size` leaves.
+    pub fn inclusion_proof(&self, seq: u64, size: u64) -> Result<Vec<Hash>, StoreError> {
+        self.check_published(size)?;
+        if seq >= size {
+            return Err(StoreError::InvalidInput(format!(
+                "seq {seq} is not in a tree of size {size}"
+            )));
+        }
+        let tiles = crate::tree::DiskTiles { io: self.io.as_ref() };
+        Ok(merkle::inclusion_proof(&tile::TileNodes { tiles: &tiles, size }, seq, size)?)
+    }
+
+    /// RFC 6962 consistency proof between two published tree sizes.
+    pub fn consistency_proof(&self, from: u64, to: u64) -> Result<Vec<Hash>, StoreError> {
+        self.check_published(to)?;
+        if from > to {
+            return Err(StoreError::InvalidInput(format!(
+                "from ({from}) must not exceed to ({to})"
+            )));
+        }
+        let tiles = crate::tree::DiskTiles { io: self.io.as_ref() };
+        Ok(merkle::consistency_proof(&tile::TileNodes { tiles: &tiles, size: to }, from, to)?)
+    }
+
+    fn check_published(&self, size: u64) -> Result<(), StoreError> {
+        let published = self.stages().published;
+        if size == 0 || size > published {
+            return Err(StoreError::InvalidInput(format!(
+                "tree size {size} is not published: sizes 1 to {published} are"
+            )));
+        }
+        Ok(())
     }
 
     /// A forward reader of the durable log starting at `from`.

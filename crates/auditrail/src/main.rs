@@ -33,6 +33,24 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the HTTP service (native API, FHIR, the log). Initialises the data directory on
+    /// first start. Settings: defaults < --config file < AUDITRAIL_* variables < flags.
+    Serve {
+        /// Data directory [AUDITRAIL_DATA; default ./auditrail-data].
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// Address to listen on [AUDITRAIL_LISTEN; default 127.0.0.1:8600].
+        #[arg(long)]
+        listen: Option<String>,
+        /// A TOML file of settings (see docs/operations.md) [AUDITRAIL_CONFIG].
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Delete the search index and rebuild it from the log (run while the server is stopped).
+    Reindex {
+        #[arg(long)]
+        data: PathBuf,
+    },
     /// Create a data directory and its keys (key files are mode 0600).
     Init {
         #[arg(long)]
@@ -111,6 +129,8 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
+        Command::Serve { data, listen, config } => serve(data, listen, config)?,
+        Command::Reindex { data } => reindex(&data)?,
         Command::Init { data, origin } => {
             let verifier = auditrail_store::init(&data, &origin)?;
             println!("{}", verifier.to_vkey());
@@ -137,6 +157,53 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Bench { command } => bench::run(command)?,
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn serve(data: Option<PathBuf>, listen: Option<String>, file: Option<PathBuf>) -> Result<()> {
+    let file = file.or_else(|| std::env::var_os("AUDITRAIL_CONFIG").map(PathBuf::from));
+    let mut config = auditrail_server::Config::load(file.as_deref(), std::env::vars())?;
+    if let Some(data) = data {
+        config.data = data;
+    }
+    if let Some(listen) = listen {
+        config.listen = listen;
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(auditrail_server::run(config, shutdown_signal())).map_err(anyhow::Error::msg)
+}
+
+/// Resolves on SIGTERM or SIGINT: stop accepting, finish requests, flush, final checkpoint.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) =
+        (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+    else {
+        eprintln!("auditrail: cannot install signal handlers; stop the server with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    eprintln!("auditrail: shutting down");
+}
+
+fn reindex(data: &Path) -> Result<()> {
+    let started = std::time::Instant::now();
+    let store = Store::open(data, Options::default())?;
+    let index = auditrail_index::Index::open(data, auditrail_index::IndexOptions::default(), None)?;
+    index.reset()?;
+    let mut follower = auditrail_index::Follower::new(&index, &store);
+    let n = follower.catch_up(&index, &store)?;
+    index.flush(true)?;
+    store.close()?;
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "indexed {n} events in {secs:.2}s ({:.0} events/s); index {} bytes",
+        n as f64 / secs.max(1e-9),
+        index.disk_bytes()
+    );
+    Ok(())
 }
 
 fn load_keys(data: &Path) -> Result<Keys> {

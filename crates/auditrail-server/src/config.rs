@@ -1,0 +1,135 @@
+//! Configuration: defaults, then a TOML file, then `AUDITRAIL_*` environment variables, then
+//! command-line flags (applied by the binary). Every setting is documented in
+//! `docs/operations.md`; unknown keys in the file are an error, so a typo is never ignored.
+
+use serde::Deserialize;
+use std::path::PathBuf;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// The data directory; initialised on first start.
+    pub data: PathBuf,
+    /// Address to listen on.
+    pub listen: String,
+    /// The log's name in checkpoints, used when initialising a new data directory.
+    pub origin: String,
+    /// Largest request body for one event or a JSON array of events.
+    pub body_bytes_max: usize,
+    /// Largest NDJSON body for the bulk endpoint.
+    pub bulk_bytes_max: usize,
+    /// Most events in one JSON array or one FHIR Bundle.
+    pub batch_events_max: usize,
+    /// Bytes of request bodies being ingested at once; beyond it requests get 503.
+    pub ingest_bytes_in_flight_max: usize,
+    /// How often a new checkpoint is published while the log grows.
+    pub publish_interval_ms: u64,
+    /// Events per index segment file.
+    pub index_memtable_rows_max: usize,
+    /// Decoded log blocks kept in memory for reads.
+    pub block_cache_bytes_max: usize,
+    /// Largest page of a search.
+    pub search_limit_max: usize,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            data: PathBuf::from("./auditrail-data"),
+            listen: "127.0.0.1:8600".into(),
+            origin: "auditrail.local/log".into(),
+            body_bytes_max: 8 << 20,
+            bulk_bytes_max: 1 << 30,
+            batch_events_max: 10_000,
+            ingest_bytes_in_flight_max: 256 << 20,
+            publish_interval_ms: 1000,
+            index_memtable_rows_max: 1 << 18,
+            block_cache_bytes_max: 256 << 20,
+            search_limit_max: 1000,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("config file {path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("environment variable {name}: {message}")]
+    Env { name: String, message: String },
+}
+
+impl Config {
+    /// Defaults, overridden by `file` (if given) and then by the environment.
+    pub fn load(
+        file: Option<&std::path::Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut config = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.display().to_string(),
+                    source,
+                })?;
+                toml::from_str(&text).map_err(|e| ConfigError::Parse {
+                    path: path.display().to_string(),
+                    message: e.message().to_string(),
+                })?
+            }
+            None => Config::default(),
+        };
+        for (name, value) in env {
+            let Some(key) = name.strip_prefix("AUDITRAIL_") else { continue };
+            config
+                .set(&key.to_ascii_lowercase(), &value)
+                .map_err(|message| ConfigError::Env { name: name.clone(), message })?;
+        }
+        Ok(config)
+    }
+
+    /// Sets one setting from text; unknown names are errors.
+    pub fn set(&mut self, key: &str, value: &str) -> Result<(), String> {
+        fn num<T: std::str::FromStr>(v: &str) -> Result<T, String> {
+            v.parse().map_err(|_| format!("{v:?} is not a valid number"))
+        }
+        match key {
+            "data" => self.data = PathBuf::from(value),
+            "listen" => self.listen = value.to_string(),
+            "origin" => self.origin = value.to_string(),
+            "body_bytes_max" => self.body_bytes_max = num(value)?,
+            "bulk_bytes_max" => self.bulk_bytes_max = num(value)?,
+            "batch_events_max" => self.batch_events_max = num(value)?,
+            "ingest_bytes_in_flight_max" => self.ingest_bytes_in_flight_max = num(value)?,
+            "publish_interval_ms" => self.publish_interval_ms = num(value)?,
+            "index_memtable_rows_max" => self.index_memtable_rows_max = num(value)?,
+            "block_cache_bytes_max" => self.block_cache_bytes_max = num(value)?,
+            "search_limit_max" => self.search_limit_max = num(value)?,
+            // Variables the binary reads itself.
+            "config" | "log" => {}
+            _ => return Err(format!("unknown setting {key:?}")),
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_then_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("auditrail.toml");
+        std::fs::write(&path, "listen = \"0.0.0.0:9000\"\nbatch_events_max = 5\n").unwrap();
+        let env = [("AUDITRAIL_BATCH_EVENTS_MAX".to_string(), "7".to_string())];
+        let c = Config::load(Some(&path), env).unwrap();
+        assert_eq!((c.listen.as_str(), c.batch_events_max), ("0.0.0.0:9000", 7));
+
+        std::fs::write(&path, "lisen = \"x\"\n").unwrap();
+        let e = Config::load(Some(&path), []).unwrap_err().to_string();
+        assert!(e.contains("lisen"), "{e}");
+        let env = [("AUDITRAIL_BODY_BYTES_MAX".to_string(), "lots".to_string())];
+        assert!(Config::load(None, env).is_err());
+    }
+}

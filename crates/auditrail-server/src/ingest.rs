@@ -1,0 +1,419 @@
+//! Native ingest: `POST /api/v1/events` (one event or a JSON array, all or nothing) and
+//! `POST /api/v1/events/bulk` (NDJSON, streamed, a result per line like Elasticsearch's
+//! `_bulk`). Every answer comes after the events are durable and carries their receipts.
+
+use crate::{ApiError, SharedState, blocking};
+use auditrail_core::event::{ClientEvent, FieldError, PreparedEvent};
+use auditrail_core::limits::EVENT_BYTES_MAX;
+use auditrail_store::Receipt;
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use http_body_util::BodyExt;
+use serde_json::{Value, json};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+/// Events per append call from the bulk endpoint: large enough to amortise a call, small
+/// enough that a block stays near the store's block size target.
+const BULK_CHUNK_EVENTS: usize = 512;
+/// How long a bulk request may wait for ingest budget before it is answered 503.
+const BUDGET_WAIT_MAX: Duration = Duration::from_secs(5);
+
+pub fn receipt_json(r: &Receipt) -> Value {
+    json!({
+        "id": r.id,
+        "seq": r.seq,
+        "leaf_hash": hex(&r.leaf_hash),
+        "duplicate": r.duplicate,
+    })
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Checks that the request says it carries `expected` (a media type without parameters).
+pub fn require_content_type(headers: &HeaderMap, expected: &[&str]) -> Result<(), ApiError> {
+    let given = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let media = given.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    if expected.contains(&media.as_str()) {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            format!("Content-Type must be {}, not {given:?}", expected.join(" or ")),
+        ))
+    }
+}
+
+/// Reads a whole body of at most `max` bytes.
+pub async fn read_body(body: Body, max: usize) -> Result<Bytes, ApiError> {
+    let limited = http_body_util::Limited::new(body, max);
+    match limited.collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            Err(ApiError::too_large(format!("the request body exceeds {max} bytes")))
+        }
+        Err(e) => Err(ApiError::bad_request("bad_body", format!("cannot read the body: {e}"))),
+    }
+}
+
+fn prefix_fields(errors: Vec<FieldError>, prefix: &str) -> Vec<FieldError> {
+    errors
+        .into_iter()
+        .map(|mut e| {
+            e.field = if e.field.is_empty() {
+                prefix.trim_end_matches('.').to_string()
+            } else {
+                format!("{prefix}{}", e.field)
+            };
+            e
+        })
+        .collect()
+}
+
+/// Validates and prepares one event given as JSON.
+pub fn prepare(v: Value) -> Result<PreparedEvent, Vec<FieldError>> {
+    ClientEvent::validate(v).and_then(ClientEvent::prepare).map_err(|e| e.0)
+}
+
+/// Appends prepared events once the byte budget allows; answers 503 at once when it does not.
+pub async fn append(
+    state: &SharedState,
+    events: Vec<PreparedEvent>,
+    bytes: usize,
+) -> Result<Vec<Receipt>, ApiError> {
+    let permits = u32::try_from(bytes.max(1)).unwrap_or(u32::MAX);
+    let Ok(permit) = state.ingest_budget.clone().try_acquire_many_owned(permits) else {
+        state.metrics.requests_overloaded.fetch_add(1, Ordering::Relaxed);
+        return Err(ApiError::busy());
+    };
+    let s = state.clone();
+    let receipts = blocking(move || {
+        let r = s.store.try_append(events).map_err(ApiError::from);
+        drop(permit);
+        r
+    })
+    .await;
+    match &receipts {
+        Ok(receipts) => count(state, receipts),
+        Err(e) if e.status == StatusCode::SERVICE_UNAVAILABLE => {
+            state.metrics.requests_overloaded.fetch_add(1, Ordering::Relaxed);
+        }
+        Err(_) => {}
+    }
+    receipts
+}
+
+fn count(state: &SharedState, receipts: &[Receipt]) {
+    let dups = receipts.iter().filter(|r| r.duplicate).count() as u64;
+    state.metrics.events_duplicate.fetch_add(dups, Ordering::Relaxed);
+    state.metrics.events_ingested.fetch_add(receipts.len() as u64 - dups, Ordering::Relaxed);
+}
+
+fn rejected(state: &SharedState, e: ApiError) -> ApiError {
+    if e.status.is_client_error() {
+        state.metrics.requests_rejected.fetch_add(1, Ordering::Relaxed);
+    }
+    e
+}
+
+/// `POST /api/v1/events`: one event (answer: its receipt) or an array (answer: `receipts`).
+/// An array is all or nothing: one invalid event rejects the request and stores nothing.
+pub async fn post_events(
+    State(state): State<SharedState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    post_events_inner(&state, &headers, body).await.map_err(|e| rejected(&state, e))
+}
+
+async fn post_events_inner(
+    state: &SharedState,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    require_content_type(headers, &["application/json"])?;
+    let bytes = read_body(body, state.config.body_bytes_max).await?;
+    let value: Value = serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::bad_request("invalid_json", format!("the body is not JSON: {e}")))?;
+    match value {
+        Value::Array(items) => {
+            if items.is_empty() {
+                return Err(ApiError::bad_request("empty_batch", "the array holds no events"));
+            }
+            if items.len() > state.config.batch_events_max {
+                return Err(ApiError::too_large(format!(
+                    "a request holds at most {} events, got {}",
+                    state.config.batch_events_max,
+                    items.len()
+                )));
+            }
+            let mut prepared = Vec::with_capacity(items.len());
+            let mut errors = Vec::new();
+            for (i, item) in items.into_iter().enumerate() {
+                match prepare(item) {
+                    Ok(p) => prepared.push(p),
+                    Err(e) => errors.extend(prefix_fields(e, &format!("[{i}]."))),
+                }
+            }
+            if !errors.is_empty() {
+                return Err(ApiError::invalid_event(errors));
+            }
+            let receipts = append(state, prepared, bytes.len()).await?;
+            let all_duplicates = receipts.iter().all(|r| r.duplicate);
+            let status = if all_duplicates { StatusCode::OK } else { StatusCode::CREATED };
+            let body = json!({"receipts": receipts.iter().map(receipt_json).collect::<Vec<_>>()});
+            Ok((status, axum::Json(body)).into_response())
+        }
+        Value::Object(_) => {
+            let prepared = prepare(value).map_err(ApiError::invalid_event)?;
+            let receipts = append(state, vec![prepared], bytes.len()).await?;
+            let r = &receipts[0];
+            let status = if r.duplicate { StatusCode::OK } else { StatusCode::CREATED };
+            Ok((status, axum::Json(receipt_json(r))).into_response())
+        }
+        _ => Err(ApiError::bad_request(
+            "wrong_type",
+            "the body must be an event (a JSON object) or an array of events",
+        )),
+    }
+}
+
+/// The outcome of one NDJSON line.
+enum Line {
+    Pending { line: usize, chunk: usize, at: usize },
+    Done(Value),
+}
+
+struct Bulk {
+    lines: Vec<Line>,
+    chunk: Vec<PreparedEvent>,
+    chunk_bytes: usize,
+    chunks_sent: usize,
+    errors: bool,
+    receipts: Vec<Vec<Receipt>>,
+}
+
+impl Bulk {
+    fn add_line(&mut self, number: usize, text: &[u8]) {
+        let result = if text.len() > EVENT_BYTES_MAX {
+            Err(ApiError::too_large(format!("an event holds at most {EVENT_BYTES_MAX} bytes")))
+        } else {
+            serde_json::from_slice::<Value>(text)
+                .map_err(|e| ApiError::bad_request("invalid_json", format!("not JSON: {e}")))
+                .and_then(|v| {
+                    if v.is_object() {
+                        prepare(v).map_err(ApiError::invalid_event)
+                    } else {
+                        Err(ApiError::bad_request("wrong_type", "each line must be a JSON object"))
+                    }
+                })
+        };
+        match result {
+            Ok(p) => {
+                self.lines.push(Line::Pending {
+                    line: number,
+                    chunk: self.chunks_sent,
+                    at: self.chunk.len(),
+                });
+                self.chunk_bytes += text.len();
+                self.chunk.push(p);
+            }
+            Err(e) => {
+                self.errors = true;
+                let mut item = json!({"line": number, "status": e.status.as_u16()});
+                item["error"] = e.body()["error"].clone();
+                self.lines.push(Line::Done(item));
+            }
+        }
+    }
+}
+
+/// `POST /api/v1/events/bulk`: NDJSON, one event per line, read as it streams in. Valid lines
+/// are stored in order; each line gets its own result, so one bad line costs only itself.
+pub async fn post_bulk(
+    State(state): State<SharedState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    bulk_inner(&state, &headers, body).await.map_err(|e| rejected(&state, e))
+}
+
+async fn bulk_inner(
+    state: &SharedState,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let started = Instant::now();
+    require_content_type(headers, &["application/x-ndjson", "application/ndjson", "text/plain"])?;
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > state.config.bulk_bytes_max) {
+        return Err(ApiError::too_large(format!(
+            "a bulk body holds at most {} bytes",
+            state.config.bulk_bytes_max
+        )));
+    }
+    let mut bulk = Bulk {
+        lines: Vec::new(),
+        chunk: Vec::new(),
+        chunk_bytes: 0,
+        chunks_sent: 0,
+        errors: false,
+        receipts: Vec::new(),
+    };
+    // One append in flight while the next chunk is parsed: parsing and the store overlap.
+    let mut in_flight: Option<tokio::task::JoinHandle<Result<Vec<Receipt>, ApiError>>> = None;
+    let mut body = body;
+    let mut pending = Vec::<u8>::new();
+    let mut total = 0usize;
+    let mut line_no = 0usize;
+    let mut failure: Option<ApiError> = None;
+    loop {
+        let frame = match body.frame().await {
+            None => None,
+            Some(Ok(f)) => f.into_data().ok(),
+            Some(Err(e)) => {
+                failure =
+                    Some(ApiError::bad_request("bad_body", format!("cannot read the body: {e}")));
+                break;
+            }
+        };
+        let eof = frame.is_none();
+        if let Some(data) = frame {
+            total += data.len();
+            if total > state.config.bulk_bytes_max {
+                failure = Some(ApiError::too_large(format!(
+                    "a bulk body holds at most {} bytes",
+                    state.config.bulk_bytes_max
+                )));
+                break;
+            }
+            pending.extend_from_slice(&data);
+        }
+        // Split off every complete line (and the last one at the end of the body).
+        let mut start = 0;
+        while let Some(nl) = pending[start..].iter().position(|&b| b == b'\n') {
+            let line = &pending[start..start + nl];
+            line_no += 1;
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            if !line.iter().all(u8::is_ascii_whitespace) {
+                bulk.add_line(line_no, line);
+            }
+            start += nl + 1;
+        }
+        pending.drain(..start);
+        if eof && !pending.is_empty() {
+            line_no += 1;
+            let line = std::mem::take(&mut pending);
+            if !line.iter().all(u8::is_ascii_whitespace) {
+                bulk.add_line(line_no, &line);
+            }
+        }
+        if pending.len() > EVENT_BYTES_MAX + 1024 {
+            failure = Some(ApiError::too_large(format!(
+                "line {} is longer than an event may be ({EVENT_BYTES_MAX} bytes)",
+                line_no + 1
+            )));
+            break;
+        }
+        if bulk.chunk.len() >= BULK_CHUNK_EVENTS || (eof && !bulk.chunk.is_empty()) {
+            if let Some(prev) = in_flight.take() {
+                match prev.await.map_err(ApiError::internal).and_then(|r| r) {
+                    Ok(r) => bulk.receipts.push(r),
+                    Err(e) => {
+                        failure = Some(e);
+                        break;
+                    }
+                }
+            }
+            let events = std::mem::take(&mut bulk.chunk);
+            let bytes = std::mem::take(&mut bulk.chunk_bytes);
+            bulk.chunks_sent += 1;
+            let s = state.clone();
+            in_flight = Some(tokio::spawn(async move { append_waiting(&s, events, bytes).await }));
+        }
+        if eof {
+            break;
+        }
+    }
+    if let Some(prev) = in_flight.take() {
+        match prev.await.map_err(ApiError::internal).and_then(|r| r) {
+            Ok(r) => bulk.receipts.push(r),
+            Err(e) => failure = failure.or(Some(e)),
+        }
+    }
+    let stored = bulk.receipts.len();
+    let mut items = Vec::with_capacity(bulk.lines.len());
+    for line in bulk.lines {
+        items.push(match line {
+            Line::Done(v) => v,
+            Line::Pending { line, chunk, at } if chunk < stored => {
+                let r = &bulk.receipts[chunk][at];
+                let mut v = receipt_json(r);
+                v["line"] = json!(line);
+                v["status"] = json!(if r.duplicate { 200 } else { 201 });
+                v
+            }
+            Line::Pending { line, .. } => {
+                bulk.errors = true;
+                json!({"line": line, "status": 503, "error": {"code": "not_stored",
+                    "message": "not stored: the request failed before this line was appended"}})
+            }
+        });
+    }
+    let body = json!({
+        "took_ms": started.elapsed().as_millis() as u64,
+        "errors": bulk.errors || failure.is_some(),
+        "items": items,
+    });
+    if let Some(e) = failure {
+        // Lines appended before the failure are durable and listed with their receipts.
+        let mut b = e.body();
+        b["items"] = body["items"].clone();
+        let mut response = (e.status, axum::Json(b)).into_response();
+        if e.status == StatusCode::SERVICE_UNAVAILABLE {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+        }
+        return Ok(response);
+    }
+    Ok((StatusCode::OK, axum::Json(body)).into_response())
+}
+
+/// Like [`append`], but a streaming bulk request waits (boundedly) for budget and for room in
+/// the store's queue rather than failing at once: the client is already sending, and waiting
+/// is its flow control.
+async fn append_waiting(
+    state: &SharedState,
+    events: Vec<PreparedEvent>,
+    bytes: usize,
+) -> Result<Vec<Receipt>, ApiError> {
+    let permits = u32::try_from(bytes.max(1)).unwrap_or(u32::MAX);
+    let permit = tokio::time::timeout(
+        BUDGET_WAIT_MAX,
+        state.ingest_budget.clone().acquire_many_owned(permits),
+    )
+    .await;
+    let Ok(Ok(permit)) = permit else {
+        state.metrics.requests_overloaded.fetch_add(1, Ordering::Relaxed);
+        return Err(ApiError::busy());
+    };
+    let s = state.clone();
+    // `append` waits while the queue is full; the queue is bounded, so the wait is too.
+    let receipts = blocking(move || {
+        let r = s.store.append(events).map_err(ApiError::from);
+        drop(permit);
+        r
+    })
+    .await?;
+    count(state, &receipts);
+    Ok(receipts)
+}

@@ -1,0 +1,331 @@
+//! auditrail's HTTP service. [`app`] builds the router over an [`AppState`] (tests drive it
+//! directly); [`run`] opens the data directory, starts the index follower and serves until a
+//! shutdown signal, then flushes the index and publishes a final checkpoint.
+//!
+//! Async stays at this edge: the store and the index are synchronous and are called from
+//! blocking tasks.
+
+pub mod config;
+pub mod error;
+pub mod ingest;
+pub mod logapi;
+pub mod query;
+
+use auditrail_index::{Follower, Index, IndexOptions};
+use auditrail_store::Store;
+use auditrail_store::tail::{BlockEvents, BlockLocation, BlockReader};
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+pub use config::Config;
+pub use error::ApiError;
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// Counters for `/metrics`.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub events_ingested: AtomicU64,
+    pub events_duplicate: AtomicU64,
+    pub requests_rejected: AtomicU64,
+    pub requests_overloaded: AtomicU64,
+    pub searches: AtomicU64,
+}
+
+/// Decoded log blocks, so a page of results from the same few blocks decrypts each once.
+pub struct BlockCache {
+    reader: BlockReader,
+    inner: Mutex<CacheInner>,
+    bytes_max: usize,
+}
+
+#[derive(Default)]
+struct CacheInner {
+    map: HashMap<(u64, u64), Arc<BlockEvents>>,
+    order: VecDeque<(u64, u64)>,
+    bytes: usize,
+}
+
+impl BlockCache {
+    pub fn new(reader: BlockReader, bytes_max: usize) -> BlockCache {
+        BlockCache { reader, inner: Mutex::new(CacheInner::default()), bytes_max }
+    }
+
+    pub fn get(&self, at: &BlockLocation) -> Result<Arc<BlockEvents>, auditrail_store::StoreError> {
+        let key = (at.segment, at.offset);
+        if let Some(b) = self.inner.lock().unwrap_or_else(|e| e.into_inner()).map.get(&key) {
+            return Ok(b.clone());
+        }
+        let block = Arc::new(self.reader.read(at)?);
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        inner.bytes += block.bytes();
+        inner.map.insert(key, block.clone());
+        inner.order.push_back(key);
+        while inner.bytes > self.bytes_max {
+            let Some(old) = inner.order.pop_front() else { break };
+            if let Some(b) = inner.map.remove(&old) {
+                inner.bytes -= b.bytes();
+            }
+        }
+        Ok(block)
+    }
+}
+
+pub struct AppState {
+    pub config: Config,
+    pub store: Arc<Store>,
+    pub index: Arc<Index>,
+    pub blocks: BlockCache,
+    /// Bytes of request bodies being ingested: the byte budget in front of the store's queue.
+    pub ingest_budget: Arc<tokio::sync::Semaphore>,
+    pub metrics: Metrics,
+    /// The index has caught up with the log once since start.
+    pub ready: AtomicBool,
+}
+
+pub type SharedState = Arc<AppState>;
+
+impl AppState {
+    /// The stored event `seq` as JSON, read back from the log.
+    pub fn read_event(&self, seq: u64) -> Result<serde_json::Value, ApiError> {
+        let at = self
+            .index
+            .block_for(seq)
+            .ok_or_else(|| ApiError::internal(format!("seq {seq} has no block in the index")))?;
+        let block = self.blocks.get(&at)?;
+        let bytes = block
+            .get(seq)
+            .ok_or_else(|| ApiError::internal(format!("block at {at:?} lacks seq {seq}")))?;
+        serde_json::from_slice(bytes).map_err(ApiError::internal)
+    }
+}
+
+/// Runs blocking work (the store, the index, the log) off the async workers.
+pub async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f).await.map_err(ApiError::internal)?
+}
+
+pub fn app(state: SharedState) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/api/v1/events", post(ingest::post_events).get(query::search))
+        .route("/api/v1/events/bulk", post(ingest::post_bulk))
+        .route("/api/v1/events/stats", get(query::stats))
+        .route("/api/v1/events/{id}", get(query::get_event))
+        .route("/api/v1/log/proof/inclusion", get(logapi::inclusion))
+        .route("/api/v1/log/proof/consistency", get(logapi::consistency))
+        .route("/log/checkpoint", get(logapi::checkpoint))
+        .route("/log/tile/{*path}", get(logapi::tile))
+        .fallback(not_found)
+        .layer(axum::extract::DefaultBodyLimit::disable())
+        .with_state(state)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::not_found("no such endpoint; see /api/v1/openapi.json")
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn readyz(State(s): State<SharedState>) -> impl IntoResponse {
+    if s.ready.load(Ordering::SeqCst) {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "catching up\n")
+    }
+}
+
+async fn metrics(State(s): State<SharedState>) -> impl IntoResponse {
+    let stages = s.store.stages();
+    let m = &s.metrics;
+    let mut out = String::new();
+    let mut line = |name: &str, kind: &str, help: &str, value: u64| {
+        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"));
+    };
+    line("auditrail_log_sequenced", "gauge", "Events durable in the log.", stages.sequenced);
+    line("auditrail_log_integrated", "gauge", "Events in the Merkle tree.", stages.integrated);
+    line(
+        "auditrail_log_published",
+        "gauge",
+        "Tree size of the newest checkpoint.",
+        stages.published,
+    );
+    line("auditrail_index_indexed", "gauge", "Events searchable.", s.index.indexed_through());
+    line(
+        "auditrail_index_persisted",
+        "gauge",
+        "Events in index files.",
+        s.index.persisted_through(),
+    );
+    line(
+        "auditrail_index_lag_events",
+        "gauge",
+        "Durable events not yet searchable.",
+        stages.sequenced.saturating_sub(s.index.indexed_through()),
+    );
+    line(
+        "auditrail_events_ingested_total",
+        "counter",
+        "Events appended.",
+        m.events_ingested.load(Ordering::Relaxed),
+    );
+    line(
+        "auditrail_events_duplicate_total",
+        "counter",
+        "Events that repeated a known id.",
+        m.events_duplicate.load(Ordering::Relaxed),
+    );
+    line(
+        "auditrail_requests_rejected_total",
+        "counter",
+        "Requests answered 4xx.",
+        m.requests_rejected.load(Ordering::Relaxed),
+    );
+    line(
+        "auditrail_requests_overloaded_total",
+        "counter",
+        "Requests answered 503 for load.",
+        m.requests_overloaded.load(Ordering::Relaxed),
+    );
+    line(
+        "auditrail_searches_total",
+        "counter",
+        "Searches served.",
+        m.searches.load(Ordering::Relaxed),
+    );
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
+}
+
+/// A running service's background parts, stopped by [`Service::shutdown`].
+pub struct Service {
+    pub state: SharedState,
+    stop: Arc<AtomicBool>,
+    follower: std::thread::JoinHandle<()>,
+}
+
+/// Opens (or initialises) the data directory and starts the index follower.
+pub fn start(config: Config) -> Result<Service, String> {
+    let data = config.data.clone();
+    if !data.join("keys").exists() {
+        auditrail_store::init(&data, &config.origin)
+            .map_err(|e| format!("cannot initialise {}: {e}", data.display()))?;
+        eprintln!("auditrail: initialised {} (origin {})", data.display(), config.origin);
+    }
+    let options = auditrail_store::Options {
+        publish_interval_ms: config.publish_interval_ms,
+        ..auditrail_store::Options::default()
+    };
+    let store = Arc::new(
+        Store::open(&data, options).map_err(|e| format!("cannot open {}: {e}", data.display()))?,
+    );
+    let index = Arc::new(
+        Index::open(
+            &data,
+            IndexOptions { memtable_rows_max: config.index_memtable_rows_max },
+            None,
+        )
+        .map_err(|e| format!("cannot open the index: {e}"))?,
+    );
+    if index.indexed_through() > store.stages().sequenced {
+        // The log is older than the index (restored from a backup): rebuild.
+        eprintln!("auditrail: the index is ahead of the log; rebuilding it");
+        index.reset().map_err(|e| format!("cannot reset the index: {e}"))?;
+    }
+    let state = Arc::new(AppState {
+        blocks: BlockCache::new(store.block_reader(), config.block_cache_bytes_max),
+        ingest_budget: Arc::new(tokio::sync::Semaphore::new(config.ingest_bytes_in_flight_max)),
+        config,
+        store,
+        index,
+        metrics: Metrics::default(),
+        ready: AtomicBool::new(false),
+    });
+    let stop = Arc::new(AtomicBool::new(false));
+    let follower = {
+        let state = state.clone();
+        let stop = stop.clone();
+        std::thread::Builder::new()
+            .name("index-follower".into())
+            .spawn(move || follow(&state, &stop))
+            .map_err(|e| e.to_string())?
+    };
+    Ok(Service { state, stop, follower })
+}
+
+/// The follower loop: index what is durable, then wait briefly for more. The index is
+/// searchable within a few milliseconds of an event becoming durable.
+fn follow(state: &AppState, stop: &AtomicBool) {
+    let mut follower = Follower::new(&state.index, &state.store);
+    loop {
+        let stopping = stop.load(Ordering::SeqCst);
+        match follower.step(&state.index, &state.store, 16) {
+            Ok(0) => {
+                state.ready.store(true, Ordering::SeqCst);
+                if stopping {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            Ok(_) => {}
+            Err(e) => {
+                // The index is derived data: report and retry, never touch the log.
+                eprintln!("auditrail: index follower: {e}");
+                std::thread::sleep(std::time::Duration::from_secs(1));
+                if stopping {
+                    break;
+                }
+            }
+        }
+    }
+    if let Err(e) = state.index.flush(true) {
+        eprintln!("auditrail: cannot write the index on shutdown: {e}");
+    }
+}
+
+impl Service {
+    /// Stops the follower (after it has indexed everything durable), then closes the store,
+    /// which publishes a final checkpoint. Call once the HTTP server has stopped.
+    pub fn shutdown(self) -> Result<(), String> {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = self.follower.join();
+        let Service { state, .. } = self;
+        let state = Arc::try_unwrap(state)
+            .map_err(|_| "requests still hold the state at shutdown".to_string())?;
+        let store = Arc::try_unwrap(state.store)
+            .map_err(|_| "the store is still shared at shutdown".to_string())?;
+        store.close().map_err(|e| e.to_string())?;
+        Ok(())
+    }
+}
+
+/// Serves `config` until `shutdown` resolves, then shuts down cleanly.
+pub async fn run(
+    config: Config,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), String> {
+    let listener = tokio::net::TcpListener::bind(&config.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
+    let service =
+        tokio::task::spawn_blocking(move || start(config)).await.map_err(|e| e.to_string())??;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    eprintln!("auditrail: listening on http://{addr}");
+    // Tests and scripts read this line to learn the port when listening on :0.
+    println!("listening on http://{addr}");
+    axum::serve(listener, app(service.state.clone()))
+        .with_graceful_shutdown(shutdown)
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::task::spawn_blocking(move || service.shutdown()).await.map_err(|e| e.to_string())??;
+    eprintln!("auditrail: stopped cleanly");
+    Ok(())
+}

@@ -1,0 +1,115 @@
+//! The log over HTTP: the checkpoint and tiles at their C2SP `tlog-tiles` paths (so standard
+//! tiled-log clients can read them), and inclusion and consistency proofs as JSON.
+
+use crate::query::{inclusion_proof_json, pairs};
+use crate::{ApiError, SharedState, blocking};
+use auditrail_core::tile::TileId;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use base64::Engine as _;
+use serde_json::json;
+
+/// `GET /log/checkpoint`
+pub async fn checkpoint(State(state): State<SharedState>) -> Result<Response, ApiError> {
+    let s = state.clone();
+    let text = blocking(move || Ok(s.store.checkpoint(None)?)).await?;
+    Ok((
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8"), (header::CACHE_CONTROL, "no-cache")],
+        text,
+    )
+        .into_response())
+}
+
+/// `GET /log/tile/...`: only paths of the C2SP grammar are served, so nothing else under the
+/// data directory can be reached.
+pub async fn tile(
+    State(state): State<SharedState>,
+    Path(path): Path<String>,
+) -> Result<Response, ApiError> {
+    let full = format!("tile/{path}");
+    let id = TileId::parse(&full)
+        .ok_or_else(|| ApiError::not_found(format!("{full} is not a tile path")))?;
+    let s = state.clone();
+    let bytes = blocking(move || match s.store.io().read(&format!("log/{}", id.path())) {
+        Ok(b) => Ok(b),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Err(ApiError::not_found(format!("{full} does not exist (yet)")))
+        }
+        Err(e) => Err(ApiError::internal(e)),
+    })
+    .await?;
+    // Full tiles never change; partial ones are replaced by wider ones.
+    let cache = if id.is_full() { "public, max-age=31536000, immutable" } else { "no-cache" };
+    Ok((
+        [(header::CONTENT_TYPE, "application/octet-stream"), (header::CACHE_CONTROL, cache)],
+        bytes,
+    )
+        .into_response())
+}
+
+fn number(param: &str, v: &str) -> Result<u64, ApiError> {
+    v.parse().map_err(|_| {
+        ApiError::bad_request("invalid_parameter", format!("{param}: must be a whole number"))
+    })
+}
+
+/// `GET /api/v1/log/proof/inclusion?seq=&tree_size=`
+pub async fn inclusion(
+    State(state): State<SharedState>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    let (mut seq, mut size) = (None, None);
+    for (k, v) in pairs(raw.as_deref())? {
+        match k.as_str() {
+            "seq" => seq = Some(number("seq", &v)?),
+            "tree_size" => size = Some(number("tree_size", &v)?),
+            _ => {
+                return Err(ApiError::bad_request(
+                    "unknown_parameter",
+                    format!("unknown query parameter {k:?}"),
+                ));
+            }
+        }
+    }
+    let seq = seq.ok_or_else(|| ApiError::bad_request("invalid_parameter", "seq: is required"))?;
+    let s = state.clone();
+    let body = blocking(move || inclusion_proof_json(&s, seq, size)).await?;
+    Ok(axum::Json(body).into_response())
+}
+
+/// `GET /api/v1/log/proof/consistency?from=&to=`
+pub async fn consistency(
+    State(state): State<SharedState>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    let (mut from, mut to) = (None, None);
+    for (k, v) in pairs(raw.as_deref())? {
+        match k.as_str() {
+            "from" => from = Some(number("from", &v)?),
+            "to" => to = Some(number("to", &v)?),
+            _ => {
+                return Err(ApiError::bad_request(
+                    "unknown_parameter",
+                    format!("unknown query parameter {k:?}"),
+                ));
+            }
+        }
+    }
+    let from =
+        from.ok_or_else(|| ApiError::bad_request("invalid_parameter", "from: is required"))?;
+    let s = state.clone();
+    let body = blocking(move || {
+        let to = to.unwrap_or(s.store.stages().published);
+        let hashes = s.store.consistency_proof(from, to)?;
+        let b64 = |h: &[u8]| base64::engine::general_purpose::STANDARD.encode(h);
+        Ok(json!({
+            "from": from,
+            "to": to,
+            "hashes": hashes.iter().map(|h| b64(h)).collect::<Vec<_>>(),
+            "checkpoint": s.store.checkpoint(Some(to))?,
+        }))
+    })
+    .await?;
+    Ok(axum::Json(body).into_response())
+}

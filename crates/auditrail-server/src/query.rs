@@ -1,0 +1,308 @@
+//! Native queries: `GET /api/v1/events` (search, newest first, cursor pages),
+//! `GET /api/v1/events/{id}` (with `?proof=inclusion`) and `GET /api/v1/events/stats`.
+//! Every answer states `indexed_through`: events with a lower seq are all searchable.
+
+use crate::{ApiError, SharedState, blocking};
+use auditrail_core::time::parse_rfc3339;
+use auditrail_index::doc::{Field, term, words};
+use auditrail_index::{GroupBy, Query};
+use axum::extract::{Path, RawQuery, State};
+use axum::response::{IntoResponse, Response};
+use base64::Engine as _;
+use serde_json::{Value, json};
+use std::sync::atomic::Ordering;
+
+/// Query-string pairs, percent-decoded, in order.
+pub fn pairs(raw: Option<&str>) -> Result<Vec<(String, String)>, ApiError> {
+    let raw = raw.unwrap_or("");
+    let mut out = Vec::new();
+    for part in raw.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = part.split_once('=').unwrap_or((part, ""));
+        out.push((decode(k)?, decode(v)?));
+    }
+    Ok(out)
+}
+
+fn decode(s: &str) -> Result<String, ApiError> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' => {
+                let hexd = bytes.get(i + 1..i + 3).and_then(|h| std::str::from_utf8(h).ok());
+                let b = hexd.and_then(|h| u8::from_str_radix(h, 16).ok()).ok_or_else(|| {
+                    ApiError::bad_request("bad_query", "malformed percent-encoding in the query")
+                })?;
+                out.push(b);
+                i += 2;
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8(out)
+        .map_err(|_| ApiError::bad_request("bad_query", "the query is not UTF-8 once decoded"))
+}
+
+fn bad(param: &str, message: impl std::fmt::Display) -> ApiError {
+    ApiError::bad_request("invalid_parameter", format!("{param}: {message}"))
+}
+
+fn time_param(param: &str, v: &str) -> Result<i64, ApiError> {
+    parse_rfc3339(v)
+        .ok_or_else(|| bad(param, "must be an RFC 3339 date-time such as 2026-11-22T10:15:00Z"))
+}
+
+/// An opaque page cursor: the seq to continue below (or from, ascending).
+fn encode_cursor(seq: u64, newest_first: bool) -> String {
+    let text = format!("{}{seq}", if newest_first { 'd' } else { 'a' });
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(text)
+}
+
+fn decode_cursor(c: &str) -> Option<(u64, bool)> {
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(c).ok()?;
+    let text = std::str::from_utf8(&bytes).ok()?;
+    let (dir, seq) = text.split_at_checked(1)?;
+    Some((seq.parse().ok()?, dir == "d"))
+}
+
+/// `GET /api/v1/events`
+pub async fn search(
+    State(state): State<SharedState>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    let params = pairs(raw.as_deref())?;
+    let index = &state.index;
+    let mut q = Query { limit: 50, ..Query::default() };
+    let mut cursor = None;
+    let mut seen = std::collections::HashSet::new();
+    for (k, v) in &params {
+        if !seen.insert(k.as_str()) {
+            return Err(bad(k, "may be given once"));
+        }
+        if v.is_empty() {
+            return Err(bad(k, "must not be empty"));
+        }
+        let field = match k.as_str() {
+            "patient" => {
+                q.all_of.push(vec![index.patients().term(v)]);
+                continue;
+            }
+            "user" => Field::User,
+            "action" => Field::Action,
+            "category" => Field::Category,
+            "outcome" => {
+                if v != "success" && v != "failure" {
+                    return Err(bad(k, "must be success or failure"));
+                }
+                Field::Outcome
+            }
+            "project" => Field::Project,
+            "source" => Field::Source,
+            "ip" => {
+                q.all_of.push(vec![term(Field::Address, &v.to_ascii_lowercase())]);
+                continue;
+            }
+            "q" => {
+                let mut any = false;
+                words(v, |w| {
+                    any = true;
+                    q.all_of.push(vec![term(Field::Text, w)]);
+                });
+                if !any {
+                    return Err(bad(k, "needs at least one word of two or more letters or digits"));
+                }
+                continue;
+            }
+            "from" => {
+                q.occurred.0 = time_param(k, v)?;
+                continue;
+            }
+            "to" => {
+                q.occurred.1 = time_param(k, v)?;
+                continue;
+            }
+            "limit" => {
+                let n: usize = v.parse().map_err(|_| bad(k, "must be a whole number"))?;
+                if n == 0 || n > state.config.search_limit_max {
+                    return Err(bad(k, format!("must be 1 to {}", state.config.search_limit_max)));
+                }
+                q.limit = n;
+                continue;
+            }
+            "order" => {
+                q.newest_first = match v.as_str() {
+                    "desc" => true,
+                    "asc" => false,
+                    _ => return Err(bad(k, "must be desc or asc")),
+                };
+                continue;
+            }
+            "cursor" => {
+                cursor = Some(
+                    decode_cursor(v).ok_or_else(|| bad(k, "is not a cursor this server issued"))?,
+                );
+                continue;
+            }
+            _ => {
+                return Err(ApiError::bad_request(
+                    "unknown_parameter",
+                    format!("unknown query parameter {k:?}"),
+                ));
+            }
+        };
+        q.all_of.push(vec![term(field, v)]);
+    }
+    if q.occurred.0 >= q.occurred.1 {
+        return Err(bad("from", "must be before to"));
+    }
+    if let Some((seq, newest_first)) = cursor {
+        if newest_first != q.newest_first {
+            return Err(bad("cursor", "belongs to a search in the other order"));
+        }
+        q.seqs = if newest_first { (0, seq) } else { (seq + 1, u64::MAX) };
+    }
+    state.metrics.searches.fetch_add(1, Ordering::Relaxed);
+    let s = state.clone();
+    blocking(move || {
+        let indexed_through = s.index.indexed_through();
+        let hits = s.index.search(&q);
+        let events =
+            hits.seqs.iter().map(|&seq| s.read_event(seq)).collect::<Result<Vec<_>, _>>()?;
+        let next = (hits.more)
+            .then(|| hits.seqs.last().map(|&seq| encode_cursor(seq, q.newest_first)))
+            .flatten();
+        Ok(axum::Json(json!({
+            "events": events,
+            "next_cursor": next,
+            "indexed_through": indexed_through,
+        }))
+        .into_response())
+    })
+    .await
+}
+
+/// Finds the stored event with this `id` (hash candidates, compared after reading).
+pub fn find_by_id(state: &SharedState, id: &str) -> Result<Option<Value>, ApiError> {
+    for seq in state.index.id_candidates(id) {
+        let event = state.read_event(seq)?;
+        if event.get("id").and_then(Value::as_str) == Some(id) {
+            return Ok(Some(event));
+        }
+    }
+    Ok(None)
+}
+
+/// `GET /api/v1/events/{id}` and `?proof=inclusion`.
+pub async fn get_event(
+    State(state): State<SharedState>,
+    Path(id): Path<String>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    let mut proof = false;
+    for (k, v) in pairs(raw.as_deref())? {
+        match (k.as_str(), v.as_str()) {
+            ("proof", "inclusion") => proof = true,
+            ("proof", _) => return Err(bad("proof", "must be inclusion")),
+            _ => {
+                return Err(ApiError::bad_request(
+                    "unknown_parameter",
+                    format!("unknown query parameter {k:?}"),
+                ));
+            }
+        }
+    }
+    let s = state.clone();
+    blocking(move || {
+        let indexed_through = s.index.indexed_through();
+        let event = find_by_id(&s, &id)?.ok_or_else(|| {
+            ApiError::not_found(format!(
+                "no event with id {id:?} among the {indexed_through} indexed"
+            ))
+        })?;
+        let mut body = json!({"event": event, "indexed_through": indexed_through});
+        if proof {
+            let seq = event["seq"]
+                .as_u64()
+                .ok_or_else(|| ApiError::internal("stored event without seq"))?;
+            body["proof"] = inclusion_proof_json(&s, seq, None)?;
+        }
+        Ok(axum::Json(body).into_response())
+    })
+    .await
+}
+
+/// An inclusion proof of `seq` against the checkpoint of `size` (default: the newest). When
+/// the event is newer than the newest checkpoint, says so instead (retry after publication).
+pub fn inclusion_proof_json(
+    state: &SharedState,
+    seq: u64,
+    size: Option<u64>,
+) -> Result<Value, ApiError> {
+    let published = state.store.stages().published;
+    let size = size.unwrap_or(published);
+    if seq >= size {
+        return Err(ApiError::new(
+            axum::http::StatusCode::CONFLICT,
+            "not_yet_published",
+            format!(
+                "seq {seq} is not in a published checkpoint yet (published size {published}); retry in a second"
+            ),
+        ));
+    }
+    let hashes = state.store.inclusion_proof(seq, size)?;
+    let checkpoint = state.store.checkpoint(Some(size))?;
+    let b64 = |h: &[u8]| base64::engine::general_purpose::STANDARD.encode(h);
+    Ok(json!({
+        "leaf_index": seq,
+        "tree_size": size,
+        "hashes": hashes.iter().map(|h| b64(h)).collect::<Vec<_>>(),
+        "checkpoint": checkpoint,
+    }))
+}
+
+/// `GET /api/v1/events/stats?group_by=&from=&to=`
+pub async fn stats(
+    State(state): State<SharedState>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    let mut group = None;
+    let (mut from, mut to) = (i64::MIN, i64::MAX);
+    for (k, v) in pairs(raw.as_deref())? {
+        match k.as_str() {
+            "group_by" => {
+                group =
+                    Some(GroupBy::parse(&v).ok_or_else(|| {
+                        bad("group_by", "must be action, user, outcome or category")
+                    })?)
+            }
+            "from" => from = time_param("from", &v)?,
+            "to" => to = time_param("to", &v)?,
+            _ => {
+                return Err(ApiError::bad_request(
+                    "unknown_parameter",
+                    format!("unknown query parameter {k:?}"),
+                ));
+            }
+        }
+    }
+    let group = group.ok_or_else(|| bad("group_by", "is required"))?;
+    if from >= to {
+        return Err(bad("from", "must be before to"));
+    }
+    let s = state.clone();
+    blocking(move || {
+        let indexed_through = s.index.indexed_through();
+        let counts = s.index.stats(group, from, to);
+        let total: u64 = counts.iter().map(|c| c.1).sum();
+        let groups: Vec<Value> =
+            counts.into_iter().map(|(k, n)| json!({"key": k, "count": n})).collect();
+        Ok(axum::Json(
+            json!({"groups": groups, "total": total, "indexed_through": indexed_through}),
+        )
+        .into_response())
+    })
+    .await
+}
