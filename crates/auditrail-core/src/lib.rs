@@ -8,6 +8,7 @@
 
 pub mod checkpoint;
 pub mod event;
+pub mod fhir;
 pub mod leaf;
 pub mod limits;
 pub mod merkle;
