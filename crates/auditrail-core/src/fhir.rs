@@ -2048,8 +2048,10 @@ mod tests {
 
     /// The IHE BALP examples. They live outside the repository, in the shared corpus.
     fn corpus_dir() -> std::path::PathBuf {
-        std::env::var_os("AUDITRAIL_BALP_CORPUS")
-            .map_or_else(|| "/work/shared/corpus/balp".into(), Into::into)
+        std::env::var_os("AUDITRAIL_BALP_CORPUS").map_or_else(
+            || concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/corpus/balp").into(),
+            Into::into,
+        )
     }
 
     fn corpus() -> Vec<(String, Value)> {

@@ -121,7 +121,12 @@ fn the_tail_follows_the_log_across_blocks_and_segments_and_blocks_read_back() {
     // Starting in the middle of a block delivers from that seq on.
     let mut middle = store.tail(333);
     let mut from_middle = Vec::new();
-    middle.read(600, usize::MAX, |_, seq, _| Ok(from_middle.push(seq))).unwrap();
+    middle
+        .read(600, usize::MAX, |_, seq, _| {
+            let _: () = from_middle.push(seq);
+            Ok(())
+        })
+        .unwrap();
     assert_eq!(from_middle, (333..600).collect::<Vec<_>>());
     // Never past the durable size it is given.
     let mut bounded = store.tail(0);

@@ -1,8 +1,10 @@
 //! Black-box tests of the `auditrail` binary: what a user and an auditor do, through the CLI.
 
 mod cli;
+mod http;
 mod interop;
 mod kill;
+mod serve;
 mod tamper;
 
 use std::path::{Path, PathBuf};
