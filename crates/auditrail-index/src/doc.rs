@@ -78,6 +78,18 @@ impl PatientTokens {
         PatientTokens { mac: hmac::Hmac::<Sha256>::new_from_slice(key).expect("any key length") }
     }
 
+    /// The term key of a PHI value of a FHIR search parameter: blinded like a patient.
+    pub fn blind(&self, tag: u8, value: &str) -> Vec<u8> {
+        let mut mac = self.mac.clone();
+        mac.update(&[tag]);
+        mac.update(value.as_bytes());
+        let token = mac.finalize().into_bytes();
+        let mut key = Vec::with_capacity(17);
+        key.push(tag);
+        key.extend_from_slice(&token[..16]);
+        key
+    }
+
     /// The term key for a patient given as a bare id, `Patient/<id>` or a URL ending in it.
     pub fn term(&self, patient: &str) -> Vec<u8> {
         let bare = match patient.rfind("Patient/") {
@@ -124,9 +136,24 @@ pub struct Doc {
     pub terms: Vec<Vec<u8>>,
 }
 
-/// Emits the FHIR search terms of an event; wired to `auditrail_core::fhir` by the caller so
-/// this crate does not fix the mapping.
-pub type FhirTerms = fn(&Value, &mut dyn FnMut(u8, &str));
+/// Emits the FHIR search terms of an event as (tag, carries PHI, value); PHI values are
+/// blinded here. Wired to `auditrail_core::fhir` by [`fhir_terms`].
+pub type FhirTerms = fn(&Value, &mut dyn FnMut(u8, bool, &str));
+
+/// The tag of a FHIR search parameter's terms.
+pub fn fhir_tag(param: auditrail_core::fhir::SearchParam) -> u8 {
+    let n = auditrail_core::fhir::SearchParam::all()
+        .position(|p| p == param)
+        .expect("every parameter is in all()");
+    FHIR_BASE + n as u8
+}
+
+/// The FHIR search terms of a stored event, native or FHIR-origin.
+pub fn fhir_terms(stored: &Value, emit: &mut dyn FnMut(u8, bool, &str)) {
+    auditrail_core::fhir::index_terms(stored, &mut |param, value| {
+        emit(fhir_tag(param), param.carries_phi(), value)
+    });
+}
 
 /// Builds the index's view of a stored event (canonical JSON with `seq` and `recorded_at`).
 pub fn extract(
@@ -166,12 +193,8 @@ pub fn extract(
     }
     text_terms(&v, &mut terms);
     if let Some(fhir_terms) = fhir_terms {
-        fhir_terms(&v, &mut |tag, value| {
-            if tag == Field::Patient as u8 {
-                terms.push(patients.term(value));
-            } else {
-                terms.push(tagged(tag, value));
-            }
+        fhir_terms(&v, &mut |tag, phi, value| {
+            terms.push(if phi { patients.blind(tag, value) } else { tagged(tag, value) });
         });
     }
     terms.sort_unstable();

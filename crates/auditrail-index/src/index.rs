@@ -47,6 +47,8 @@ pub struct Query {
     pub recorded: (i64, i64),
     /// Only seqs in `[lo, hi)`: the cursor of a paged search.
     pub seqs: (u64, u64),
+    /// Only these seqs (sorted), when given: the result of an `_id` lookup.
+    pub within: Option<Vec<u64>>,
     pub newest_first: bool,
     pub limit: usize,
 }
@@ -58,6 +60,7 @@ impl Default for Query {
             occurred: (i64::MIN, i64::MAX),
             recorded: (i64::MIN, i64::MAX),
             seqs: (0, u64::MAX),
+            within: None,
             newest_first: true,
             limit: 50,
         }
@@ -333,6 +336,7 @@ impl Index {
                 && q.occurred == (i64::MIN, i64::MAX)
                 && q.recorded == (i64::MIN, i64::MAX)
                 && q.seqs == (0, u64::MAX)
+                && q.within.is_none()
             {
                 n += part.postings(&q.all_of[0][0]).len() as u64;
                 continue;
@@ -406,12 +410,22 @@ impl Index {
 fn candidate_rows<'a>(
     part: &'a dyn Part,
     all_of: &[Vec<Vec<u8>>],
+    within: Option<&[u64]>,
 ) -> Option<std::borrow::Cow<'a, [u32]>> {
     use std::borrow::Cow;
-    if all_of.is_empty() {
+    if all_of.is_empty() && within.is_none() {
         return None;
     }
-    let mut lists: Vec<Cow<'a, [u32]>> = Vec::with_capacity(all_of.len());
+    let mut lists: Vec<Cow<'a, [u32]>> = Vec::with_capacity(all_of.len() + 1);
+    if let Some(seqs) = within {
+        let (first, end) = (part.first_seq(), part.end_seq());
+        let rows: Vec<u32> =
+            seqs.iter().filter(|&&s| s >= first && s < end).map(|&s| (s - first) as u32).collect();
+        if rows.is_empty() {
+            return Some(Cow::Borrowed(&[]));
+        }
+        lists.push(Cow::Owned(rows));
+    }
     for group in all_of {
         let list: Cow<'a, [u32]> = if group.len() == 1 {
             Cow::Borrowed(part.postings(&group[0]))
@@ -469,7 +483,7 @@ fn for_each_match(part: &dyn Part, q: &Query, newest_first: bool, f: &mut dyn Fn
     };
     let mut emit =
         |row: u32| -> bool { if time_ok(row) { f(first + u64::from(row)) } else { true } };
-    match candidate_rows(part, &q.all_of) {
+    match candidate_rows(part, &q.all_of, q.within.as_deref()) {
         Some(rows) => {
             let start = rows.partition_point(|&r| (r as usize) < lo);
             let end = rows.partition_point(|&r| (r as usize) < hi);

@@ -205,6 +205,18 @@ async fn metrics(State(s): State<SharedState>) -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
 }
 
+/// Opens the index with the FHIR search terms wired in (the server and `reindex` must agree).
+pub fn open_index(
+    data: &std::path::Path,
+    memtable_rows_max: usize,
+) -> Result<Index, auditrail_index::IndexError> {
+    Index::open(
+        data,
+        IndexOptions { memtable_rows_max },
+        Some(auditrail_index::doc::fhir_terms),
+    )
+}
+
 /// A running service's background parts, stopped by [`Service::shutdown`].
 pub struct Service {
     pub state: SharedState,
@@ -228,12 +240,8 @@ pub fn start(config: Config) -> Result<Service, String> {
         Store::open(&data, options).map_err(|e| format!("cannot open {}: {e}", data.display()))?,
     );
     let index = Arc::new(
-        Index::open(
-            &data,
-            IndexOptions { memtable_rows_max: config.index_memtable_rows_max },
-            None,
-        )
-        .map_err(|e| format!("cannot open the index: {e}"))?,
+        open_index(&data, config.index_memtable_rows_max)
+            .map_err(|e| format!("cannot open the index: {e}"))?,
     );
     if index.indexed_through() > store.stages().sequenced {
         // The log is older than the index (restored from a backup): rebuild.

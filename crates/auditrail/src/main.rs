@@ -191,7 +191,8 @@ async fn shutdown_signal() {
 fn reindex(data: &Path) -> Result<()> {
     let started = std::time::Instant::now();
     let store = Store::open(data, Options::default())?;
-    let index = auditrail_index::Index::open(data, auditrail_index::IndexOptions::default(), None)?;
+    let rows = auditrail_server::Config::default().index_memtable_rows_max;
+    let index = auditrail_server::open_index(data, rows)?;
     index.reset()?;
     let mut follower = auditrail_index::Follower::new(&index, &store);
     let n = follower.catch_up(&index, &store)?;
