@@ -78,6 +78,10 @@ impl Issue {
         Issue::new(Severity::Warning, code, diagnostics, at)
     }
 
+    pub fn new_information(diagnostics: impl Into<String>) -> Issue {
+        Issue::new(Severity::Information, "informational", diagnostics, "")
+    }
+
     fn new(
         severity: Severity,
         code: &'static str,

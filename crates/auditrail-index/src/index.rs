@@ -287,6 +287,13 @@ impl Index {
         state.parts().find(|p| (p.first_seq()..p.end_seq()).contains(&seq))?.block_for(seq)
     }
 
+    /// The indexed `occurred_at` of `seq` (the event date FHIR sorts by).
+    pub fn occurred_of(&self, seq: u64) -> Option<i64> {
+        let state = self.read();
+        let part = state.parts().find(|p| (p.first_seq()..p.end_seq()).contains(&seq))?;
+        Some(part.occurred((seq - part.first_seq()) as u32))
+    }
+
     /// Seqs of the events whose `id` may be `id` (hash matches; compare after reading).
     pub fn id_candidates(&self, id: &str) -> Vec<u64> {
         let hash = doc::id_hash(id);

@@ -7,6 +7,7 @@
 
 pub mod config;
 pub mod error;
+pub mod fhir_api;
 pub mod ingest;
 pub mod logapi;
 pub mod query;
@@ -121,6 +122,25 @@ pub fn app(state: SharedState) -> Router {
         .route("/api/v1/events/{id}", get(query::get_event))
         .route("/api/v1/log/proof/inclusion", get(logapi::inclusion))
         .route("/api/v1/log/proof/consistency", get(logapi::consistency))
+        .route("/fhir", post(fhir_api::bundle))
+        .route("/fhir/metadata", get(fhir_api::metadata))
+        .route(
+            "/fhir/AuditEvent",
+            post(fhir_api::create)
+                .get(fhir_api::search)
+                .put(fhir_api::not_allowed)
+                .patch(fhir_api::not_allowed)
+                .delete(fhir_api::not_allowed),
+        )
+        .route(
+            "/fhir/AuditEvent/{id}",
+            get(fhir_api::read)
+                .post(fhir_api::not_allowed)
+                .put(fhir_api::not_allowed)
+                .patch(fhir_api::not_allowed)
+                .delete(fhir_api::not_allowed),
+        )
+        .route("/fhir/{*rest}", axum::routing::any(fhir_api::unknown_type))
         .route("/log/checkpoint", get(logapi::checkpoint))
         .route("/log/tile/{*path}", get(logapi::tile))
         .fallback(not_found)
@@ -210,11 +230,7 @@ pub fn open_index(
     data: &std::path::Path,
     memtable_rows_max: usize,
 ) -> Result<Index, auditrail_index::IndexError> {
-    Index::open(
-        data,
-        IndexOptions { memtable_rows_max },
-        Some(auditrail_index::doc::fhir_terms),
-    )
+    Index::open(data, IndexOptions { memtable_rows_max }, Some(auditrail_index::doc::fhir_terms))
 }
 
 /// A running service's background parts, stopped by [`Service::shutdown`].

@@ -108,6 +108,9 @@ pub struct Receipt {
     pub seq: u64,
     pub id: String,
     pub leaf_hash: Hash,
+    /// The server's `recorded_at` of a newly appended event; 0 for a duplicate (the original's
+    /// is in the log).
+    pub recorded_at_ms: u64,
     /// The event repeated an `id` already in the log: nothing was appended, and this is the
     /// original's receipt.
     pub duplicate: bool,
@@ -657,6 +660,7 @@ impl Sequencer {
                         seq: orig_seq,
                         id: client_id.unwrap_or_default(),
                         leaf_hash: orig_leaf,
+                        recorded_at_ms: 0,
                         duplicate: true,
                     });
                     continue;
@@ -689,7 +693,13 @@ impl Sequencer {
                     self.dedup.insert(key, seq, leaf_hash);
                 }
                 entries.push(entry);
-                receipts.push(Receipt { seq, id, leaf_hash, duplicate: false });
+                receipts.push(Receipt {
+                    seq,
+                    id,
+                    leaf_hash,
+                    recorded_at_ms: recorded_at as u64,
+                    duplicate: false,
+                });
                 seq += 1;
             }
             replies.push((reply, receipts));

@@ -54,7 +54,10 @@ fn a_repeated_client_id_returns_the_original_receipt() {
     // The window survives a restart.
     let store = Store::open_with(Arc::new(disk), options()).unwrap();
     let again = store.append(vec![event(4, Some("k1"))]).unwrap();
-    assert_eq!(again[0], auditrail_store::Receipt { duplicate: true, ..first[0].clone() });
+    assert_eq!(
+        again[0],
+        auditrail_store::Receipt { duplicate: true, recorded_at_ms: 0, ..first[0].clone() }
+    );
     assert_eq!(store.stages().sequenced, 2);
 }
 
