@@ -89,11 +89,12 @@ fn parse_resource(bytes: &[u8]) -> Result<Value, FhirError> {
     })
 }
 
+/// A received AuditEvent ready to append: the prepared event, its native fields (to answer
+/// with its stored view) and the warnings it is stored with.
+type Mapped = (auditrail_core::event::PreparedEvent, Map<String, Value>, Vec<Issue>);
+
 /// Maps one received AuditEvent to a prepared native event plus its warnings.
-fn map_audit_event(
-    resource: &Value,
-    at: &str,
-) -> Result<(auditrail_core::event::PreparedEvent, Map<String, Value>, Vec<Issue>), Vec<Issue>> {
+fn map_audit_event(resource: &Value, at: &str) -> Result<Mapped, Vec<Issue>> {
     let (map, warnings) = fhir::to_canonical(resource).map_err(|issues| prefix(issues, at))?;
     let prepared = ClientEvent::validate(Value::Object(map.clone()))
         .and_then(ClientEvent::prepare)
