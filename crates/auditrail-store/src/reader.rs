@@ -39,7 +39,18 @@ pub fn load_segment(
 ) -> Result<LoadedSegment, StoreError> {
     let path = segment_path(first_seq);
     let bytes = io.read(&path)?;
-    let header = SegmentHeader::decode(&bytes)
+    let (header, keys) = open_segment_header(&path, &bytes, master, first_seq)?;
+    Ok(LoadedSegment { first_seq, path, header, keys, bytes })
+}
+
+/// Decodes and checks a segment header (it must name `first_seq`) and unwraps its keys.
+pub fn open_segment_header(
+    path: &str,
+    bytes: &[u8],
+    master: &MasterKeys,
+    first_seq: u64,
+) -> Result<(SegmentHeader, SegmentKeys), StoreError> {
+    let header = SegmentHeader::decode(bytes)
         .map_err(|e| StoreError::corrupted(format!("{path} offset 0"), e))?;
     if header.first_seq != first_seq {
         return Err(StoreError::corrupted(
@@ -55,7 +66,7 @@ pub fn load_segment(
     })?;
     let keys =
         header.keys(sealer).map_err(|e| StoreError::corrupted(format!("{path} offset 0"), e))?;
-    Ok(LoadedSegment { first_seq, path, header, keys, bytes })
+    Ok((header, keys))
 }
 
 /// One block found by [`LoadedSegment::blocks`].

@@ -644,6 +644,7 @@ impl Sequencer {
         let mut seq = first_seq;
         let mut block_first = first_seq;
         let mut blocks = Vec::new();
+        let group_len = group.len();
         let mut entries = Vec::new();
         let mut replies = Vec::with_capacity(group.len());
         self.plain.clear();
@@ -703,7 +704,11 @@ impl Sequencer {
                 seq += 1;
             }
             replies.push((reply, receipts));
-            if self.plain.len() >= self.options.block_plain_bytes_target {
+            let last = replies.len() == group_len;
+            // A block ends between append calls once it is big enough, and at the group's end.
+            if seq > block_first
+                && (last || self.plain.len() >= self.options.block_plain_bytes_target)
+            {
                 blocks.extend(segment::encode_block(
                     &active.keys,
                     active.key_version,
@@ -715,16 +720,6 @@ impl Sequencer {
                 self.plain.clear();
                 block_first = seq;
             }
-        }
-        if seq > block_first {
-            blocks.extend(segment::encode_block(
-                &active.keys,
-                active.key_version,
-                block_first,
-                (seq - block_first) as u32,
-                &self.plain,
-                &mut self.compressor,
-            ));
         }
         let path = if seq > first_seq {
             let block = blocks;

@@ -7,10 +7,9 @@ use crate::crypto::SegmentKeys;
 use crate::error::StoreError;
 use crate::io::Io;
 use crate::keys::MasterKeys;
-use crate::reader::{list_segments, segment_path};
+use crate::reader::{list_segments, open_segment_header, segment_path};
 use crate::segment::{
     self, BLOCK_HEADER_BYTES, BlockHeader, RecordIter, RecordRef, SEGMENT_HEADER_BYTES,
-    SegmentHeader,
 };
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -39,21 +38,7 @@ fn unwrap_segment_keys(
 ) -> Result<SegmentKeys, StoreError> {
     let path = segment_path(first_seq);
     let bytes = io.read_at(&path, 0, SEGMENT_HEADER_BYTES)?;
-    let header = SegmentHeader::decode(&bytes)
-        .map_err(|e| StoreError::corrupted(format!("{path} offset 0"), e))?;
-    if header.first_seq != first_seq {
-        return Err(StoreError::corrupted(
-            format!("{path} offset 0"),
-            "header first_seq differs from file name",
-        ));
-    }
-    let sealer = master.get(header.key_version).ok_or_else(|| {
-        StoreError::Unavailable(format!(
-            "{path} needs master key version {}, which keys/master.keys lacks",
-            header.key_version
-        ))
-    })?;
-    header.keys(sealer).map_err(|e| StoreError::corrupted(format!("{path} offset 0"), e))
+    Ok(open_segment_header(&path, &bytes, master, first_seq)?.1)
 }
 
 /// Reads the block header at `offset`, or `None` when the file ends before a whole header.
