@@ -106,7 +106,7 @@ impl Config {
             "block_cache_bytes_max" => self.block_cache_bytes_max = num(value)?,
             "search_limit_max" => self.search_limit_max = num(value)?,
             // Variables the binary reads itself.
-            "config" | "log" => {}
+            "config" => {}
             _ => return Err(format!("unknown setting {key:?}")),
         }
         Ok(())

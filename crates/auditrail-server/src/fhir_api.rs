@@ -420,16 +420,10 @@ pub async fn search(
     let base = base_url(&headers);
     state.metrics.searches.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let s = state.clone();
-    let body = blocking(move || {
-        search_bundle(&s, &search, &params, &base).map_err(|e| {
-            // Only invalid cursors and read failures get here; keep their message.
-            ApiError::bad_request(
-                "invalid_parameter",
-                e.issues.first().map(|i| i.diagnostics.clone()).unwrap_or_default(),
-            )
-        })
-    })
-    .await?;
+    // Run off the async workers, keeping the OperationOutcome (and its status) of a failure.
+    let body = tokio::task::spawn_blocking(move || search_bundle(&s, &search, &params, &base))
+        .await
+        .map_err(|e| FhirError::from(ApiError::internal(e)))??;
     Ok(fhir_json(StatusCode::OK, &body))
 }
 

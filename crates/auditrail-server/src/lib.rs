@@ -167,61 +167,59 @@ async fn readyz(State(s): State<SharedState>) -> impl IntoResponse {
 async fn metrics(State(s): State<SharedState>) -> impl IntoResponse {
     let stages = s.store.stages();
     let m = &s.metrics;
+    let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+    let series: [(&str, &str, &str, u64); 11] = [
+        ("auditrail_log_sequenced", "gauge", "Events durable in the log.", stages.sequenced),
+        ("auditrail_log_integrated", "gauge", "Events in the Merkle tree.", stages.integrated),
+        (
+            "auditrail_log_published",
+            "gauge",
+            "Tree size of the newest checkpoint.",
+            stages.published,
+        ),
+        ("auditrail_index_indexed", "gauge", "Events searchable.", s.index.indexed_through()),
+        (
+            "auditrail_index_persisted",
+            "gauge",
+            "Events in index files.",
+            s.index.persisted_through(),
+        ),
+        (
+            "auditrail_index_lag_events",
+            "gauge",
+            "Durable events not yet searchable.",
+            stages.sequenced.saturating_sub(s.index.indexed_through()),
+        ),
+        (
+            "auditrail_events_ingested_total",
+            "counter",
+            "Events appended.",
+            load(&m.events_ingested),
+        ),
+        (
+            "auditrail_events_duplicate_total",
+            "counter",
+            "Events that repeated a known id.",
+            load(&m.events_duplicate),
+        ),
+        (
+            "auditrail_requests_rejected_total",
+            "counter",
+            "Ingest requests answered 4xx.",
+            load(&m.requests_rejected),
+        ),
+        (
+            "auditrail_requests_overloaded_total",
+            "counter",
+            "Requests answered 503 for load.",
+            load(&m.requests_overloaded),
+        ),
+        ("auditrail_searches_total", "counter", "Searches served.", load(&m.searches)),
+    ];
     let mut out = String::new();
-    let mut line = |name: &str, kind: &str, help: &str, value: u64| {
+    for (name, kind, help, value) in series {
         out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"));
-    };
-    line("auditrail_log_sequenced", "gauge", "Events durable in the log.", stages.sequenced);
-    line("auditrail_log_integrated", "gauge", "Events in the Merkle tree.", stages.integrated);
-    line(
-        "auditrail_log_published",
-        "gauge",
-        "Tree size of the newest checkpoint.",
-        stages.published,
-    );
-    line("auditrail_index_indexed", "gauge", "Events searchable.", s.index.indexed_through());
-    line(
-        "auditrail_index_persisted",
-        "gauge",
-        "Events in index files.",
-        s.index.persisted_through(),
-    );
-    line(
-        "auditrail_index_lag_events",
-        "gauge",
-        "Durable events not yet searchable.",
-        stages.sequenced.saturating_sub(s.index.indexed_through()),
-    );
-    line(
-        "auditrail_events_ingested_total",
-        "counter",
-        "Events appended.",
-        m.events_ingested.load(Ordering::Relaxed),
-    );
-    line(
-        "auditrail_events_duplicate_total",
-        "counter",
-        "Events that repeated a known id.",
-        m.events_duplicate.load(Ordering::Relaxed),
-    );
-    line(
-        "auditrail_requests_rejected_total",
-        "counter",
-        "Requests answered 4xx.",
-        m.requests_rejected.load(Ordering::Relaxed),
-    );
-    line(
-        "auditrail_requests_overloaded_total",
-        "counter",
-        "Requests answered 503 for load.",
-        m.requests_overloaded.load(Ordering::Relaxed),
-    );
-    line(
-        "auditrail_searches_total",
-        "counter",
-        "Searches served.",
-        m.searches.load(Ordering::Relaxed),
-    );
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
 }
 

@@ -147,3 +147,49 @@ fn the_tail_follows_the_log_across_blocks_and_segments_and_blocks_read_back() {
     let wrong = auditrail_store::tail::BlockLocation { count: 999, ..locations[3] };
     assert!(matches!(reader.read(&wrong), Err(StoreError::Corrupted { .. })));
 }
+
+#[test]
+fn a_group_commit_is_cut_into_blocks_between_append_calls() {
+    let disk = SimDisk::new();
+    Keys::install(&disk, "test.example/log").unwrap();
+    // The sequencer waits 50 ms for appends to join a group, so the 8 concurrent one-event
+    // calls of each round land in one group commit, which must then be cut into several blocks.
+    let target = 600;
+    let options = Options { block_plain_bytes_target: target, batch_wait_us: 50_000, ..options() };
+    let store = Arc::new(Store::open_with(Arc::new(disk.clone()), options).unwrap());
+    let rounds = 5;
+    for round in 0..rounds {
+        let threads: Vec<_> = (0..8)
+            .map(|i| {
+                let store = store.clone();
+                std::thread::spawn(move || store.append(vec![event(round * 100 + i, None)]))
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap().unwrap();
+        }
+    }
+    let durable = store.stages().sequenced;
+    assert_eq!(durable, 8 * rounds);
+    let mut blocks = Vec::new();
+    store
+        .tail(0)
+        .read(durable, usize::MAX, |at, _, _| {
+            if blocks.last() != Some(at) {
+                blocks.push(*at);
+            }
+            Ok(())
+        })
+        .unwrap();
+    // Without cutting there would be at most one block per group, i.e. per round.
+    assert!(blocks.len() > rounds as usize, "{} blocks for {rounds} groups", blocks.len());
+    // No block grows past the target by more than its last call (here one event).
+    let reader = store.block_reader();
+    for at in &blocks {
+        let block = reader.read(at).unwrap();
+        let sizes: Vec<usize> =
+            (at.first_seq..at.end_seq()).map(|s| block.get(s).unwrap().len()).collect();
+        let before_last: usize = sizes[..sizes.len() - 1].iter().sum();
+        assert!(before_last < target, "block at {at:?} kept growing past the target: {sizes:?}");
+    }
+}
