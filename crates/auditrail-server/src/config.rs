@@ -85,7 +85,26 @@ impl Config {
                 .set(&key.to_ascii_lowercase(), &value)
                 .map_err(|message| ConfigError::Env { name: name.clone(), message })?;
         }
+        config.check().map_err(|message| ConfigError::Parse {
+            path: file.map_or("(defaults and environment)".into(), |p| p.display().to_string()),
+            message,
+        })?;
         Ok(config)
+    }
+
+    /// Settings that only make sense together. A body larger than the ingest budget could
+    /// never be admitted and would be answered 503 forever.
+    pub fn check(&self) -> Result<(), String> {
+        if self.body_bytes_max > self.ingest_bytes_in_flight_max {
+            return Err(format!(
+                "body_bytes_max ({}) must not exceed ingest_bytes_in_flight_max ({})",
+                self.body_bytes_max, self.ingest_bytes_in_flight_max
+            ));
+        }
+        if self.batch_events_max == 0 || self.search_limit_max == 0 {
+            return Err("batch_events_max and search_limit_max must be at least 1".into());
+        }
+        Ok(())
     }
 
     /// Sets one setting from text; unknown names are errors.
@@ -131,5 +150,8 @@ mod tests {
         assert!(e.contains("lisen"), "{e}");
         let env = [("AUDITRAIL_BODY_BYTES_MAX".to_string(), "lots".to_string())];
         assert!(Config::load(None, env).is_err());
+        let env = [("AUDITRAIL_INGEST_BYTES_IN_FLIGHT_MAX".to_string(), "1000".to_string())];
+        let e = Config::load(None, env).unwrap_err().to_string();
+        assert!(e.contains("must not exceed"), "{e}");
     }
 }
