@@ -80,30 +80,40 @@ impl PatientTokens {
 
     /// The term key of a PHI value of a FHIR search parameter: blinded like a patient.
     pub fn blind(&self, tag: u8, value: &str) -> Vec<u8> {
-        let mut mac = self.mac.clone();
-        mac.update(&[tag]);
-        mac.update(value.as_bytes());
-        let token = mac.finalize().into_bytes();
-        let mut key = Vec::with_capacity(17);
-        key.push(tag);
-        key.extend_from_slice(&token[..16]);
-        key
+        self.blinded(tag, value).to_vec()
     }
 
     /// The term key for a patient given as a bare id, `Patient/<id>` or a URL ending in it.
     pub fn term(&self, patient: &str) -> Vec<u8> {
+        self.patient(patient).to_vec()
+    }
+
+    fn blinded(&self, tag: u8, value: &str) -> [u8; TOKEN_KEY_LEN] {
+        let mut mac = self.mac.clone();
+        mac.update(&[tag]);
+        mac.update(value.as_bytes());
+        token_key(tag, &mac.finalize().into_bytes())
+    }
+
+    fn patient(&self, patient: &str) -> [u8; TOKEN_KEY_LEN] {
         let bare = match patient.rfind("Patient/") {
             Some(i) => &patient[i + "Patient/".len()..],
             None => patient,
         };
         let mut mac = self.mac.clone();
         mac.update(bare.as_bytes());
-        let tag = mac.finalize().into_bytes();
-        let mut key = Vec::with_capacity(17);
-        key.push(Field::Patient as u8);
-        key.extend_from_slice(&tag[..16]);
-        key
+        token_key(Field::Patient as u8, &mac.finalize().into_bytes())
     }
+}
+
+/// A blinded term key: the tag and 128 bits of the HMAC.
+const TOKEN_KEY_LEN: usize = 17;
+
+fn token_key(tag: u8, mac: &[u8]) -> [u8; TOKEN_KEY_LEN] {
+    let mut key = [0u8; TOKEN_KEY_LEN];
+    key[0] = tag;
+    key[1..].copy_from_slice(&mac[..TOKEN_KEY_LEN - 1]);
+    key
 }
 
 pub fn term(field: Field, value: &str) -> Vec<u8> {
@@ -117,11 +127,53 @@ pub fn tagged(tag: u8, value: &str) -> Vec<u8> {
     key
 }
 
-/// A stable 64-bit hash of an event `id`, for `GET /events/{id}`. Collisions are harmless:
+/// A stable 32-bit hash of an event `id`, for `GET /events/{id}`. Collisions are harmless:
 /// candidates are read back from the log and compared.
-pub fn id_hash(id: &str) -> u64 {
+pub fn id_hash(id: &str) -> u32 {
     let d = Sha256::digest(id.as_bytes());
-    u64::from_le_bytes(d[..8].try_into().expect("8 bytes"))
+    u32::from_le_bytes(d[..4].try_into().expect("4 bytes"))
+}
+
+/// The term keys of one event, concatenated without a copy each. A key may repeat; the
+/// memtable posts a row once per term however often it repeats.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Terms {
+    bytes: Vec<u8>,
+    ends: Vec<u32>,
+}
+
+impl Terms {
+    pub fn push(&mut self, tag: u8, value: &[u8]) {
+        self.bytes.push(tag);
+        self.bytes.extend_from_slice(value);
+        self.ends.push(self.bytes.len() as u32);
+    }
+
+    pub fn push_key(&mut self, key: &[u8]) {
+        self.bytes.extend_from_slice(key);
+        self.ends.push(self.bytes.len() as u32);
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &[u8]> {
+        let mut start = 0;
+        self.ends.iter().map(move |&end| {
+            let key = &self.bytes[start..end as usize];
+            start = end as usize;
+            key
+        })
+    }
+
+    pub fn contains(&self, key: &[u8]) -> bool {
+        self.iter().any(|k| k == key)
+    }
+
+    pub fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
 }
 
 /// One event as the index sees it.
@@ -130,10 +182,9 @@ pub struct Doc {
     pub seq: u64,
     pub occurred_ms: i64,
     pub recorded_ms: i64,
-    pub id_hash: u64,
+    pub id_hash: u32,
     pub group: [String; GROUP_FIELDS],
-    /// Sorted, without duplicates.
-    pub terms: Vec<Vec<u8>>,
+    pub terms: Terms,
 }
 
 /// Emits the FHIR search terms of an event as (tag, carries PHI, value); PHI values are
@@ -173,10 +224,10 @@ pub fn extract(
     };
     let recorded_ms = s(&["recorded_at"]).and_then(parse_rfc3339).unwrap_or(0);
     let occurred_ms = s(&["occurred_at"]).and_then(parse_rfc3339).unwrap_or(recorded_ms);
-    let mut terms = Vec::with_capacity(24);
+    let mut terms = Terms::default();
     let mut add = |field: Field, value: Option<&str>| {
         if let Some(value) = value {
-            terms.push(term(field, value));
+            terms.push(field as u8, value.as_bytes());
         }
     };
     add(Field::Action, s(&["action"]));
@@ -186,19 +237,21 @@ pub fn extract(
     add(Field::User, s(&["actor", "user_id"]));
     add(Field::Source, s(&["source", "system"]));
     if let Some(ip) = s(&["actor", "ip"]) {
-        terms.push(term(Field::Address, &ip.to_ascii_lowercase()));
+        terms.push(Field::Address as u8, ip.to_ascii_lowercase().as_bytes());
     }
     if let Some(p) = s(&["patient", "id"]) {
-        terms.push(patients.term(p));
+        terms.push_key(&patients.patient(p));
     }
     text_terms(&v, &mut terms);
     if let Some(fhir_terms) = fhir_terms {
         fhir_terms(&v, &mut |tag, phi, value| {
-            terms.push(if phi { patients.blind(tag, value) } else { tagged(tag, value) });
+            if phi {
+                terms.push_key(&patients.blinded(tag, value));
+            } else {
+                terms.push(tag, value.as_bytes());
+            }
         });
     }
-    terms.sort_unstable();
-    terms.dedup();
     let group = [
         s(&["action"]).unwrap_or("").to_string(),
         s(&["actor", "user_id"]).unwrap_or("").to_string(),
@@ -224,12 +277,12 @@ pub fn words(text: &str, mut f: impl FnMut(&str)) {
 
 /// Words of the descriptive fields. The patient and the request path (which often holds a
 /// patient id) are deliberately not among them: they are findable only through the token.
-fn text_terms(v: &Value, terms: &mut Vec<Vec<u8>>) {
+fn text_terms(v: &Value, terms: &mut Terms) {
     let mut n = 0;
     let mut push = |text: &str| {
         words(text, |w| {
             if n < TEXT_TERMS_MAX {
-                terms.push(term(Field::Text, w));
+                terms.push(Field::Text as u8, w.as_bytes());
                 n += 1;
             }
         })
@@ -290,9 +343,5 @@ mod tests {
         assert!(d.terms.contains(&term(Field::Text, "chest")));
         assert!(!d.terms.iter().any(|t| t.windows(4).any(|w| w == b"MRN9" || w == b"mrn9")));
         assert_eq!(d.id_hash, id_hash("e-1"));
-        let mut sorted = d.terms.clone();
-        sorted.sort();
-        sorted.dedup();
-        assert_eq!(sorted, d.terms);
     }
 }

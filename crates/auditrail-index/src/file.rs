@@ -1,19 +1,32 @@
 //! The index segment file: `index/<first seq, 20 digits>-<end seq, 20 digits>.idx`.
 //!
-//! Layout (little-endian): magic `ATRLIDX1`, version byte (1), three zero bytes, `first_seq`
-//! u64, `rows` u64, then sections in a fixed order, each a u64 byte length and its bytes:
-//! occurred i64×rows, recorded i64×rows, four group-id columns u32×rows, four dictionaries
-//! (u32 count, then u32 length + UTF-8 per string), id table (u64 hash, u32 row)×n, term bytes,
-//! key ends u32×terms, postings u32×n, posting ends u32×terms, blocks (u64 segment, u64
-//! offset, u64 first seq, u32 count)×n; finally a CRC-32C of everything before it.
+//! Layout: magic `ATRLIDX1`, version byte (2), three zero bytes, then little-endian u64s
+//! `first_seq`, `rows` and the payload's length before compression, then the payload as one
+//! zstd frame, and finally a CRC-32C of everything before it.
+//!
+//! The payload is a sequence of varints (LEB128; "zz" marks zigzag-encoded signed values):
+//! - `occurred_at` of each row as the zz difference from the previous row's (the first from 0),
+//!   then `recorded_at` the same way;
+//! - four group-id columns (action, user, outcome, category), one varint per row each;
+//! - four dictionaries: count, then per string its length and UTF-8 bytes;
+//! - the id table sorted by hash: count, then per entry the hash's difference from the
+//!   previous hash and the row;
+//! - the terms in key order: count, then per term the length of the prefix it shares with the
+//!   previous key, the length of the rest, the rest, the length of its encoded posting list
+//!   (see `postings.rs`) and the list;
+//! - the log blocks: count, then per block its segment, offset, first seq and event count.
+//!
 //! The file is derived data: a file that fails any check is deleted and rebuilt from the log.
 
 use crate::doc::GROUP_FIELDS;
 use crate::part::SegmentData;
+use crate::postings::{Postings, get_varint, put_varint, unzigzag, zigzag};
 use auditrail_store::tail::BlockLocation;
 
 const MAGIC: &[u8; 8] = b"ATRLIDX1";
-const VERSION: u8 = 1;
+const VERSION: u8 = 2;
+/// Largest payload a file may declare (a damaged length must not allocate without bound).
+const PAYLOAD_MAX: u64 = 1 << 34;
 
 pub fn file_name(first_seq: u64, end_seq: u64) -> String {
     format!("{first_seq:020}-{end_seq:020}.idx")
@@ -28,91 +41,98 @@ pub fn parse_file_name(name: &str) -> Option<(u64, u64)> {
     Some((a.parse().ok()?, b.parse().ok()?))
 }
 
-fn section(out: &mut Vec<u8>, f: impl FnOnce(&mut Vec<u8>)) {
-    let at = out.len();
-    out.extend_from_slice(&[0; 8]);
-    f(out);
-    let len = (out.len() - at - 8) as u64;
-    out[at..at + 8].copy_from_slice(&len.to_le_bytes());
-}
-
 pub fn encode(d: &SegmentData) -> Vec<u8> {
-    let mut out = Vec::new();
+    let mut p = Vec::with_capacity(d.occurred.len() * 64);
+    for times in [&d.occurred, &d.recorded] {
+        let mut prev = 0i64;
+        for &t in times {
+            put_varint(&mut p, zigzag(t.wrapping_sub(prev)));
+            prev = t;
+        }
+    }
+    for ids in &d.group_ids {
+        ids.iter().for_each(|&id| put_varint(&mut p, id.into()));
+    }
+    for dict in &d.dicts {
+        put_varint(&mut p, dict.len() as u64);
+        for s in dict {
+            put_varint(&mut p, s.len() as u64);
+            p.extend_from_slice(s.as_bytes());
+        }
+    }
+    put_varint(&mut p, d.ids.len() as u64);
+    let mut prev = 0u32;
+    for &(hash, row) in &d.ids {
+        put_varint(&mut p, (hash - prev).into());
+        put_varint(&mut p, row.into());
+        prev = hash;
+    }
+    put_varint(&mut p, d.key_ends.len() as u64);
+    let (mut key_start, mut post_start, mut prev_key): (usize, usize, &[u8]) = (0, 0, &[]);
+    for (&key_end, &post_end) in d.key_ends.iter().zip(&d.post_ends) {
+        let key = &d.term_bytes[key_start..key_end as usize];
+        let shared = key.iter().zip(prev_key).take_while(|(a, b)| a == b).count();
+        put_varint(&mut p, shared as u64);
+        put_varint(&mut p, (key.len() - shared) as u64);
+        p.extend_from_slice(&key[shared..]);
+        let list = &d.postings[post_start..post_end as usize];
+        put_varint(&mut p, list.len() as u64);
+        p.extend_from_slice(list);
+        (key_start, post_start, prev_key) = (key_end as usize, post_end as usize, key);
+    }
+    put_varint(&mut p, d.blocks.len() as u64);
+    for b in &d.blocks {
+        for v in [b.segment, b.offset, b.first_seq, b.count.into()] {
+            put_varint(&mut p, v);
+        }
+    }
+
+    let mut out = Vec::with_capacity(p.len() / 2);
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&[VERSION, 0, 0, 0]);
     out.extend_from_slice(&d.first_seq.to_le_bytes());
     out.extend_from_slice(&(d.occurred.len() as u64).to_le_bytes());
-    section(&mut out, |o| d.occurred.iter().for_each(|x| o.extend_from_slice(&x.to_le_bytes())));
-    section(&mut out, |o| d.recorded.iter().for_each(|x| o.extend_from_slice(&x.to_le_bytes())));
-    for ids in &d.group_ids {
-        section(&mut out, |o| ids.iter().for_each(|x| o.extend_from_slice(&x.to_le_bytes())));
-    }
-    for dict in &d.dicts {
-        section(&mut out, |o| {
-            o.extend_from_slice(&(dict.len() as u32).to_le_bytes());
-            for s in dict {
-                o.extend_from_slice(&(s.len() as u32).to_le_bytes());
-                o.extend_from_slice(s.as_bytes());
-            }
-        });
-    }
-    section(&mut out, |o| {
-        for (h, r) in &d.ids {
-            o.extend_from_slice(&h.to_le_bytes());
-            o.extend_from_slice(&r.to_le_bytes());
-        }
-    });
-    section(&mut out, |o| o.extend_from_slice(&d.term_bytes));
-    section(&mut out, |o| d.key_ends.iter().for_each(|x| o.extend_from_slice(&x.to_le_bytes())));
-    section(&mut out, |o| d.postings.iter().for_each(|x| o.extend_from_slice(&x.to_le_bytes())));
-    section(&mut out, |o| d.post_ends.iter().for_each(|x| o.extend_from_slice(&x.to_le_bytes())));
-    section(&mut out, |o| {
-        for b in &d.blocks {
-            o.extend_from_slice(&b.segment.to_le_bytes());
-            o.extend_from_slice(&b.offset.to_le_bytes());
-            o.extend_from_slice(&b.first_seq.to_le_bytes());
-            o.extend_from_slice(&b.count.to_le_bytes());
-        }
-    });
+    out.extend_from_slice(&(p.len() as u64).to_le_bytes());
+    out.extend_from_slice(&zstd::bulk::compress(&p, 1).expect("compressing to memory cannot fail"));
     let crc = crc32c::crc32c(&out);
     out.extend_from_slice(&crc.to_le_bytes());
     out
 }
 
-struct Cursor<'a> {
-    rest: &'a [u8],
+/// Reads the payload; every read is bounds-checked, so damage is an error, never a panic.
+struct Reader<'a> {
+    bytes: &'a [u8],
+    at: usize,
 }
 
-impl<'a> Cursor<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
-        if self.rest.len() < n {
-            return Err("truncated".into());
+impl<'a> Reader<'a> {
+    fn varint(&mut self) -> Result<u64, String> {
+        get_varint(self.bytes, &mut self.at).ok_or_else(|| format!("bad varint at {}", self.at))
+    }
+
+    /// A count or length, refused when larger than what is left to read could hold.
+    fn len(&mut self) -> Result<usize, String> {
+        let n = self.varint()?;
+        if n > (self.bytes.len() - self.at) as u64 {
+            return Err(format!("length {n} at {} runs past the end", self.at));
         }
-        let (a, b) = self.rest.split_at(n);
-        self.rest = b;
-        Ok(a)
+        Ok(n as usize)
     }
-    fn u64(&mut self) -> Result<u64, String> {
-        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes")))
-    }
+
     fn u32(&mut self) -> Result<u32, String> {
-        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes")))
+        u32::try_from(self.varint()?).map_err(|_| format!("value too large at {}", self.at))
     }
-    fn section(&mut self) -> Result<Cursor<'a>, String> {
-        let len = usize::try_from(self.u64()?).map_err(|_| "section too large")?;
-        Ok(Cursor { rest: self.take(len)? })
-    }
-    fn array<T>(&mut self, width: usize, f: impl Fn(&[u8]) -> T) -> Result<Vec<T>, String> {
-        let s = self.section()?.rest;
-        if s.len() % width != 0 {
-            return Err("section length is not a whole number of items".into());
-        }
-        Ok(s.chunks_exact(width).map(f).collect())
+
+    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
+        let end = self.at.checked_add(n).filter(|&e| e <= self.bytes.len()).ok_or("truncated")?;
+        let out = &self.bytes[self.at..end];
+        self.at = end;
+        Ok(out)
     }
 }
 
 pub fn decode(bytes: &[u8]) -> Result<SegmentData, String> {
-    if bytes.len() < 32 || &bytes[..8] != MAGIC {
+    if bytes.len() < 40 || &bytes[..8] != MAGIC {
         return Err("not an index segment".into());
     }
     let (body, crc) = bytes.split_at(bytes.len() - 4);
@@ -122,39 +142,82 @@ pub fn decode(bytes: &[u8]) -> Result<SegmentData, String> {
     if bytes[8] != VERSION {
         return Err(format!("unsupported version {}", bytes[8]));
     }
-    let mut c = Cursor { rest: &body[12..] };
-    let first_seq = c.u64()?;
-    let rows = usize::try_from(c.u64()?).map_err(|_| "too many rows")?;
-    let i64s = |b: &[u8]| i64::from_le_bytes(b.try_into().expect("8 bytes"));
-    let u32s = |b: &[u8]| u32::from_le_bytes(b.try_into().expect("4 bytes"));
-    let occurred = c.array(8, i64s)?;
-    let recorded = c.array(8, i64s)?;
+    let word = |i: usize| u64::from_le_bytes(body[12 + 8 * i..20 + 8 * i].try_into().expect("8"));
+    let (first_seq, rows, payload_len) = (word(0), word(1), word(2));
+    if payload_len > PAYLOAD_MAX || rows > payload_len {
+        return Err("implausible sizes".into());
+    }
+    let payload = zstd::bulk::decompress(&body[36..], payload_len as usize)
+        .map_err(|e| format!("cannot decompress: {e}"))?;
+    if payload.len() as u64 != payload_len {
+        return Err("payload length mismatch".into());
+    }
+    let rows = rows as usize;
+    let mut r = Reader { bytes: &payload, at: 0 };
+    let mut times = || -> Result<Vec<i64>, String> {
+        let mut out = Vec::with_capacity(rows);
+        let mut prev = 0i64;
+        for _ in 0..rows {
+            prev = prev.wrapping_add(unzigzag(r.varint()?));
+            out.push(prev);
+        }
+        Ok(out)
+    };
+    let occurred = times()?;
+    let recorded = times()?;
     let mut group_ids: [Vec<u32>; GROUP_FIELDS] = Default::default();
     for g in &mut group_ids {
-        *g = c.array(4, u32s)?;
+        *g = (0..rows).map(|_| r.u32()).collect::<Result<_, _>>()?;
     }
     let mut dicts: [Vec<String>; GROUP_FIELDS] = Default::default();
     for d in &mut dicts {
-        let mut s = c.section()?;
-        let n = s.u32()?;
-        for _ in 0..n {
-            let len = s.u32()? as usize;
-            let text = std::str::from_utf8(s.take(len)?).map_err(|_| "dictionary not UTF-8")?;
+        for _ in 0..r.len()? {
+            let len = r.len()?;
+            let text = std::str::from_utf8(r.take(len)?).map_err(|_| "dictionary not UTF-8")?;
             d.push(text.to_string());
         }
     }
-    let ids =
-        c.array(12, |b| (u64::from_le_bytes(b[..8].try_into().expect("8")), u32s(&b[8..])))?;
-    let term_bytes = c.section()?.rest.to_vec();
-    let key_ends = c.array(4, u32s)?;
-    let postings = c.array(4, u32s)?;
-    let post_ends = c.array(4, u32s)?;
-    let blocks = c.array(28, |b| BlockLocation {
-        segment: u64::from_le_bytes(b[..8].try_into().expect("8")),
-        offset: u64::from_le_bytes(b[8..16].try_into().expect("8")),
-        first_seq: u64::from_le_bytes(b[16..24].try_into().expect("8")),
-        count: u32s(&b[24..28]),
-    })?;
+    let mut ids = Vec::with_capacity(rows);
+    let mut hash = 0u32;
+    for _ in 0..r.len()? {
+        hash = hash.checked_add(r.u32()?).ok_or("id hashes out of order")?;
+        ids.push((hash, r.u32()?));
+    }
+    let terms = r.len()?;
+    let (mut term_bytes, mut key_ends) = (Vec::new(), Vec::with_capacity(terms));
+    let (mut postings, mut post_ends) = (Vec::new(), Vec::with_capacity(terms));
+    let mut prev_start = 0;
+    for _ in 0..terms {
+        let shared = r.len()?;
+        let rest = r.len()?;
+        let start = term_bytes.len();
+        if shared > start - prev_start {
+            return Err("a key shares more than the previous key holds".into());
+        }
+        term_bytes.extend_from_within(prev_start..prev_start + shared);
+        term_bytes.extend_from_slice(r.take(rest)?);
+        key_ends.push(u32::try_from(term_bytes.len()).map_err(|_| "too many key bytes")?);
+        prev_start = start;
+        let len = r.len()?;
+        let list = r.take(len)?;
+        if !Postings::decode(list).is_some_and(|p| p.check(rows)) {
+            return Err(format!("posting list {} is damaged", key_ends.len() - 1));
+        }
+        postings.extend_from_slice(list);
+        post_ends.push(u32::try_from(postings.len()).map_err(|_| "too many posting bytes")?);
+    }
+    let mut blocks = Vec::new();
+    for _ in 0..r.len()? {
+        blocks.push(BlockLocation {
+            segment: r.varint()?,
+            offset: r.varint()?,
+            first_seq: r.varint()?,
+            count: r.u32()?,
+        });
+    }
+    if r.at != payload.len() {
+        return Err("trailing bytes".into());
+    }
     let d = SegmentData {
         first_seq,
         occurred,
@@ -172,21 +235,79 @@ pub fn decode(bytes: &[u8]) -> Result<SegmentData, String> {
     Ok(d)
 }
 
-/// Every offset and id in range, so reads of a loaded segment cannot go out of bounds.
+/// Every id and key in range and in order, so reads of a loaded segment cannot go wrong.
 fn check(d: &SegmentData, rows: usize) -> Result<(), String> {
-    let ok = d.occurred.len() == rows
+    let mut keys = d.key_ends.iter().scan(0usize, |start, &end| {
+        let key = &d.term_bytes[*start..end as usize];
+        *start = end as usize;
+        Some(key)
+    });
+    let mut sorted = true;
+    if let Some(mut prev) = keys.next() {
+        for key in keys {
+            sorted &= prev < key;
+            prev = key;
+        }
+    }
+    let ok = sorted
+        && d.occurred.len() == rows
         && d.recorded.len() == rows
         && d.group_ids
             .iter()
             .zip(&d.dicts)
             .all(|(ids, dict)| ids.len() == rows && ids.iter().all(|&i| (i as usize) < dict.len()))
+        && d.ids.len() == rows
         && d.ids.iter().all(|&(_, r)| (r as usize) < rows)
-        && d.key_ends.len() == d.post_ends.len()
-        && d.key_ends.windows(2).all(|w| w[0] <= w[1])
-        && d.key_ends.last().is_none_or(|&e| e as usize == d.term_bytes.len())
-        && d.post_ends.windows(2).all(|w| w[0] <= w[1])
-        && d.post_ends.last().is_none_or(|&e| e as usize == d.postings.len())
-        && d.postings.iter().all(|&r| (r as usize) < rows)
         && d.blocks.windows(2).all(|w| w[0].end_seq() <= w[1].first_seq);
     if ok { Ok(()) } else { Err("inconsistent sections".into()) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::doc::{Doc, Terms};
+    use crate::part::{Memtable, Part};
+
+    fn sample() -> SegmentData {
+        let mut m = Memtable::new(1000);
+        for i in 0..3000u64 {
+            let mut terms = Terms::default();
+            terms.push(1, if i % 3 == 0 { b"patient.read" } else { b"login.success" });
+            terms.push(9, format!("p{}", i % 97).as_bytes());
+            terms.push(9, format!("p{}", i % 97).as_bytes());
+            let doc = Doc {
+                seq: 1000 + i,
+                occurred_ms: 1_795_000_000_000 + (i as i64 * 7919) % 100_000,
+                recorded_ms: 1_795_000_000_000 + i as i64,
+                id_hash: (i * 2_654_435_761) as u32,
+                group: [format!("a{}", i % 5), format!("u{}", i % 50), "success".into(), "c".into()],
+                terms,
+            };
+            let block = BlockLocation { segment: 1, offset: i / 100 * 4096, first_seq: 1000 + i / 100 * 100, count: 100 };
+            m.push(doc, &block);
+        }
+        m.freeze().data
+    }
+
+    #[test]
+    fn segments_round_trip() {
+        let d = sample();
+        assert_eq!(decode(&encode(&d)).unwrap(), d);
+        let seg = crate::part::Segment::new(d);
+        assert_eq!(seg.postings(b"\x09p5").rows().len(), 3000 / 97 + 1);
+        assert_eq!(seg.postings(b"\x01patient.read").len(), 1000);
+    }
+
+    #[test]
+    fn damage_is_an_error_not_a_panic() {
+        let bytes = encode(&sample());
+        for i in (0..bytes.len()).step_by(7) {
+            let mut b = bytes.clone();
+            b[i] ^= 0x20;
+            assert!(decode(&b).is_err(), "a flip at {i} went unnoticed");
+        }
+        for n in [0, 10, 39, bytes.len() / 2, bytes.len() - 1] {
+            assert!(decode(&bytes[..n]).is_err());
+        }
+    }
 }

@@ -7,8 +7,10 @@
 use crate::doc::{self, Doc, FhirTerms, GroupBy, PatientTokens};
 use crate::file;
 use crate::part::{Memtable, Part, Segment};
+use crate::postings::Postings;
 use auditrail_store::Store;
 use auditrail_store::tail::{BlockLocation, LogTail};
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -418,46 +420,40 @@ fn candidate_rows<'a>(
     part: &'a dyn Part,
     all_of: &[Vec<Vec<u8>>],
     within: Option<&[u64]>,
-) -> Option<std::borrow::Cow<'a, [u32]>> {
-    use std::borrow::Cow;
+) -> Option<Cow<'a, [u32]>> {
     if all_of.is_empty() && within.is_none() {
         return None;
     }
-    let mut lists: Vec<Cow<'a, [u32]>> = Vec::with_capacity(all_of.len() + 1);
+    let mut lists: Vec<Postings<'a>> = Vec::with_capacity(all_of.len() + 1);
     if let Some(seqs) = within {
         let (first, end) = (part.first_seq(), part.end_seq());
         let rows: Vec<u32> =
             seqs.iter().filter(|&&s| s >= first && s < end).map(|&s| (s - first) as u32).collect();
-        if rows.is_empty() {
-            return Some(Cow::Borrowed(&[]));
-        }
-        lists.push(Cow::Owned(rows));
+        lists.push(Postings::Rows(Cow::Owned(rows)));
     }
     for group in all_of {
-        let list: Cow<'a, [u32]> = if group.len() == 1 {
-            Cow::Borrowed(part.postings(&group[0]))
+        let list = if group.len() == 1 {
+            part.postings(&group[0])
         } else {
             let mut union: Vec<u32> =
-                group.iter().flat_map(|k| part.postings(k)).copied().collect();
+                group.iter().flat_map(|k| part.postings(k).rows().into_owned()).collect();
             union.sort_unstable();
             union.dedup();
-            Cow::Owned(union)
+            Postings::Rows(Cow::Owned(union))
         };
-        if list.is_empty() {
-            return Some(Cow::Borrowed(&[]));
-        }
         lists.push(list);
     }
-    lists.sort_by_key(|l| l.len());
-    let mut iter = lists.into_iter();
-    let first = iter.next().expect("at least one group");
-    let rest: Vec<_> = iter.collect();
-    if rest.is_empty() {
-        return Some(first);
+    // Walk the shortest list and test its rows against the others.
+    lists.sort_by_key(Postings::len);
+    let mut lists = lists.into_iter();
+    let shortest = lists.next()?.rows();
+    let rest: Vec<Postings<'a>> = lists.map(Postings::into_matcher).collect();
+    if rest.is_empty() || shortest.is_empty() {
+        return Some(shortest);
     }
-    let out: Vec<u32> =
-        first.iter().copied().filter(|r| rest.iter().all(|l| l.binary_search(r).is_ok())).collect();
-    Some(Cow::Owned(out))
+    Some(Cow::Owned(
+        shortest.iter().copied().filter(|&r| rest.iter().all(|l| l.contains(r))).collect(),
+    ))
 }
 
 /// Calls `f` with each matching seq of `part` in the given order until it returns false.

@@ -11,6 +11,7 @@ pub mod doc;
 pub mod file;
 pub mod index;
 pub mod part;
+pub mod postings;
 
 pub use doc::{Field, GroupBy, PatientTokens};
 pub use index::{Follower, Hits, Index, IndexError, IndexOptions, Query};

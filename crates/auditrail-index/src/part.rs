@@ -2,11 +2,14 @@
 //! into a [`Segment`], which is immutable, written to one file, and searched by binary search.
 //! Both cover a contiguous run of seqs and are read through the [`Part`] trait.
 //!
-//! Rows are positions within a part (`seq - first_seq`), so postings are `u32`s.
+//! Rows are positions within a part (`seq - first_seq`), so postings are `u32`s. The memtable
+//! keeps them as plain vectors; a segment keeps them compressed (see [`crate::postings`]).
 
 use crate::doc::{Doc, GROUP_FIELDS};
+use crate::postings::{self, Postings};
 use auditrail_store::tail::BlockLocation;
-use std::collections::HashMap;
+use rustc_hash::FxHashMap;
+use std::borrow::Cow;
 
 /// Rows per zone-map chunk: the unit at which time ranges are pruned and counts pre-summed.
 pub const CHUNK_ROWS: usize = 4096;
@@ -17,11 +20,11 @@ pub trait Part: Send + Sync {
     fn len(&self) -> usize;
     fn occurred(&self, row: u32) -> i64;
     fn recorded(&self, row: u32) -> i64;
-    /// The rows holding `key`, ascending.
-    fn postings(&self, key: &[u8]) -> &[u32];
+    /// The rows holding `key`.
+    fn postings(&self, key: &[u8]) -> Postings<'_>;
     fn group_id(&self, group: usize, row: u32) -> u32;
     fn dict(&self, group: usize) -> &[String];
-    fn id_rows(&self, hash: u64) -> Vec<u32>;
+    fn id_rows(&self, hash: u32) -> Vec<u32>;
     fn blocks(&self) -> &[BlockLocation];
     /// Zone maps, when the part has them (frozen segments do).
     fn chunks(&self) -> &[Chunk];
@@ -61,7 +64,7 @@ fn build_chunks(occurred: &[i64], group_ids: &[Vec<u32>; GROUP_FIELDS]) -> Vec<C
             counts: Default::default(),
         };
         for (g, ids) in group_ids.iter().enumerate() {
-            let mut tally: HashMap<u32, u32> = HashMap::new();
+            let mut tally: FxHashMap<u32, u32> = FxHashMap::default();
             for &id in &ids[start..start + times.len()] {
                 *tally.entry(id).or_default() += 1;
             }
@@ -83,9 +86,12 @@ pub struct Memtable {
     recorded: Vec<i64>,
     group_ids: [Vec<u32>; GROUP_FIELDS],
     dicts: [Vec<String>; GROUP_FIELDS],
-    dict_ids: [HashMap<String, u32>; GROUP_FIELDS],
-    ids: HashMap<u64, Vec<u32>>,
-    postings: HashMap<Vec<u8>, Vec<u32>>,
+    dict_ids: [FxHashMap<String, u32>; GROUP_FIELDS],
+    /// The id hash of each row (a scan finds an id: cheaper than a map entry per event).
+    id_hashes: Vec<u32>,
+    /// Term key -> term number; `postings[term number]` are its rows.
+    term_ids: FxHashMap<Box<[u8]>, u32>,
+    postings: Vec<Vec<u32>>,
     blocks: Vec<BlockLocation>,
 }
 
@@ -101,7 +107,7 @@ impl Memtable {
         self.occurred.push(doc.occurred_ms);
         self.recorded.push(doc.recorded_ms);
         for (g, value) in doc.group.into_iter().enumerate() {
-            let id = match self.dict_ids[g].get(&value) {
+            let id = match self.dict_ids[g].get(value.as_str()) {
                 Some(&id) => id,
                 None => {
                     let id = self.dicts[g].len() as u32;
@@ -112,31 +118,46 @@ impl Memtable {
             };
             self.group_ids[g].push(id);
         }
-        self.ids.entry(doc.id_hash).or_default().push(row);
-        for key in doc.terms {
-            self.postings.entry(key).or_default().push(row);
+        self.id_hashes.push(doc.id_hash);
+        for key in doc.terms.iter() {
+            let term = match self.term_ids.get(key) {
+                Some(&t) => t,
+                None => {
+                    let t = self.postings.len() as u32;
+                    self.term_ids.insert(key.into(), t);
+                    self.postings.push(Vec::new());
+                    t
+                }
+            };
+            let rows = &mut self.postings[term as usize];
+            // A term repeated within one event is posted once.
+            if rows.last() != Some(&row) {
+                rows.push(row);
+            }
         }
         if self.blocks.last() != Some(block) {
             self.blocks.push(*block);
         }
     }
 
-    /// An immutable copy, ready to be written and searched.
+    /// The immutable, compressed form, ready to be written and searched.
     pub fn freeze(&self) -> Segment {
-        let mut keys: Vec<&Vec<u8>> = self.postings.keys().collect();
+        let rows = self.occurred.len();
+        let mut keys: Vec<(&[u8], u32)> =
+            self.term_ids.iter().map(|(k, &t)| (k.as_ref(), t)).collect();
         keys.sort_unstable();
         let mut term_bytes = Vec::new();
         let mut key_ends = Vec::with_capacity(keys.len());
-        let mut postings = Vec::new();
+        let mut encoded = Vec::new();
         let mut post_ends = Vec::with_capacity(keys.len());
-        for key in keys {
+        for (key, t) in keys {
             term_bytes.extend_from_slice(key);
             key_ends.push(term_bytes.len() as u32);
-            postings.extend_from_slice(&self.postings[key]);
-            post_ends.push(postings.len() as u32);
+            postings::encode(&self.postings[t as usize], rows, &mut encoded);
+            post_ends.push(encoded.len() as u32);
         }
-        let mut ids: Vec<(u64, u32)> =
-            self.ids.iter().flat_map(|(&h, rows)| rows.iter().map(move |&r| (h, r))).collect();
+        let mut ids: Vec<(u32, u32)> =
+            self.id_hashes.iter().enumerate().map(|(row, &h)| (h, row as u32)).collect();
         ids.sort_unstable();
         Segment::new(SegmentData {
             first_seq: self.first_seq,
@@ -147,7 +168,7 @@ impl Memtable {
             ids,
             term_bytes,
             key_ends,
-            postings,
+            postings: encoded,
             post_ends,
             blocks: self.blocks.clone(),
         })
@@ -167,8 +188,11 @@ impl Part for Memtable {
     fn recorded(&self, row: u32) -> i64 {
         self.recorded[row as usize]
     }
-    fn postings(&self, key: &[u8]) -> &[u32] {
-        self.postings.get(key).map(Vec::as_slice).unwrap_or(&[])
+    fn postings(&self, key: &[u8]) -> Postings<'_> {
+        match self.term_ids.get(key) {
+            Some(&t) => Postings::Rows(Cow::Borrowed(&self.postings[t as usize])),
+            None => Postings::EMPTY,
+        }
     }
     fn group_id(&self, group: usize, row: u32) -> u32 {
         self.group_ids[group][row as usize]
@@ -176,8 +200,9 @@ impl Part for Memtable {
     fn dict(&self, group: usize) -> &[String] {
         &self.dicts[group]
     }
-    fn id_rows(&self, hash: u64) -> Vec<u32> {
-        self.ids.get(&hash).cloned().unwrap_or_default()
+    fn id_rows(&self, hash: u32) -> Vec<u32> {
+        let rows = self.id_hashes.iter().enumerate();
+        rows.filter(|&(_, &h)| h == hash).map(|(row, _)| row as u32).collect()
     }
     fn blocks(&self) -> &[BlockLocation] {
         &self.blocks
@@ -187,7 +212,7 @@ impl Part for Memtable {
     }
 }
 
-/// The stored arrays of a frozen segment (what its file holds).
+/// The arrays of a frozen segment (what its file holds).
 #[derive(Debug, Clone, PartialEq)]
 pub struct SegmentData {
     pub first_seq: u64,
@@ -196,12 +221,12 @@ pub struct SegmentData {
     pub group_ids: [Vec<u32>; GROUP_FIELDS],
     pub dicts: [Vec<String>; GROUP_FIELDS],
     /// (id hash, row), sorted.
-    pub ids: Vec<(u64, u32)>,
+    pub ids: Vec<(u32, u32)>,
     /// Term keys, sorted and concatenated; `key_ends[i]` is where key `i` ends.
     pub term_bytes: Vec<u8>,
     pub key_ends: Vec<u32>,
-    /// Postings of all terms, concatenated in key order; `post_ends[i]` is where term `i`'s end.
-    pub postings: Vec<u32>,
+    /// Encoded posting lists in key order; `post_ends[i]` is where term `i`'s list ends.
+    pub postings: Vec<u8>,
     pub post_ends: Vec<u32>,
     pub blocks: Vec<BlockLocation>,
 }
@@ -223,6 +248,12 @@ impl Segment {
         let start = if i == 0 { 0 } else { self.data.key_ends[i - 1] as usize };
         &self.data.term_bytes[start..self.data.key_ends[i] as usize]
     }
+
+    /// The encoded posting list of term `i`.
+    pub fn encoded_postings(&self, i: usize) -> &[u8] {
+        let start = if i == 0 { 0 } else { self.data.post_ends[i - 1] as usize };
+        &self.data.postings[start..self.data.post_ends[i] as usize]
+    }
 }
 
 impl Part for Segment {
@@ -238,20 +269,20 @@ impl Part for Segment {
     fn recorded(&self, row: u32) -> i64 {
         self.data.recorded[row as usize]
     }
-    fn postings(&self, key: &[u8]) -> &[u32] {
+    fn postings(&self, key: &[u8]) -> Postings<'_> {
         let (mut lo, mut hi) = (0, self.data.key_ends.len());
         while lo < hi {
             let mid = (lo + hi) / 2;
             match self.key(mid).cmp(key) {
                 std::cmp::Ordering::Less => lo = mid + 1,
                 std::cmp::Ordering::Greater => hi = mid,
+                // Lists were checked when the segment was built or loaded.
                 std::cmp::Ordering::Equal => {
-                    let start = if mid == 0 { 0 } else { self.data.post_ends[mid - 1] as usize };
-                    return &self.data.postings[start..self.data.post_ends[mid] as usize];
+                    return Postings::decode(self.encoded_postings(mid)).unwrap_or(Postings::EMPTY);
                 }
             }
         }
-        &[]
+        Postings::EMPTY
     }
     fn group_id(&self, group: usize, row: u32) -> u32 {
         self.data.group_ids[group][row as usize]
@@ -259,7 +290,7 @@ impl Part for Segment {
     fn dict(&self, group: usize) -> &[String] {
         &self.data.dicts[group]
     }
-    fn id_rows(&self, hash: u64) -> Vec<u32> {
+    fn id_rows(&self, hash: u32) -> Vec<u32> {
         let ids = &self.data.ids;
         let start = ids.partition_point(|&(h, _)| h < hash);
         ids[start..].iter().take_while(|&&(h, _)| h == hash).map(|&(_, r)| r).collect()

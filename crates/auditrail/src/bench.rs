@@ -38,10 +38,18 @@ pub enum BenchCommand {
         #[arg(long)]
         keep: bool,
     },
+    /// The service end to end over loopback HTTP: bulk and single-event ingest, patient lookups,
+    /// 30-day counts, bytes on disk; with ratios to a PostgreSQL baseline when given one.
+    Http(crate::bench_http::HttpArgs),
 }
 
 pub fn run(cmd: BenchCommand) -> Result<()> {
-    let BenchCommand::Append { events, producers, batch, dir, no_verify, keep } = cmd;
+    let (events, producers, batch, dir, no_verify, keep) = match cmd {
+        BenchCommand::Append { events, producers, batch, dir, no_verify, keep } => {
+            (events, producers, batch, dir, no_verify, keep)
+        }
+        BenchCommand::Http(args) => return crate::bench_http::run(args),
+    };
     let dir = match dir {
         Some(d) => d,
         None => std::env::temp_dir().join(format!("auditrail-bench-{}", std::process::id())),
@@ -52,7 +60,9 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
     auditrail_store::init(&dir, "bench.auditrail.local/log")?;
 
     eprintln!("generating {events} events...");
-    let mut generator = Generator::new(42);
+    // About 10 ms apart, ending now, as an application would send them.
+    let now_ms = crate::generator::now_millis();
+    let mut generator = Generator::new(42, events as u64, events as i64 * 10, now_ms);
     let lines: Vec<String> = (0..events).map(|_| generator.next_line()).collect();
     let input_bytes: usize = lines.iter().map(|l| l.len()).sum();
     println!(

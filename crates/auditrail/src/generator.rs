@@ -11,7 +11,13 @@ pub struct Generator {
     patients: u64,
     /// Milliseconds since the epoch of the next event's `occurred_at`.
     clock_ms: i64,
+    /// Mean milliseconds between consecutive events' `occurred_at`.
+    step_ms: u64,
 }
+
+/// One year, the span a benchmark's events cover by default (so "the last year" and "the last
+/// 30 days" select what they would in production).
+pub const YEAR_MS: i64 = 365 * 86_400_000;
 
 const SITES: [&str; 4] = ["main-campus", "north-clinic", "imaging-center", "telehealth"];
 const ROLES: [&str; 5] = ["physician", "nurse", "radiologist", "annotator", "admin"];
@@ -19,12 +25,14 @@ const RESOURCES: [&str; 5] =
     ["Observation", "ImagingStudy", "DiagnosticReport", "MedicationRequest", "Encounter"];
 
 impl Generator {
-    pub fn new(seed: u64) -> Generator {
+    /// `events` events whose `occurred_at` spread evenly over the `span_ms` before `end_ms`.
+    pub fn new(seed: u64, events: u64, span_ms: i64, end_ms: i64) -> Generator {
         Generator {
             rng: Rng::new(seed),
             users: 5_000,
             patients: 50_000,
-            clock_ms: 1_795_342_500_000,
+            clock_ms: end_ms - span_ms,
+            step_ms: (span_ms.max(0) as u64 / events.max(1)).max(1),
         }
     }
 
@@ -34,9 +42,15 @@ impl Generator {
         ((self.patients as f64).powf(u) as u64).min(self.patients - 1)
     }
 
+    /// A patient identifier drawn with the workload's skew, as a lookup would ask for it.
+    pub fn patient_id(&mut self) -> String {
+        format!("MRN{:08}", self.patient())
+    }
+
     /// One event as a JSON line (no trailing newline).
     pub fn next_line(&mut self) -> String {
-        self.clock_ms += self.rng.below(20) as i64;
+        // Jitter around the mean step keeps timestamps irregular but the span exact on average.
+        self.clock_ms += self.rng.below(2 * self.step_ms) as i64;
         let user = self.rng.below(self.users);
         let patient = self.patient();
         let roll = self.rng.below(1000);
@@ -77,4 +91,11 @@ impl Generator {
         }
         v.to_string()
     }
+}
+
+/// Milliseconds since the Unix epoch, now.
+pub fn now_millis() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }

@@ -7,6 +7,7 @@
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod bench;
+mod bench_http;
 mod generator;
 
 use anyhow::{Context as _, Result, bail};
@@ -100,7 +101,7 @@ enum Command {
         #[arg(long)]
         size: Option<u64>,
     },
-    /// Measure the store against this machine's raw limits.
+    /// Benchmarks: the store against this machine's raw limits; the service over HTTP.
     Bench {
         #[command(subcommand)]
         command: bench::BenchCommand,

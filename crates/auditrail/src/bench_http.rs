@@ -1,0 +1,585 @@
+//! `auditrail bench http`: the service end to end over loopback HTTP, as applications and
+//! auditors use it. It starts `auditrail serve` as a child process on a fresh data directory and
+//! runs, in order (the same order as `bench/postgres-baseline.sh`):
+//!
+//! 1. bulk NDJSON ingest of `--events` generated events spread over the last year, sampling the
+//!    index lag (the age of the oldest durable event not yet searchable) as it goes;
+//! 2. patient lookups: "this patient's events in the last year, newest first, first page of
+//!    50", patients drawn with the workload's skew, one at a time;
+//! 3. 30-day counts by action over everything;
+//! 4. single-event `POST /api/v1/events` from `--concurrency` connections;
+//! 5. bytes on disk per event (log + index, everything in the data directory) after a clean stop.
+//!
+//! Latencies are client-side (they include loopback and HTTP), so the server-side figure is lower.
+//! The last line printed is one JSON object; with `--baseline` (the JSON line that
+//! `bench/postgres-baseline.sh` prints) each figure is also given as a ratio to PostgreSQL's.
+
+use crate::generator::{Generator, YEAR_MS, now_millis};
+use anyhow::{Context as _, Result, bail, ensure};
+use http_body_util::{BodyExt as _, Full};
+use hyper::body::Bytes;
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+use serde_json::{Value, json};
+use std::io::BufRead as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+#[derive(clap::Args)]
+pub struct HttpArgs {
+    /// Events to ingest in bulk (the size of the data set the queries run over).
+    #[arg(long, default_value_t = 1_000_000)]
+    events: u64,
+    /// NDJSON lines per bulk request.
+    #[arg(long, default_value_t = 10_000)]
+    bulk_lines: usize,
+    /// Connections sending bulk requests at once.
+    #[arg(long, default_value_t = 2)]
+    bulk_connections: usize,
+    /// Connections sending single events at once.
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    /// How long to send single events (0 skips this phase).
+    #[arg(long, default_value_t = 10)]
+    single_seconds: u64,
+    /// Patient lookups to time (after a warm-up of a tenth as many).
+    #[arg(long, default_value_t = 2000)]
+    lookups: usize,
+    /// 30-day counts to time.
+    #[arg(long, default_value_t = 50)]
+    count_runs: usize,
+    /// The data directory (a fresh temporary one by default; cleared first).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Keep the data directory afterwards (then `--reuse` it to skip the bulk load next time).
+    #[arg(long)]
+    keep: bool,
+    /// Use the events already in `--dir` instead of clearing it and loading new ones.
+    #[arg(long, requires = "dir")]
+    reuse: bool,
+    /// PostgreSQL's figures: the JSON line `bench/postgres-baseline.sh` printed last, or a file
+    /// holding it.
+    #[arg(long)]
+    baseline: Option<String>,
+}
+
+pub fn run(args: HttpArgs) -> Result<()> {
+    let dir = args.dir.clone().unwrap_or_else(|| {
+        std::env::temp_dir().join(format!("auditrail-bench-http-{}", std::process::id()))
+    });
+    if !args.reuse && dir.exists() {
+        std::fs::remove_dir_all(&dir).with_context(|| format!("cannot clear {}", dir.display()))?;
+    }
+    let baseline = args.baseline.as_deref().map(read_baseline).transpose()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let mut server = ServerProcess::spawn(&dir)?;
+    let addr = server.addr.clone();
+    let result = runtime.block_on(workload(&args, &addr, &server));
+    let stopped = server.stop();
+    let mut report = result?;
+    stopped?;
+
+    let disk = dir_bytes(&dir)?;
+    let events = report["events_total"].as_u64().unwrap_or(0).max(1);
+    report["bytes_per_event"] = json!(round1(disk.total as f64 / events as f64));
+    println!("\n== on disk after a clean stop ==");
+    println!(
+        "bytes/event         {:>12.1}  (log segments {:.1}, tiles+bundles {:.1}, index {:.1}, other {:.1}; {} events)",
+        disk.total as f64 / events as f64,
+        disk.segments as f64 / events as f64,
+        disk.tiles as f64 / events as f64,
+        disk.index as f64 / events as f64,
+        (disk.total - disk.segments - disk.tiles - disk.index) as f64 / events as f64,
+        events
+    );
+    println!("server peak RSS     {:>12.0} MiB", report["server_peak_rss_mib"].as_f64().unwrap_or(0.0));
+    if let Some(pg) = &baseline {
+        print_ratios(&report, pg);
+    }
+    if args.keep || args.reuse {
+        println!("\nkept the data in {}", dir.display());
+    } else {
+        std::fs::remove_dir_all(&dir).ok();
+    }
+    println!("{report}");
+    Ok(())
+}
+
+async fn workload(args: &HttpArgs, addr: &str, server: &ServerProcess) -> Result<Value> {
+    let mut report = json!({"system": "auditrail", "events": args.events});
+    let end_ms = now_millis();
+    if !args.reuse {
+        bulk_phase(args, addr, end_ms, &mut report).await?;
+    }
+    let through = wait_indexed(addr).await?;
+    report["events"] = json!(through);
+
+    lookup_phase(args, addr, &mut report).await?;
+    count_phase(args, addr, &mut report).await?;
+    single_phase(args, addr, &mut report).await?;
+    report["events_total"] = json!(wait_indexed(addr).await?);
+    report["server_peak_rss_mib"] = json!(round1(server.rss_kib("VmHWM") as f64 / 1024.0));
+    Ok(report)
+}
+
+async fn bulk_phase(args: &HttpArgs, addr: &str, end_ms: i64, report: &mut Value) -> Result<()> {
+    eprintln!("generating {} events over the last year...", args.events);
+    let mut generator = Generator::new(42, args.events, YEAR_MS, end_ms);
+    let mut bodies = Vec::new();
+    let mut input_bytes = 0usize;
+    let mut left = args.events;
+    while left > 0 {
+        let n = left.min(args.bulk_lines as u64);
+        let mut body = String::with_capacity(n as usize * 450);
+        for _ in 0..n {
+            body.push_str(&generator.next_line());
+            body.push('\n');
+        }
+        input_bytes += body.len();
+        bodies.push(Bytes::from(body));
+        left -= n;
+    }
+    println!(
+        "workload: {} events, {:.0} bytes/event as JSON, {} lines per bulk request, {} connections",
+        args.events,
+        input_bytes as f64 / args.events.max(1) as f64,
+        args.bulk_lines,
+        args.bulk_connections
+    );
+
+    let bodies = Arc::new(bodies);
+    let next = Arc::new(AtomicUsize::new(0));
+    let done = Arc::new(AtomicBool::new(false));
+    let sampler = tokio::spawn(sample_lag(addr.to_string(), done.clone()));
+    let started = Instant::now();
+    let mut senders = Vec::new();
+    for _ in 0..args.bulk_connections {
+        let (bodies, next) = (bodies.clone(), next.clone());
+        let mut conn = Conn::open(addr).await?;
+        senders.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            while let Some(body) = bodies.get(next.fetch_add(1, Ordering::Relaxed)) {
+                let t = Instant::now();
+                let (status, answer) = conn
+                    .request("POST", "/api/v1/events/bulk", "application/x-ndjson", body.clone())
+                    .await?;
+                latencies.push(t.elapsed());
+                ensure!(
+                    status == 200 && answer.starts_with(b"{\"errors\":false"),
+                    "bulk request answered {status}: {}",
+                    String::from_utf8_lossy(&answer[..answer.len().min(300)])
+                );
+            }
+            anyhow::Ok(latencies)
+        }));
+    }
+    let mut latencies = Vec::new();
+    for s in senders {
+        latencies.extend(s.await??);
+    }
+    let acked = started.elapsed();
+    let through = wait_indexed(addr).await?;
+    let caught_up = started.elapsed();
+    done.store(true, Ordering::Relaxed);
+    let max_lag = sampler.await??;
+    ensure!(through >= args.events, "only {through} of {} events are searchable", args.events);
+
+    let rate = args.events as f64 / acked.as_secs_f64();
+    let lat = Percentiles::of(latencies);
+    println!("\n== bulk NDJSON ingest (POST /api/v1/events/bulk) ==");
+    println!("events/s            {rate:>12.0}  ({} events acknowledged in {:.2}s)", args.events, acked.as_secs_f64());
+    println!(
+        "request latency     {:>12.1} ms p50, {:.1} ms p99 ({} lines each)",
+        lat.ms(0.5),
+        lat.ms(0.99),
+        args.bulk_lines
+    );
+    println!(
+        "index lag           {:>12.3} s at most while ingesting; all searchable {:.3}s after the last acknowledgement",
+        max_lag.as_secs_f64(),
+        (caught_up - acked).as_secs_f64()
+    );
+    report["bulk_events_per_s"] = json!(rate.round());
+    report["bulk_index_lag_max_s"] = json!(round3(max_lag.as_secs_f64()));
+    report["bulk_index_catch_up_s"] = json!(round3((caught_up - acked).as_secs_f64()));
+    Ok(())
+}
+
+/// Polls `/metrics` every 50 ms while the bulk load runs and returns the largest index lag seen,
+/// as time: how long ago the log first held more events than the index has now.
+async fn sample_lag(addr: String, done: Arc<AtomicBool>) -> Result<Duration> {
+    let mut conn = Conn::open(&addr).await?;
+    let started = Instant::now();
+    let mut history: Vec<(Duration, u64)> = Vec::new(); // (when, events durable then)
+    let mut max_lag = Duration::ZERO;
+    while !done.load(Ordering::Relaxed) {
+        let m = conn.metrics().await?;
+        let now = started.elapsed();
+        history.push((now, m.sequenced));
+        // The oldest sample at which the log already held an event the index still lacks.
+        let first_ahead = history.partition_point(|&(_, durable)| durable <= m.indexed);
+        if let Some(&(since, _)) = history.get(first_ahead) {
+            max_lag = max_lag.max(now - since);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(max_lag)
+}
+
+async fn lookup_phase(args: &HttpArgs, addr: &str, report: &mut Value) -> Result<()> {
+    let mut conn = Conn::open(addr).await?;
+    let from = auditrail_core::time::format_millis(now_millis() - YEAR_MS);
+    let mut patients = Generator::new(7, 1, 1, 0);
+    let warm_up = (args.lookups / 10).max(1);
+    let mut latencies = Vec::with_capacity(args.lookups);
+    let mut found = 0usize;
+    for i in 0..warm_up + args.lookups {
+        let path = format!("/api/v1/events?patient={}&from={from}&limit=50", patients.patient_id());
+        let t = Instant::now();
+        let (status, body) = conn.request("GET", &path, "", Bytes::new()).await?;
+        let took = t.elapsed();
+        ensure!(status == 200, "lookup answered {status}: {}", String::from_utf8_lossy(&body));
+        if i >= warm_up {
+            latencies.push(took);
+            let page: Value = serde_json::from_slice(&body)?;
+            found += page["events"].as_array().map_or(0, Vec::len);
+        }
+    }
+    let lat = Percentiles::of(latencies);
+    println!("\n== patient lookup (a patient's last year, newest first, first 50) ==");
+    println!(
+        "latency             {:>12.3} ms p50, {:.3} ms p99, {:.3} ms p99.9  ({} lookups, {:.1} events per page on average)",
+        lat.ms(0.5),
+        lat.ms(0.99),
+        lat.ms(0.999),
+        args.lookups,
+        found as f64 / args.lookups.max(1) as f64
+    );
+    report["lookup_p50_ms"] = json!(round3(lat.ms(0.5)));
+    report["lookup_p99_ms"] = json!(round3(lat.ms(0.99)));
+    report["lookup_p999_ms"] = json!(round3(lat.ms(0.999)));
+    Ok(())
+}
+
+async fn count_phase(args: &HttpArgs, addr: &str, report: &mut Value) -> Result<()> {
+    let mut conn = Conn::open(addr).await?;
+    let from = auditrail_core::time::format_millis(now_millis() - 30 * 86_400_000);
+    let path = format!("/api/v1/events/stats?group_by=action&from={from}");
+    let mut latencies = Vec::with_capacity(args.count_runs);
+    let mut counted = 0;
+    for i in 0..args.count_runs + 2 {
+        let t = Instant::now();
+        let (status, body) = conn.request("GET", &path, "", Bytes::new()).await?;
+        let took = t.elapsed();
+        ensure!(status == 200, "count answered {status}: {}", String::from_utf8_lossy(&body));
+        if i >= 2 {
+            latencies.push(took);
+        }
+        counted = serde_json::from_slice::<Value>(&body)?["total"].as_u64().unwrap_or(0);
+    }
+    let lat = Percentiles::of(latencies);
+    println!("\n== 30-day count by action (GET /api/v1/events/stats) ==");
+    println!(
+        "latency             {:>12.3} ms p50, {:.3} ms p99  ({} runs, {counted} events counted)",
+        lat.ms(0.5),
+        lat.ms(0.99),
+        args.count_runs
+    );
+    report["count30d_p50_ms"] = json!(round3(lat.ms(0.5)));
+    report["count30d_p99_ms"] = json!(round3(lat.ms(0.99)));
+    Ok(())
+}
+
+async fn single_phase(args: &HttpArgs, addr: &str, report: &mut Value) -> Result<()> {
+    if args.single_seconds == 0 || args.concurrency == 0 {
+        return Ok(());
+    }
+    // A pool of distinct events, reused if the run outlasts it (the server assigns each a new id).
+    let pool_size = 50_000 * args.single_seconds as usize;
+    let mut generator = Generator::new(43, pool_size as u64, YEAR_MS, now_millis());
+    let pool: Arc<Vec<Bytes>> =
+        Arc::new((0..pool_size).map(|_| Bytes::from(generator.next_line())).collect());
+    let next = Arc::new(AtomicUsize::new(0));
+    let deadline = Instant::now() + Duration::from_secs(args.single_seconds);
+    let mut clients = Vec::new();
+    for _ in 0..args.concurrency {
+        let (pool, next) = (pool.clone(), next.clone());
+        let mut conn = Conn::open(addr).await?;
+        clients.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            while Instant::now() < deadline {
+                let body = pool[next.fetch_add(1, Ordering::Relaxed) % pool.len()].clone();
+                let t = Instant::now();
+                let (status, answer) =
+                    conn.request("POST", "/api/v1/events", "application/json", body).await?;
+                latencies.push(t.elapsed());
+                ensure!(
+                    status == 201,
+                    "single event answered {status}: {}",
+                    String::from_utf8_lossy(&answer)
+                );
+            }
+            anyhow::Ok(latencies)
+        }));
+    }
+    let started = Instant::now();
+    let mut latencies = Vec::new();
+    for c in clients {
+        latencies.extend(c.await??);
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let sent = latencies.len();
+    let lat = Percentiles::of(latencies);
+    let rate = sent as f64 / secs;
+    println!("\n== single events (POST /api/v1/events, {} connections) ==", args.concurrency);
+    println!("events/s            {rate:>12.0}  ({sent} events in {secs:.2}s)");
+    println!(
+        "latency             {:>12.2} ms p50, {:.2} ms p99, {:.2} ms p99.9",
+        lat.ms(0.5),
+        lat.ms(0.99),
+        lat.ms(0.999)
+    );
+    report["single_events_per_s"] = json!(rate.round());
+    report["single_p50_ms"] = json!(round3(lat.ms(0.5)));
+    report["single_p99_ms"] = json!(round3(lat.ms(0.99)));
+    report["single_p999_ms"] = json!(round3(lat.ms(0.999)));
+    Ok(())
+}
+
+/// Waits until every durable event is searchable and returns how many that is.
+async fn wait_indexed(addr: &str) -> Result<u64> {
+    let mut conn = Conn::open(addr).await?;
+    for _ in 0..60_000 {
+        let m = conn.metrics().await?;
+        if m.indexed >= m.sequenced {
+            return Ok(m.indexed);
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    bail!("the index did not catch up with the log within 5 minutes")
+}
+
+/// Ratios to PostgreSQL, each oriented so that > 1 means auditrail is better.
+fn print_ratios(ours: &Value, pg: &Value) {
+    println!("\n== auditrail vs PostgreSQL 15 (hash-chained table; {} events there) ==", pg["events"]);
+    println!("{:<22}{:>14}{:>14}{:>10}", "figure", "auditrail", "postgresql", "ratio");
+    let rows: [(&str, bool); 9] = [
+        ("bulk_events_per_s", true),
+        ("single_events_per_s", true),
+        ("single_p99_ms", false),
+        ("lookup_p50_ms", false),
+        ("lookup_p99_ms", false),
+        ("lookup_p999_ms", false),
+        ("count30d_p50_ms", false),
+        ("count30d_p99_ms", false),
+        ("bytes_per_event", false),
+    ];
+    for (key, higher_is_better) in rows {
+        let (Some(a), Some(b)) = (ours[key].as_f64(), pg[key].as_f64()) else { continue };
+        let ratio = if higher_is_better { a / b } else { b / a };
+        println!("{key:<22}{a:>14.3}{b:>14.3}{:>9.2}x", ratio);
+    }
+    println!("(ratio > 1: auditrail is better by that factor)");
+}
+
+fn read_baseline(arg: &str) -> Result<Value> {
+    let text = if arg.trim_start().starts_with('{') {
+        arg.to_string()
+    } else {
+        std::fs::read_to_string(arg).with_context(|| format!("cannot read the baseline {arg}"))?
+    };
+    let last = text.lines().rev().find(|l| l.trim_start().starts_with('{')).unwrap_or("");
+    serde_json::from_str(last).context("the baseline is not the JSON line postgres-baseline.sh prints")
+}
+
+/// One HTTP/1.1 keep-alive connection.
+struct Conn {
+    sender: SendRequest<Full<Bytes>>,
+}
+
+impl Conn {
+    async fn open(addr: &str) -> Result<Conn> {
+        let stream = tokio::net::TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(connection);
+        Ok(Conn { sender })
+    }
+
+    async fn request(
+        &mut self,
+        method: &str,
+        path: &str,
+        content_type: &str,
+        body: Bytes,
+    ) -> Result<(u16, Bytes)> {
+        let mut request = hyper::Request::builder().method(method).uri(path).header("host", "bench");
+        if !content_type.is_empty() {
+            request = request.header("content-type", content_type);
+        }
+        self.sender.ready().await?;
+        let response = self.sender.send_request(request.body(Full::new(body))?).await?;
+        let status = response.status().as_u16();
+        let body = response.into_body().collect().await?.to_bytes();
+        Ok((status, body))
+    }
+
+    async fn metrics(&mut self) -> Result<Metrics> {
+        let (status, body) = self.request("GET", "/metrics", "", Bytes::new()).await?;
+        ensure!(status == 200, "/metrics answered {status}");
+        let text = String::from_utf8_lossy(&body);
+        let value = |name: &str| -> Result<u64> {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+                .with_context(|| format!("/metrics lacks {name}"))
+        };
+        Ok(Metrics {
+            sequenced: value("auditrail_log_sequenced")?,
+            indexed: value("auditrail_index_indexed")?,
+        })
+    }
+}
+
+struct Metrics {
+    sequenced: u64,
+    indexed: u64,
+}
+
+/// `auditrail serve` as a child process, so its memory and CPU are its own.
+struct ServerProcess {
+    child: Child,
+    addr: String,
+}
+
+impl ServerProcess {
+    fn spawn(dir: &Path) -> Result<ServerProcess> {
+        let log_path = dir.with_extension("server.log");
+        let log = std::fs::File::create(&log_path)
+            .with_context(|| format!("cannot create {}", log_path.display()))?;
+        let mut child = Command::new(std::env::current_exe()?)
+            .arg("serve")
+            .arg("--data")
+            .arg(dir)
+            .args(["--listen", "127.0.0.1:0"])
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .context("cannot start auditrail serve")?;
+        let stdout = child.stdout.take().context("no stdout")?;
+        let mut line = String::new();
+        std::io::BufReader::new(stdout).read_line(&mut line)?;
+        let Some(addr) = line.trim().strip_prefix("listening on http://") else {
+            let _ = child.kill();
+            bail!("the server did not start; see {}", log_path.display());
+        };
+        eprintln!("server: pid {} on {addr}, log in {}", child.id(), log_path.display());
+        Ok(ServerProcess { addr: addr.to_string(), child })
+    }
+
+    fn rss_kib(&self, field: &str) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with(field))
+                    .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+            })
+            .unwrap_or(0)
+    }
+
+    /// SIGTERM, then wait for the clean stop (index flushed, final checkpoint published).
+    fn stop(&mut self) -> Result<()> {
+        terminate(self.child.id());
+        for _ in 0..1200 {
+            if let Some(status) = self.child.try_wait()? {
+                ensure!(status.success(), "the server stopped with {status}");
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.child.kill()?;
+        bail!("the server did not stop within a minute of SIGTERM")
+    }
+}
+
+#[allow(unsafe_code)]
+fn terminate(pid: u32) {
+    // SAFETY: kill(2) on our own child's pid has no memory-safety preconditions.
+    unsafe {
+        libc::kill(pid as libc::pid_t, libc::SIGTERM);
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+struct Percentiles(Vec<Duration>);
+
+impl Percentiles {
+    fn of(mut samples: Vec<Duration>) -> Percentiles {
+        samples.sort_unstable();
+        Percentiles(samples)
+    }
+
+    /// Nearest-rank percentile `p` (0..1) in milliseconds.
+    fn ms(&self, p: f64) -> f64 {
+        if self.0.is_empty() {
+            return f64::NAN;
+        }
+        let rank = ((p * self.0.len() as f64).ceil() as usize).clamp(1, self.0.len());
+        self.0[rank - 1].as_secs_f64() * 1e3
+    }
+}
+
+#[derive(Default)]
+struct DirBytes {
+    total: u64,
+    segments: u64,
+    tiles: u64,
+    index: u64,
+}
+
+fn dir_bytes(dir: &Path) -> Result<DirBytes> {
+    let mut d = DirBytes::default();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(p) = stack.pop() {
+        for e in std::fs::read_dir(&p)? {
+            let e = e?;
+            let m = e.metadata()?;
+            if m.is_dir() {
+                stack.push(e.path());
+                continue;
+            }
+            let rel = e.path().strip_prefix(dir)?.to_string_lossy().into_owned();
+            d.total += m.len();
+            if rel.starts_with("segments/") {
+                d.segments += m.len();
+            } else if rel.starts_with("log/tile") {
+                d.tiles += m.len();
+            } else if rel.starts_with("index/") {
+                d.index += m.len();
+            }
+        }
+    }
+    Ok(d)
+}
+
+fn round1(x: f64) -> f64 {
+    (x * 10.0).round() / 10.0
+}
+
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
