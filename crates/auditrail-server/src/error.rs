@@ -10,6 +10,35 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
+/// The stable `code` of every native error, as the OpenAPI document states it. A test checks
+/// that this list and the codes the server's source uses are the same set.
+pub const ERROR_CODES: &str = "\
+Every native error carries one of these stable codes (with its HTTP status):
+
+- `invalid_json` (400): the body is not JSON.
+- `wrong_type` (400): the body (or an NDJSON line) is not an event object or an array of them.
+- `empty_batch` (400): the array holds no events.
+- `invalid_event` (400): an event does not match the schema; `details` names each field, with \
+the codes `required`, `unknown_field`, `wrong_type`, `too_long`, `too_many`, `invalid_format`, \
+`invalid_value`, `server_assigned` and `too_large`.
+- `invalid_request` (400): the log refused the request as given, e.g. a proof for a tree size \
+that is not published.
+- `bad_body` (400): the body could not be read.
+- `bad_query` (400): the query string is not valid percent-encoded UTF-8.
+- `invalid_parameter` (400): a query parameter is missing, repeated or has a bad value; the \
+message names it.
+- `unknown_parameter` (400): the endpoint has no such query parameter.
+- `not_found` (404): no such event, tile or endpoint.
+- `not_yet_published` (409): the event is not in a published checkpoint yet; retry in a second.
+- `too_large` (413): the body, an event or the batch exceeds a limit.
+- `unsupported_media_type` (415): the `Content-Type` is not one the endpoint takes.
+- `internal` (500): the server failed; the operator's log has details.
+- `overloaded` (503, with `Retry-After`): the server is at its ingest limit.
+- `read_only` (503, with `Retry-After`): the log refuses writes after a storage failure until \
+the operator restarts it.
+- `not_stored` (503, in bulk items only): the request failed before this line was appended.
+";
+
 #[derive(Debug, Clone)]
 pub struct ApiError {
     pub status: StatusCode,

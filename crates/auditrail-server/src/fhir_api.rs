@@ -4,6 +4,8 @@
 //! OperationOutcome.
 
 use crate::ingest::{append, read_body, require_content_type};
+use crate::openapi::OperationOutcome;
+use crate::openapi::{AuditEvent, AuditEventOrOutcome, Bundle, CapabilityStatement};
 use crate::query::{find_by_id, pairs};
 use crate::{ApiError, SharedState, blocking};
 use auditrail_core::event::ClientEvent;
@@ -147,6 +149,44 @@ fn prefers_outcome(headers: &HeaderMap) -> Option<bool> {
 
 /// `POST /fhir/AuditEvent` (ITI-20): stores the AuditEvent as received. Non-conformance never
 /// rejects it (BALP); warnings come back as an OperationOutcome, otherwise the stored resource.
+#[utoipa::path(
+    post,
+    path = "/fhir/AuditEvent",
+    tag = "fhir",
+    operation_id = "fhir_create",
+    summary = "Record an AuditEvent (IHE ITI-20)",
+    description = "Stores the AuditEvent as received, never rejecting it for profile \
+non-conformance (BALP); only a resource that cannot be mapped to an event is refused. The \
+answer is the stored resource (with `id` and `meta.lastUpdated`), or, when the resource drew \
+warnings or with `Prefer: return=OperationOutcome`, an OperationOutcome listing them; \
+`Prefer: return=representation` always returns the resource. The answer comes once the event \
+is durable.",
+    params(
+        ("Prefer" = Option<String>, Header, description = "`return=representation` or `return=OperationOutcome`."),
+    ),
+    request_body(
+        description = "A FHIR R4 AuditEvent.",
+        content((AuditEvent = "application/fhir+json"), (AuditEvent = "application/json")),
+    ),
+    responses(
+        (status = 201, description = "Stored.", body = AuditEventOrOutcome, content_type = "application/fhir+json",
+            headers(
+                ("Location" = String, description = "`<base>/AuditEvent/<id>/_history/1`."),
+                ("ETag" = String, description = "Always `W/\"1\"`: AuditEvents have one version."),
+            )),
+        (status = 200, description = "An event with this id was already stored; the answer describes the stored one.", body = AuditEventOrOutcome, content_type = "application/fhir+json",
+            headers(
+                ("Location" = String, description = "`<base>/AuditEvent/<id>/_history/1`."),
+                ("ETag" = String, description = "Always `W/\"1\"`."),
+            )),
+        (status = 400, description = "Not JSON, or not mappable to an event.", body = OperationOutcome, content_type = "application/fhir+json"),
+        (status = 413, description = "The body exceeds the server's limit.", body = OperationOutcome, content_type = "application/fhir+json"),
+        (status = 415, description = "The Content-Type is not application/fhir+json or application/json.", body = OperationOutcome, content_type = "application/fhir+json"),
+        (status = 500, description = "The server failed.", body = OperationOutcome, content_type = "application/fhir+json"),
+        (status = 503, description = "Overloaded, or the log refuses writes after a storage failure.", body = OperationOutcome, content_type = "application/fhir+json",
+            headers(("Retry-After" = u64, description = "Seconds to wait before retrying."))),
+    )
+)]
 pub async fn create(
     State(state): State<SharedState>,
     headers: HeaderMap,
@@ -179,6 +219,31 @@ pub async fn create(
 
 /// `POST /fhir`: a `batch` or `transaction` Bundle of AuditEvent creates. Checked whole before
 /// anything is stored: an entry that is not an AuditEvent create rejects the Bundle.
+#[utoipa::path(
+    post,
+    path = "/fhir",
+    tag = "fhir",
+    operation_id = "fhir_bundle",
+    summary = "Record a batch or transaction Bundle of AuditEvents (IHE ITI-20)",
+    description = "A `batch` or `transaction` Bundle whose entries are AuditEvent creates \
+(`request.method` POST, `request.url` AuditEvent, or no `request`). The Bundle is checked whole \
+first: an entry that is not an AuditEvent create rejects it and nothing is stored. The answer is \
+a `batch-response` or `transaction-response` Bundle with one entry per AuditEvent, sent once \
+they are durable.",
+    request_body(
+        description = "A FHIR R4 Bundle of type batch or transaction.",
+        content((Bundle = "application/fhir+json"), (Bundle = "application/json")),
+    ),
+    responses(
+        (status = 200, description = "Every entry stored (or already stored).", body = Bundle, content_type = "application/fhir+json"),
+        (status = 400, description = "Not a batch or transaction Bundle of AuditEvent creates, or an entry is not mappable; nothing was stored.", body = OperationOutcome, content_type = "application/fhir+json"),
+        (status = 413, description = "The body or the number of entries exceeds the server's limit.", body = OperationOutcome, content_type = "application/fhir+json"),
+        (status = 415, description = "The Content-Type is not application/fhir+json or application/json.", body = OperationOutcome, content_type = "application/fhir+json"),
+        (status = 500, description = "The server failed.", body = OperationOutcome, content_type = "application/fhir+json"),
+        (status = 503, description = "Overloaded, or the log refuses writes after a storage failure.", body = OperationOutcome, content_type = "application/fhir+json",
+            headers(("Retry-After" = u64, description = "Seconds to wait before retrying."))),
+    )
+)]
 pub async fn bundle(
     State(state): State<SharedState>,
     headers: HeaderMap,
@@ -291,6 +356,21 @@ pub async fn bundle(
 }
 
 /// `GET /fhir/AuditEvent/{id}`
+#[utoipa::path(
+    get,
+    path = "/fhir/AuditEvent/{id}",
+    tag = "fhir",
+    operation_id = "fhir_read",
+    summary = "Read an AuditEvent (IHE ITI-81)",
+    description = "The stored event with this id, as a FHIR AuditEvent, once it is indexed.",
+    params(("id" = String, Path, description = "The AuditEvent's id.")),
+    responses(
+        (status = 200, description = "The AuditEvent.", body = AuditEvent, content_type = "application/fhir+json",
+            headers(("ETag" = String, description = "Always `W/\"1\"`."))),
+        (status = 404, description = "No indexed AuditEvent has this id.", body = OperationOutcome, content_type = "application/fhir+json"),
+        (status = 500, description = "The server failed.", body = OperationOutcome, content_type = "application/fhir+json"),
+    )
+)]
 pub async fn read(
     State(state): State<SharedState>,
     Path(id): Path<String>,
@@ -311,7 +391,8 @@ pub async fn read(
     }
 }
 
-/// PUT, PATCH and DELETE: an audit repository never changes or removes what it stored.
+/// PUT, PATCH and DELETE: an audit repository never changes or removes what it stored. Its seven
+/// operations are written into the OpenAPI document by `openapi::ImmutableAuditEvents`.
 pub async fn not_allowed() -> FhirError {
     FhirError::new(
         StatusCode::METHOD_NOT_ALLOWED,
@@ -331,6 +412,16 @@ pub async fn unknown_type(Path(path): Path<String>) -> FhirError {
 }
 
 /// `GET /fhir/metadata`
+#[utoipa::path(
+    get,
+    path = "/fhir/metadata",
+    tag = "fhir",
+    operation_id = "fhir_metadata",
+    summary = "The CapabilityStatement",
+    description = "What this server supports: AuditEvent create, read and search, batch and \
+transaction, the search parameters, and the BALP profiles (IHE BALP Audit Record Repository).",
+    responses((status = 200, description = "The CapabilityStatement.", body = CapabilityStatement, content_type = "application/fhir+json"))
+)]
 pub async fn metadata(headers: HeaderMap) -> Response {
     fhir_json(
         StatusCode::OK,
@@ -409,6 +500,24 @@ fn to_query(state: &SharedState, search: &Search) -> Result<Query, FhirError> {
 }
 
 /// `GET /fhir/AuditEvent?...` (ITI-81): a searchset Bundle with `total` and paging links.
+#[utoipa::path(
+    get,
+    path = "/fhir/AuditEvent",
+    tag = "fhir",
+    operation_id = "fhir_search",
+    summary = "Search AuditEvents (IHE ITI-81)",
+    description = "Every parameter must match (AND); comma-separated values of one parameter \
+are alternatives (OR); `date` and `_lastUpdated` may be repeated to bound a range. Unknown \
+parameters and modifiers are errors, so a search never returns more than was asked for. The \
+answer is a `searchset` Bundle with `total` and `self`/`next` links. Semantics: docs/fhir.md.",
+    // The search parameters are added by `openapi::FhirSearchParameters` from the
+    // CapabilityStatement, the list the parser agrees with.
+    responses(
+        (status = 200, description = "A searchset Bundle.", body = Bundle, content_type = "application/fhir+json"),
+        (status = 400, description = "An unknown parameter or modifier, or a bad value.", body = OperationOutcome, content_type = "application/fhir+json"),
+        (status = 500, description = "The server failed.", body = OperationOutcome, content_type = "application/fhir+json"),
+    )
+)]
 pub async fn search(
     State(state): State<SharedState>,
     headers: HeaderMap,

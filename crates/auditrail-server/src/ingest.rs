@@ -2,6 +2,7 @@
 //! `POST /api/v1/events/bulk` (NDJSON, streamed, a result per line like Elasticsearch's
 //! `_bulk`). Every answer comes after the events are durable and carries their receipts.
 
+use crate::openapi::{BulkFailure, BulkResult, ErrorBody, EventOrEvents, ReceiptOrReceipts};
 use crate::{ApiError, SharedState, blocking};
 use auditrail_core::event::{ClientEvent, FieldError, PreparedEvent};
 use auditrail_core::limits::EVENT_BYTES_MAX;
@@ -123,6 +124,33 @@ fn rejected(state: &SharedState, e: ApiError) -> ApiError {
 
 /// `POST /api/v1/events`: one event (answer: its receipt) or an array (answer: `receipts`).
 /// An array is all or nothing: one invalid event rejects the request and stores nothing.
+#[utoipa::path(
+    post,
+    path = "/api/v1/events",
+    tag = "events",
+    operation_id = "events_create",
+    summary = "Store one event or an array of events",
+    description = "One event (a JSON object; the answer is its receipt) or a JSON array of \
+events (the answer is `receipts`, in order). An array is all or nothing: one invalid event \
+rejects the request and nothing is stored. The answer comes only once the events are durable. \
+An event whose `id` is already stored is not stored again: its original receipt comes back \
+with `duplicate: true`.",
+    request_body(
+        content = EventOrEvents,
+        content_type = "application/json",
+        description = "An event or an array of events, each matching schema/event.schema.json.",
+    ),
+    responses(
+        (status = 201, description = "Stored: a receipt for one event, `receipts` for an array.", body = ReceiptOrReceipts),
+        (status = 200, description = "Every event was already stored: the original receipts.", body = ReceiptOrReceipts),
+        (status = 400, description = "`invalid_json`, `wrong_type`, `empty_batch`, `invalid_event` (with `details`; in an array each `field` starts with the event's position, like `[3].actor.ip`), `bad_body` or `invalid_request`.", body = ErrorBody),
+        (status = 413, description = "`too_large`: the body or the array exceeds the server's limit.", body = ErrorBody),
+        (status = 415, description = "`unsupported_media_type`: the Content-Type is not application/json.", body = ErrorBody),
+        (status = 500, description = "`internal`.", body = ErrorBody),
+        (status = 503, description = "`overloaded` (at the ingest limit) or `read_only` (after a storage failure); nothing was stored.", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds to wait before retrying."))),
+    )
+)]
 pub async fn post_events(
     State(state): State<SharedState>,
     headers: HeaderMap,
@@ -235,6 +263,36 @@ impl Bulk {
 
 /// `POST /api/v1/events/bulk`: NDJSON, one event per line, read as it streams in. Valid lines
 /// are stored in order; each line gets its own result, so one bad line costs only itself.
+#[utoipa::path(
+    post,
+    path = "/api/v1/events/bulk",
+    tag = "events",
+    operation_id = "events_bulk",
+    summary = "Store events from NDJSON, line by line",
+    description = "One event per line, read as the body streams in. Valid lines are stored in \
+order; every non-blank line gets its own result (a receipt, or an error with the status it would \
+have had alone), so one bad line costs only itself. The answer comes once the stored lines are \
+durable. When the request fails part way (the body exceeds its limit, the log refuses writes), \
+the answer carries the error and the results of the lines read before it: those stored are \
+durable.",
+    request_body(
+        description = "NDJSON: one event per line, each matching schema/event.schema.json.",
+        content(
+            (String = "application/x-ndjson"),
+            (String = "application/ndjson"),
+            (String = "text/plain"),
+        ),
+    ),
+    responses(
+        (status = 200, description = "The body was read to its end: one item per line; `errors` says whether any line was not stored.", body = BulkResult),
+        (status = 400, description = "`bad_body` or `invalid_request`; `items` lists the lines read before the failure.", body = BulkFailure),
+        (status = 413, description = "`too_large`: the body or one line exceeds its limit; `items` lists the lines read before.", body = BulkFailure),
+        (status = 415, description = "`unsupported_media_type`: the Content-Type is not NDJSON.", body = ErrorBody),
+        (status = 500, description = "`internal`; `items` lists the lines read before the failure.", body = BulkFailure),
+        (status = 503, description = "`overloaded` or `read_only`; `items` lists the lines read before the failure, lines not appended are `not_stored`.", body = BulkFailure,
+            headers(("Retry-After" = u64, description = "Seconds to wait before retrying."))),
+    )
+)]
 pub async fn post_bulk(
     State(state): State<SharedState>,
     headers: HeaderMap,

@@ -10,6 +10,7 @@ pub mod error;
 pub mod fhir_api;
 pub mod ingest;
 pub mod logapi;
+pub mod openapi;
 pub mod query;
 
 use auditrail_index::{Follower, Index, IndexOptions};
@@ -19,7 +20,7 @@ use axum::Router;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
-use axum::routing::{get, post};
+use axum::routing::{MethodRouter, any, get, post};
 pub use config::Config;
 pub use error::ApiError;
 use std::collections::{HashMap, VecDeque};
@@ -111,38 +112,49 @@ pub async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(f).await.map_err(ApiError::internal)?
 }
 
-pub fn app(state: SharedState) -> Router {
-    Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .route("/api/v1/events", post(ingest::post_events).get(query::search))
-        .route("/api/v1/events/bulk", post(ingest::post_bulk))
-        .route("/api/v1/events/stats", get(query::stats))
-        .route("/api/v1/events/{id}", get(query::get_event))
-        .route("/api/v1/log/proof/inclusion", get(logapi::inclusion))
-        .route("/api/v1/log/proof/consistency", get(logapi::consistency))
-        .route("/fhir", post(fhir_api::bundle))
-        .route("/fhir/metadata", get(fhir_api::metadata))
-        .route(
+/// Every route [`app`] serves, as one table: the OpenAPI tests check `docs/openapi.json`
+/// against exactly these paths and the methods each one answers, so a route cannot be added
+/// without documenting it.
+pub(crate) fn routes() -> Vec<(&'static str, MethodRouter<SharedState>)> {
+    vec![
+        ("/healthz", get(healthz)),
+        ("/readyz", get(readyz)),
+        ("/metrics", get(metrics)),
+        ("/api/v1/openapi.json", get(openapi::serve)),
+        ("/api/v1/events", post(ingest::post_events).get(query::search)),
+        ("/api/v1/events/bulk", post(ingest::post_bulk)),
+        ("/api/v1/events/stats", get(query::stats)),
+        ("/api/v1/events/{id}", get(query::get_event)),
+        ("/api/v1/log/proof/inclusion", get(logapi::inclusion)),
+        ("/api/v1/log/proof/consistency", get(logapi::consistency)),
+        ("/fhir", post(fhir_api::bundle)),
+        ("/fhir/metadata", get(fhir_api::metadata)),
+        (
             "/fhir/AuditEvent",
             post(fhir_api::create)
                 .get(fhir_api::search)
                 .put(fhir_api::not_allowed)
                 .patch(fhir_api::not_allowed)
                 .delete(fhir_api::not_allowed),
-        )
-        .route(
+        ),
+        (
             "/fhir/AuditEvent/{id}",
             get(fhir_api::read)
                 .post(fhir_api::not_allowed)
                 .put(fhir_api::not_allowed)
                 .patch(fhir_api::not_allowed)
                 .delete(fhir_api::not_allowed),
-        )
-        .route("/fhir/{*rest}", axum::routing::any(fhir_api::unknown_type))
-        .route("/log/checkpoint", get(logapi::checkpoint))
-        .route("/log/tile/{*path}", get(logapi::tile))
+        ),
+        ("/fhir/{*rest}", any(fhir_api::unknown_type)),
+        ("/log/checkpoint", get(logapi::checkpoint)),
+        ("/log/tile/{*path}", get(logapi::tile)),
+    ]
+}
+
+pub fn app(state: SharedState) -> Router {
+    routes()
+        .into_iter()
+        .fold(Router::new(), |router, (path, methods)| router.route(path, methods))
         .fallback(not_found)
         .layer(axum::extract::DefaultBodyLimit::disable())
         .with_state(state)
@@ -152,10 +164,29 @@ async fn not_found() -> ApiError {
     ApiError::not_found("no such endpoint; see /api/v1/openapi.json")
 }
 
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "operations",
+    summary = "Liveness",
+    description = "Answers while the process serves HTTP; says nothing about the log or the index.",
+    responses((status = 200, description = "The process is alive: `ok` and a newline.", body = String, content_type = "text/plain"))
+)]
 async fn healthz() -> &'static str {
     "ok\n"
 }
 
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "operations",
+    summary = "Readiness",
+    description = "Ready once the search index has caught up with the log since start.",
+    responses(
+        (status = 200, description = "Ready: `ready` and a newline.", body = String, content_type = "text/plain"),
+        (status = 503, description = "The index is still catching up: `catching up` and a newline.", body = String, content_type = "text/plain"),
+    )
+)]
 async fn readyz(State(s): State<SharedState>) -> impl IntoResponse {
     if s.ready.load(Ordering::SeqCst) {
         (StatusCode::OK, "ready\n")
@@ -164,6 +195,14 @@ async fn readyz(State(s): State<SharedState>) -> impl IntoResponse {
     }
 }
 
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "operations",
+    summary = "Prometheus metrics",
+    description = "The log's stages, the index's progress and request counters in the Prometheus text format (docs/operations.md lists them).",
+    responses((status = 200, description = "Prometheus text exposition format 0.0.4.", body = String, content_type = "text/plain; version=0.0.4"))
+)]
 async fn metrics(State(s): State<SharedState>) -> impl IntoResponse {
     let stages = s.store.stages();
     let m = &s.metrics;

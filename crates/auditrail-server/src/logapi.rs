@@ -1,6 +1,7 @@
 //! The log over HTTP: the checkpoint and tiles at their C2SP `tlog-tiles` paths (so standard
 //! tiled-log clients can read them), and inclusion and consistency proofs as JSON.
 
+use crate::openapi::{ConsistencyProof, ErrorBody, InclusionProof, Tile};
 use crate::query::{inclusion_proof_json, pairs};
 use crate::{ApiError, SharedState, blocking};
 use auditrail_core::tile::TileId;
@@ -11,6 +12,20 @@ use base64::Engine as _;
 use serde_json::json;
 
 /// `GET /log/checkpoint`
+#[utoipa::path(
+    get,
+    path = "/log/checkpoint",
+    tag = "log",
+    operation_id = "log_checkpoint",
+    summary = "The newest signed checkpoint",
+    description = "The newest checkpoint as a C2SP signed note (tlog-checkpoint): origin, tree \
+size and root hash, signed with the log's Ed25519 key.",
+    responses(
+        (status = 200, description = "The signed note.", body = String, content_type = "text/plain; charset=utf-8"),
+        (status = 400, description = "`invalid_request`: no checkpoint has been published yet (the log is empty).", body = ErrorBody),
+        (status = 500, description = "`internal`.", body = ErrorBody),
+    )
+)]
 pub async fn checkpoint(State(state): State<SharedState>) -> Result<Response, ApiError> {
     let s = state.clone();
     let text = blocking(move || Ok(s.store.checkpoint(None)?)).await?;
@@ -23,6 +38,24 @@ pub async fn checkpoint(State(state): State<SharedState>) -> Result<Response, Ap
 
 /// `GET /log/tile/...`: only paths of the C2SP grammar are served, so nothing else under the
 /// data directory can be reached.
+#[utoipa::path(
+    get,
+    path = "/log/tile/{path}",
+    tag = "log",
+    operation_id = "log_tile",
+    summary = "A tile of the Merkle tree or of its entries",
+    description = "The C2SP tlog-tiles static layout, so any tiled-log client can read and \
+verify the log. Full tiles never change and are cacheable for ever; partial ones (`.p/<W>`) are \
+replaced by wider ones.",
+    params(
+        ("path" = String, Path, description = "The rest of the tile path, several segments long: `<L>/<N>[.p/<W>]` for a hash tile or `entries/<N>[.p/<W>]` for a data tile, with `<N>` in the C2SP `x001/234` form."),
+    ),
+    responses(
+        (status = 200, description = "The tile's bytes.", body = Tile, content_type = "application/octet-stream"),
+        (status = 404, description = "`not_found`: not a tile path, or no such tile (yet).", body = ErrorBody),
+        (status = 500, description = "`internal`.", body = ErrorBody),
+    )
+)]
 pub async fn tile(
     State(state): State<SharedState>,
     Path(path): Path<String>,
@@ -55,6 +88,25 @@ fn number(param: &str, v: &str) -> Result<u64, ApiError> {
 }
 
 /// `GET /api/v1/log/proof/inclusion?seq=&tree_size=`
+#[utoipa::path(
+    get,
+    path = "/api/v1/log/proof/inclusion",
+    tag = "log",
+    operation_id = "log_inclusion_proof",
+    summary = "Inclusion proof of one event",
+    description = "An RFC 6962 inclusion proof of the event at `seq` in a published tree, with \
+that tree's signed checkpoint.",
+    params(
+        ("seq" = u64, Query, description = "The event's `seq`."),
+        ("tree_size" = Option<u64>, Query, description = "The size of a published tree; default the newest checkpoint's."),
+    ),
+    responses(
+        (status = 200, description = "The proof.", body = InclusionProof),
+        (status = 400, description = "`bad_query`, `invalid_parameter`, `unknown_parameter`, or `invalid_request` (the tree size is not published).", body = ErrorBody),
+        (status = 409, description = "`not_yet_published`: `seq` is not below the tree size.", body = ErrorBody),
+        (status = 500, description = "`internal`.", body = ErrorBody),
+    )
+)]
 pub async fn inclusion(
     State(state): State<SharedState>,
     RawQuery(raw): RawQuery,
@@ -79,6 +131,24 @@ pub async fn inclusion(
 }
 
 /// `GET /api/v1/log/proof/consistency?from=&to=`
+#[utoipa::path(
+    get,
+    path = "/api/v1/log/proof/consistency",
+    tag = "log",
+    operation_id = "log_consistency_proof",
+    summary = "Consistency proof between two tree sizes",
+    description = "An RFC 6962 consistency proof that the published tree of size `to` extends \
+the one of size `from`, with the checkpoint of `to`.",
+    params(
+        ("from" = u64, Query, description = "The smaller tree size."),
+        ("to" = Option<u64>, Query, description = "The larger tree size, published; default the newest checkpoint's."),
+    ),
+    responses(
+        (status = 200, description = "The proof.", body = ConsistencyProof),
+        (status = 400, description = "`bad_query`, `invalid_parameter`, `unknown_parameter`, or `invalid_request` (a size is not published, or `from` exceeds `to`).", body = ErrorBody),
+        (status = 500, description = "`internal`.", body = ErrorBody),
+    )
+)]
 pub async fn consistency(
     State(state): State<SharedState>,
     RawQuery(raw): RawQuery,

@@ -2,6 +2,7 @@
 //! `GET /api/v1/events/{id}` (with `?proof=inclusion`) and `GET /api/v1/events/stats`.
 //! Every answer states `indexed_through`: events with a lower seq are all searchable.
 
+use crate::openapi::{ErrorBody, EventAnswer, SearchPage, Stats};
 use crate::{ApiError, SharedState, blocking};
 use auditrail_core::time::parse_rfc3339;
 use auditrail_index::doc::{Field, term, words};
@@ -69,6 +70,38 @@ fn decode_cursor(c: &str) -> Option<(u64, bool)> {
 }
 
 /// `GET /api/v1/events`
+#[utoipa::path(
+    get,
+    path = "/api/v1/events",
+    tag = "events",
+    operation_id = "events_search",
+    summary = "Search events",
+    description = "Every given parameter must match (AND); each may be given once. Results come \
+newest first (or oldest first with `order=asc`), a page at a time: pass `next_cursor` as \
+`cursor` for the next page. Search is eventually consistent: `indexed_through` says up to which \
+`seq` every event is searchable (the lag is milliseconds in normal operation).",
+    params(
+        ("patient" = Option<String>, Query, description = "The patient's id (`patient.id`), matched exactly; the index keeps it only as a keyed hash."),
+        ("user" = Option<String>, Query, description = "The acting user (`actor.user_id`), matched exactly."),
+        ("action" = Option<String>, Query, description = "The dotted action, such as `patient.read`, matched exactly."),
+        ("category" = Option<String>, Query, description = "The category, such as `phi_access`, matched exactly."),
+        ("outcome" = Option<String>, Query, description = "`success` or `failure`."),
+        ("project" = Option<String>, Query, description = "The project, matched exactly."),
+        ("source" = Option<String>, Query, description = "The source system (`source.system`), matched exactly."),
+        ("ip" = Option<String>, Query, description = "The actor's IP address (`actor.ip`), case-insensitive."),
+        ("q" = Option<String>, Query, description = "Whole words (case-insensitive, two or more letters or digits), all of which must occur in the action, category, outcome description, actor id and name, project, purpose, entity types, ids and names, or context values; never in the patient or the request path."),
+        ("from" = Option<String>, Query, format = DateTime, description = "Earliest `occurred_at`, inclusive (RFC 3339)."),
+        ("to" = Option<String>, Query, format = DateTime, description = "Latest `occurred_at`, exclusive (RFC 3339)."),
+        ("limit" = Option<u32>, Query, minimum = 1, description = "Page size: 1 to the server's `search_limit_max` (1000 unless configured), default 50."),
+        ("order" = Option<String>, Query, description = "`desc` (newest first, the default) or `asc`."),
+        ("cursor" = Option<String>, Query, description = "The `next_cursor` of the previous page, unchanged; the search must be in the same order."),
+    ),
+    responses(
+        (status = 200, description = "A page of matching events.", body = SearchPage),
+        (status = 400, description = "`bad_query`, `invalid_parameter` (the message names the parameter) or `unknown_parameter`.", body = ErrorBody),
+        (status = 500, description = "`internal`.", body = ErrorBody),
+    )
+)]
 pub async fn search(
     State(state): State<SharedState>,
     RawQuery(raw): RawQuery,
@@ -196,6 +229,28 @@ pub fn find_by_id(state: &SharedState, id: &str) -> Result<Option<Value>, ApiErr
 }
 
 /// `GET /api/v1/events/{id}` and `?proof=inclusion`.
+#[utoipa::path(
+    get,
+    path = "/api/v1/events/{id}",
+    tag = "events",
+    operation_id = "events_get",
+    summary = "Read one event, optionally with its inclusion proof",
+    description = "The stored event with this `id`, once it is indexed. With \
+`proof=inclusion`, also an RFC 6962 inclusion proof against the newest signed checkpoint; an \
+event newer than that checkpoint (published at least once a second while the log grows) is \
+answered 409 until it is published.",
+    params(
+        ("id" = String, Path, description = "The event's id, as in its receipt."),
+        ("proof" = Option<String>, Query, description = "`inclusion` to add an inclusion proof."),
+    ),
+    responses(
+        (status = 200, description = "The event (and the proof when asked for).", body = EventAnswer),
+        (status = 400, description = "`bad_query`, `invalid_parameter` or `unknown_parameter`.", body = ErrorBody),
+        (status = 404, description = "`not_found`: no indexed event has this id.", body = ErrorBody),
+        (status = 409, description = "`not_yet_published`: the event is not in a published checkpoint yet; retry in a second.", body = ErrorBody),
+        (status = 500, description = "`internal`.", body = ErrorBody),
+    )
+)]
 pub async fn get_event(
     State(state): State<SharedState>,
     Path(id): Path<String>,
@@ -264,6 +319,25 @@ pub fn inclusion_proof_json(
 }
 
 /// `GET /api/v1/events/stats?group_by=&from=&to=`
+#[utoipa::path(
+    get,
+    path = "/api/v1/events/stats",
+    tag = "events",
+    operation_id = "events_stats",
+    summary = "Count events per action, user, outcome or category",
+    description = "Counts of indexed events per value of one field, largest first, optionally \
+within a range of `occurred_at`.",
+    params(
+        ("group_by" = String, Query, description = "`action`, `user`, `outcome` or `category`."),
+        ("from" = Option<String>, Query, format = DateTime, description = "Earliest `occurred_at`, inclusive (RFC 3339)."),
+        ("to" = Option<String>, Query, format = DateTime, description = "Latest `occurred_at`, exclusive (RFC 3339)."),
+    ),
+    responses(
+        (status = 200, description = "The counts.", body = Stats),
+        (status = 400, description = "`bad_query`, `invalid_parameter` or `unknown_parameter`.", body = ErrorBody),
+        (status = 500, description = "`internal`.", body = ErrorBody),
+    )
+)]
 pub async fn stats(
     State(state): State<SharedState>,
     RawQuery(raw): RawQuery,

@@ -1,0 +1,460 @@
+//! The OpenAPI 3.1 document of the HTTP API, generated from the handlers' `#[utoipa::path]`
+//! annotations and the schemas below, served at `GET /api/v1/openapi.json` and checked in as
+//! `docs/openapi.json` (a test fails when they differ; `UPDATE_OPENAPI=1` rewrites the file).
+//!
+//! The handlers build their JSON answers with `serde_json::json!`, so the schemas here are the
+//! written form of those answers. They also derive `Deserialize` with `deny_unknown_fields`:
+//! the tests parse real answers of a running server into them, so a field added to or dropped
+//! from an answer without its schema fails a test.
+
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::Value;
+use std::sync::LazyLock;
+use utoipa::openapi::path::{HttpMethod, Operation, OperationBuilder};
+use utoipa::openapi::path::{Parameter, ParameterBuilder, ParameterIn};
+use utoipa::openapi::schema::{ObjectBuilder, Type};
+use utoipa::openapi::{Content, OpenApi as Document, Ref, Required, ResponseBuilder};
+use utoipa::{Modify, OpenApi, ToSchema};
+
+/// The FHIR media type, without the `charset` parameter `fhir_api` answers with.
+const FHIR_MEDIA_TYPE: &str = "application/fhir+json";
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "auditrail",
+        version = env!("CARGO_PKG_VERSION"),
+        description = "An audit-record repository: events are appended to a verifiable log \
+(RFC 6962 Merkle tree, signed checkpoints, C2SP tlog-tiles), searchable within milliseconds, \
+and served natively and as FHIR R4 AuditEvents (IHE BALP Audit Record Repository). \
+The prose reference is docs/api.md; the event schema is schema/event.schema.json.",
+        license(name = "Apache-2.0", identifier = "Apache-2.0"),
+    ),
+    paths(
+        crate::healthz,
+        crate::readyz,
+        crate::metrics,
+        serve,
+        crate::ingest::post_events,
+        crate::ingest::post_bulk,
+        crate::query::search,
+        crate::query::stats,
+        crate::query::get_event,
+        crate::logapi::inclusion,
+        crate::logapi::consistency,
+        crate::logapi::checkpoint,
+        crate::logapi::tile,
+        crate::fhir_api::bundle,
+        crate::fhir_api::metadata,
+        crate::fhir_api::create,
+        crate::fhir_api::search,
+        crate::fhir_api::read,
+    ),
+    components(schemas(ErrorBody, Event, StoredEvent)),
+    modifiers(&FhirSearchParameters, &ImmutableAuditEvents),
+    tags(
+        (name = "events", description = "Native ingest and search of audit events."),
+        (name = "log", description = "The verifiable log: signed checkpoints, tiles (C2SP \
+tlog-tiles) and Merkle proofs."),
+        (name = "fhir", description = "FHIR R4 Audit Record Repository (IHE ITI-20, ITI-81). \
+Every error is an OperationOutcome; any other path under /fhir answers 404 with one."),
+        (name = "operations", description = "Health, readiness, metrics and this document."),
+    )
+)]
+pub struct ApiDoc;
+
+/// The document as served and checked in: pretty-printed, with a trailing newline.
+pub fn document() -> String {
+    let mut text =
+        ApiDoc::openapi().to_pretty_json().expect("an OpenAPI document always serialises to JSON");
+    text.push('\n');
+    text
+}
+
+static DOCUMENT: LazyLock<String> = LazyLock::new(document);
+
+#[utoipa::path(
+    get,
+    path = "/api/v1/openapi.json",
+    tag = "operations",
+    operation_id = "openapi",
+    summary = "This OpenAPI document",
+    description = "The OpenAPI 3.1 description of every endpoint; also checked in as docs/openapi.json.",
+    responses((status = 200, description = "The OpenAPI document.", body = Object, content_type = "application/json"))
+)]
+pub async fn serve() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], DOCUMENT.as_str()).into_response()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Schemas of the native API
+
+/// One audit event as a client sends it: a JSON object. Its schema is the JSON Schema
+/// `schema/event.schema.json` (draft 2020-12, `$id` https://auditrail.dev/schema/event/v1):
+/// `action` and `outcome` are required, unknown fields are rejected, `seq` and `recorded_at`
+/// are assigned by the server, and `id` (an idempotency key) is assigned when absent.
+#[derive(Debug, Deserialize, ToSchema)]
+#[schema(value_type = Object)]
+pub struct Event(pub Value);
+
+/// A stored event: the object the client sent (see `schema/event.schema.json`) plus the
+/// server-assigned `id` (when the client gave none), `seq` (its position in the log) and
+/// `recorded_at` (RFC 3339, when the server stored it).
+#[derive(Debug, Deserialize, ToSchema)]
+#[schema(value_type = Object)]
+pub struct StoredEvent(pub Value);
+
+/// `POST /api/v1/events` takes one event or an array of events (all or nothing).
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum EventOrEvents {
+    One(Event),
+    Many(Vec<Event>),
+}
+
+/// The receipt of a stored event, sent only once the event is durable (fsynced).
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Receipt {
+    /// The event's id: the client's, or the UUIDv7 the server assigned.
+    pub id: String,
+    /// The event's position in the log, from 0.
+    pub seq: u64,
+    /// The event's RFC 6962 leaf hash, 64 hex digits.
+    pub leaf_hash: String,
+    /// The id was already stored: nothing was appended and this is the original's receipt.
+    pub duplicate: bool,
+}
+
+/// The receipts of an array of events, in the order given.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Receipts {
+    pub receipts: Vec<Receipt>,
+}
+
+/// The answer to `POST /api/v1/events`: a receipt for one event, receipts for an array.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum ReceiptOrReceipts {
+    One(Receipt),
+    Many(Receipts),
+}
+
+/// A native error.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ErrorBody {
+    pub error: ErrorInfo,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(description = crate::error::ERROR_CODES)]
+pub struct ErrorInfo {
+    /// A stable machine-readable code (listed in this schema's description).
+    pub code: String,
+    /// What went wrong and what to do, for people.
+    pub message: String,
+    /// With `invalid_event`: one entry per problem, in document order.
+    #[serde(default)]
+    pub details: Vec<FieldError>,
+}
+
+/// One problem with one field of an event.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FieldError {
+    /// The field's JSON path, such as `actor.ip` or `entities[2].type`; in an array request
+    /// prefixed with the event's position, such as `[3].actor.ip`.
+    pub field: String,
+    /// `required`, `unknown_field`, `wrong_type`, `too_long`, `too_many`, `invalid_format`,
+    /// `invalid_value`, `server_assigned` or `too_large`.
+    pub code: String,
+    pub message: String,
+}
+
+/// The answer to a bulk request that was read to its end.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BulkResult {
+    /// Time the server spent on the request, in milliseconds.
+    pub took_ms: u64,
+    /// Some line was not stored.
+    pub errors: bool,
+    /// One result per non-blank line, in order.
+    pub items: Vec<BulkItem>,
+}
+
+/// A bulk request that failed part way: the error, and the result of every line read before
+/// the failure (lines stored before it are durable and carry their receipts). `items` is absent
+/// when the request failed before any line was read.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BulkFailure {
+    pub error: ErrorInfo,
+    #[serde(default)]
+    pub items: Vec<BulkItem>,
+}
+
+/// The result of one NDJSON line.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum BulkItem {
+    Stored(BulkStored),
+    Rejected(BulkRejected),
+}
+
+/// A stored line: its receipt.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BulkStored {
+    /// The line number, from 1 (blank lines count but get no item).
+    pub line: u64,
+    /// 201, or 200 when the id was already stored.
+    pub status: u16,
+    pub id: String,
+    pub seq: u64,
+    /// The event's RFC 6962 leaf hash, 64 hex digits.
+    pub leaf_hash: String,
+    pub duplicate: bool,
+}
+
+/// A line that was not stored, with the status it would have had alone.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BulkRejected {
+    /// The line number, from 1.
+    pub line: u64,
+    pub status: u16,
+    pub error: ErrorInfo,
+}
+
+/// A page of search results, newest first unless `order=asc`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SearchPage {
+    #[schema(value_type = Vec<StoredEvent>)]
+    pub events: Vec<Value>,
+    /// Pass as `cursor` for the next page; null on the last page.
+    #[schema(required = true)]
+    pub next_cursor: Option<String>,
+    /// Every event with a lower `seq` is searchable.
+    pub indexed_through: u64,
+}
+
+/// One event, with an inclusion proof when asked for.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EventAnswer {
+    #[schema(value_type = StoredEvent)]
+    pub event: Value,
+    /// Every event with a lower `seq` is searchable.
+    pub indexed_through: u64,
+    /// With `proof=inclusion`.
+    #[serde(default)]
+    #[schema(value_type = InclusionProof)]
+    pub proof: Option<InclusionProof>,
+}
+
+/// An RFC 6962 inclusion proof of one leaf in a published tree, with that tree's checkpoint.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct InclusionProof {
+    /// The event's `seq`.
+    pub leaf_index: u64,
+    pub tree_size: u64,
+    /// The audit path, base64, leaf to root.
+    pub hashes: Vec<String>,
+    /// The signed checkpoint (a C2SP signed note) of `tree_size`.
+    pub checkpoint: String,
+}
+
+/// An RFC 6962 consistency proof between two published trees, with the larger one's checkpoint.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ConsistencyProof {
+    pub from: u64,
+    pub to: u64,
+    /// The proof, base64.
+    pub hashes: Vec<String>,
+    /// The signed checkpoint (a C2SP signed note) of `to`.
+    pub checkpoint: String,
+}
+
+/// Event counts per value of one field, largest first.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Stats {
+    pub groups: Vec<StatsGroup>,
+    /// The sum of the counts.
+    pub total: u64,
+    /// Every event with a lower `seq` is counted.
+    pub indexed_through: u64,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StatsGroup {
+    pub key: String,
+    pub count: u64,
+}
+
+/// A tile of the C2SP tlog-tiles layout: up to 256 32-byte hashes of one tree level, or an
+/// entry bundle (each entry a big-endian u16 length and the event's 41-byte leaf entry, which
+/// holds a commitment, never event data; docs/format.md).
+#[derive(ToSchema)]
+#[schema(value_type = String, content_media_type = "application/octet-stream")]
+pub struct Tile(pub Vec<u8>);
+
+// ---------------------------------------------------------------------------------------------
+// Schemas of the FHIR API: resources are FHIR R4 JSON, described by the FHIR specification.
+
+/// A FHIR R4 AuditEvent (http://hl7.org/fhir/R4/auditevent.html), stored as received; the
+/// mapping to native events is docs/fhir.md.
+#[derive(Debug, Deserialize, ToSchema)]
+#[schema(value_type = Object)]
+pub struct AuditEvent(pub Value);
+
+/// A FHIR R4 Bundle: `batch` or `transaction` of AuditEvent creates in a request; `searchset`,
+/// `batch-response` or `transaction-response` in an answer.
+#[derive(Debug, Deserialize, ToSchema)]
+#[schema(value_type = Object)]
+pub struct Bundle(pub Value);
+
+/// A FHIR R4 OperationOutcome: every FHIR error, and the warnings an AuditEvent was stored with.
+#[derive(Debug, Deserialize, ToSchema)]
+#[schema(value_type = Object)]
+pub struct OperationOutcome(pub Value);
+
+/// A FHIR R4 CapabilityStatement (IHE BALP Audit Record Repository).
+#[derive(Debug, Deserialize, ToSchema)]
+#[schema(value_type = Object)]
+pub struct CapabilityStatement(pub Value);
+
+/// `POST /fhir/AuditEvent` answers with the stored resource or with an OperationOutcome.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum AuditEventOrOutcome {
+    Stored(AuditEvent),
+    Outcome(OperationOutcome),
+}
+
+// ---------------------------------------------------------------------------------------------
+// Parts of the document built in code
+
+/// The AuditEvent search parameters, taken from the CapabilityStatement (which the parser in
+/// `auditrail_core::fhir` agrees with), plus paging.
+struct FhirSearchParameters;
+
+impl Modify for FhirSearchParameters {
+    fn modify(&self, doc: &mut Document) {
+        let capability = auditrail_core::fhir::capability_statement("", "");
+        let declared = capability
+            .pointer("/rest/0/resource/0/searchParam")
+            .and_then(Value::as_array)
+            .expect("the CapabilityStatement declares its search parameters");
+        let mut parameters: Vec<Parameter> = declared
+            .iter()
+            .map(|p| {
+                let name = p["name"].as_str().expect("a search parameter has a name");
+                let kind = p["type"].as_str().expect("a search parameter has a type");
+                let mut description = format!("FHIR search parameter of type {kind}");
+                if let Some(d) = p.get("definition").and_then(Value::as_str) {
+                    description.push_str(&format!(" ({d})"));
+                }
+                if let Some(d) = p.get("documentation").and_then(Value::as_str) {
+                    description.push_str(&format!(": {d}"));
+                }
+                description.push('.');
+                query_parameter(name, &description)
+            })
+            .collect();
+        parameters.push(query_parameter(
+            "_cursor",
+            "Paging: the opaque cursor from a `next` link (`_page` is accepted as a synonym).",
+        ));
+        let search = doc
+            .paths
+            .paths
+            .get_mut("/fhir/AuditEvent")
+            .and_then(|item| item.get.as_mut())
+            .expect("GET /fhir/AuditEvent is annotated");
+        search.parameters.get_or_insert_with(Vec::new).extend(parameters);
+    }
+}
+
+fn query_parameter(name: &str, description: &str) -> Parameter {
+    ParameterBuilder::new()
+        .name(name)
+        .parameter_in(ParameterIn::Query)
+        .required(Required::False)
+        .description(Some(description))
+        .schema(Some(ObjectBuilder::new().schema_type(Type::String)))
+        .build()
+}
+
+/// The methods that would change a stored AuditEvent, answered 405 (`fhir_api::not_allowed`):
+/// one handler serves seven operations, so they are written here rather than annotated.
+struct ImmutableAuditEvents;
+
+impl Modify for ImmutableAuditEvents {
+    fn modify(&self, doc: &mut Document) {
+        use HttpMethod::{Delete, Patch, Post, Put};
+        let operations = [
+            ("/fhir/AuditEvent", Put, "fhir_audit_event_type_put"),
+            ("/fhir/AuditEvent", Patch, "fhir_audit_event_type_patch"),
+            ("/fhir/AuditEvent", Delete, "fhir_audit_event_type_delete"),
+            ("/fhir/AuditEvent/{id}", Post, "fhir_audit_event_instance_post"),
+            ("/fhir/AuditEvent/{id}", Put, "fhir_audit_event_instance_put"),
+            ("/fhir/AuditEvent/{id}", Patch, "fhir_audit_event_instance_patch"),
+            ("/fhir/AuditEvent/{id}", Delete, "fhir_audit_event_instance_delete"),
+        ];
+        for (path, method, operation_id) in operations {
+            let item = doc.paths.paths.get_mut(path).expect("the AuditEvent paths are annotated");
+            let slot = match method {
+                Post => &mut item.post,
+                Put => &mut item.put,
+                Patch => &mut item.patch,
+                Delete => &mut item.delete,
+                _ => unreachable!("only the methods listed above"),
+            };
+            assert!(slot.is_none(), "{operation_id}: the method is documented twice");
+            *slot = Some(not_allowed(operation_id, path));
+        }
+    }
+}
+
+fn not_allowed(operation_id: &str, path: &str) -> Operation {
+    let outcome = Content::new(Some(Ref::from_schema_name("OperationOutcome")));
+    let mut builder = OperationBuilder::new()
+        .tag("fhir")
+        .operation_id(Some(operation_id))
+        .summary(Some("Refused: AuditEvents are immutable"))
+        .description(Some(
+            "An audit repository never changes or removes what it stored: always 405 with an \
+             OperationOutcome (`not-supported`).",
+        ))
+        .response(
+            "405",
+            ResponseBuilder::new()
+                .description("Not supported: AuditEvents are immutable.")
+                .content(FHIR_MEDIA_TYPE, outcome),
+        );
+    if path.contains("{id}") {
+        builder = builder.parameter(
+            ParameterBuilder::new()
+                .name("id")
+                .parameter_in(ParameterIn::Path)
+                .required(Required::True)
+                .description(Some("The AuditEvent's id."))
+                .schema(Some(ObjectBuilder::new().schema_type(Type::String))),
+        );
+    }
+    builder.build()
+}
+
+#[cfg(test)]
+mod tests;
