@@ -280,10 +280,20 @@ mod tests {
                 occurred_ms: 1_795_000_000_000 + (i as i64 * 7919) % 100_000,
                 recorded_ms: 1_795_000_000_000 + i as i64,
                 id_hash: (i * 2_654_435_761) as u32,
-                group: [format!("a{}", i % 5), format!("u{}", i % 50), "success".into(), "c".into()],
+                group: [
+                    format!("a{}", i % 5),
+                    format!("u{}", i % 50),
+                    "success".into(),
+                    "c".into(),
+                ],
                 terms,
             };
-            let block = BlockLocation { segment: 1, offset: i / 100 * 4096, first_seq: 1000 + i / 100 * 100, count: 100 };
+            let block = BlockLocation {
+                segment: 1,
+                offset: i / 100 * 4096,
+                first_seq: 1000 + i / 100 * 100,
+                count: 100,
+            };
             m.push(doc, &block);
         }
         m.freeze().data

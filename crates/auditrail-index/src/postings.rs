@@ -156,7 +156,7 @@ impl<'a> Postings<'a> {
             Postings::Bitmap { count, bits } => {
                 bits.len() == part_rows.div_ceil(8)
                     && bits.iter().map(|b| b.count_ones() as usize).sum::<usize>() == *count
-                    && (part_rows % 8 == 0
+                    && (part_rows.is_multiple_of(8)
                         || bits.last().is_none_or(|&b| b >> (part_rows % 8) == 0))
             }
             Postings::Gaps { count, bytes } => {
@@ -172,7 +172,8 @@ impl<'a> Postings<'a> {
                 n == *count
             }
             Postings::Rows(r) => {
-                r.windows(2).all(|w| w[0] < w[1]) && r.last().is_none_or(|&x| (x as usize) < part_rows)
+                r.windows(2).all(|w| w[0] < w[1])
+                    && r.last().is_none_or(|&x| (x as usize) < part_rows)
             }
         }
     }

@@ -30,6 +30,9 @@ pub struct Config {
     pub block_cache_bytes_max: usize,
     /// Largest page of a search.
     pub search_limit_max: usize,
+    /// The base URL clients reach this server at (`https://audit.example.org`), for FHIR
+    /// `Location` headers and `fullUrl`s; empty means `http://` plus the request's `Host`.
+    pub public_url: String,
 }
 
 impl Default for Config {
@@ -46,6 +49,7 @@ impl Default for Config {
             index_memtable_rows_max: 1 << 18,
             block_cache_bytes_max: 256 << 20,
             search_limit_max: 1000,
+            public_url: String::new(),
         }
     }
 }
@@ -101,6 +105,10 @@ impl Config {
                 self.body_bytes_max, self.ingest_bytes_in_flight_max
             ));
         }
+        let url = &self.public_url;
+        if !(url.is_empty() || url.starts_with("https://") || url.starts_with("http://")) {
+            return Err(format!("public_url ({url}) must start with https:// or http://"));
+        }
         if self.batch_events_max == 0 || self.search_limit_max == 0 {
             return Err("batch_events_max and search_limit_max must be at least 1".into());
         }
@@ -124,6 +132,7 @@ impl Config {
             "index_memtable_rows_max" => self.index_memtable_rows_max = num(value)?,
             "block_cache_bytes_max" => self.block_cache_bytes_max = num(value)?,
             "search_limit_max" => self.search_limit_max = num(value)?,
+            "public_url" => self.public_url = value.trim_end_matches('/').to_string(),
             // Variables the binary reads itself.
             "config" => {}
             _ => return Err(format!("unknown setting {key:?}")),

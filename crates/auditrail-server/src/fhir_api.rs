@@ -75,7 +75,12 @@ fn fhir_json(status: StatusCode, body: &Value) -> Response {
 }
 
 /// The base URL clients used, for `Location`, `fullUrl` and links.
-fn base_url(headers: &HeaderMap) -> String {
+/// The FHIR base URL: the configured `public_url` (right behind a TLS proxy), else `http://`
+/// plus the request's `Host`.
+fn base_url(state: &SharedState, headers: &HeaderMap) -> String {
+    if !state.config.public_url.is_empty() {
+        return format!("{}/fhir", state.config.public_url.trim_end_matches('/'));
+    }
     let host = headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("localhost");
     format!("http://{host}/fhir")
 }
@@ -199,7 +204,7 @@ pub async fn create(
         .map_err(|issues| FhirError { status: StatusCode::BAD_REQUEST, issues })?;
     let receipts = append(&state, vec![prepared], bytes.len()).await?;
     let r = &receipts[0];
-    let base = base_url(&headers);
+    let base = base_url(&state, &headers);
     let location = format!("{base}/AuditEvent/{}/_history/1", r.id);
     let body = if prefers_outcome(&headers).unwrap_or(!warnings.is_empty()) {
         let mut issues = warnings;
@@ -328,7 +333,7 @@ pub async fn bundle(
     } else {
         append(&state, prepared, bytes.len()).await?
     };
-    let base = base_url(&headers);
+    let base = base_url(&state, &headers);
     let out: Vec<Value> = receipts
         .iter()
         .zip(maps)
@@ -422,10 +427,10 @@ pub async fn unknown_type(Path(path): Path<String>) -> FhirError {
 transaction, the search parameters, and the BALP profiles (IHE BALP Audit Record Repository).",
     responses((status = 200, description = "The CapabilityStatement.", body = CapabilityStatement, content_type = "application/fhir+json"))
 )]
-pub async fn metadata(headers: HeaderMap) -> Response {
+pub async fn metadata(State(state): State<SharedState>, headers: HeaderMap) -> Response {
     fhir_json(
         StatusCode::OK,
-        &fhir::capability_statement(&base_url(&headers), env!("CARGO_PKG_VERSION")),
+        &fhir::capability_statement(&base_url(&state, &headers), env!("CARGO_PKG_VERSION")),
     )
 }
 
@@ -437,7 +442,7 @@ fn decode_cursor(c: &str) -> Option<(char, u64)> {
     let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(c).ok()?;
     let text = std::str::from_utf8(&bytes).ok()?;
     let kind = text.chars().next()?;
-    Some((kind, text[1..].parse().ok()?))
+    Some((kind, text[kind.len_utf8()..].parse().ok()?))
 }
 
 fn percent_encode(s: &str) -> String {
@@ -526,7 +531,7 @@ pub async fn search(
     let params = pairs(raw.as_deref())?;
     let search = fhir::parse_search(&params)
         .map_err(|issues| FhirError { status: StatusCode::BAD_REQUEST, issues })?;
-    let base = base_url(&headers);
+    let base = base_url(&state, &headers);
     state.metrics.searches.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let s = state.clone();
     // Run off the async workers, keeping the OperationOutcome (and its status) of a failure.

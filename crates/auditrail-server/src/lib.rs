@@ -93,6 +93,15 @@ pub type SharedState = Arc<AppState>;
 impl AppState {
     /// The stored event `seq` as JSON, read back from the log.
     pub fn read_event(&self, seq: u64) -> Result<serde_json::Value, ApiError> {
+        self.with_stored(seq, |bytes| serde_json::from_slice(bytes).map_err(ApiError::internal))
+    }
+
+    /// Calls `f` with the stored (canonical JSON) bytes of event `seq`, read back from the log.
+    pub fn with_stored<T>(
+        &self,
+        seq: u64,
+        f: impl FnOnce(&[u8]) -> Result<T, ApiError>,
+    ) -> Result<T, ApiError> {
         let at = self
             .index
             .block_for(seq)
@@ -101,7 +110,7 @@ impl AppState {
         let bytes = block
             .get(seq)
             .ok_or_else(|| ApiError::internal(format!("block at {at:?} lacks seq {seq}")))?;
-        serde_json::from_slice(bytes).map_err(ApiError::internal)
+        f(bytes)
     }
 }
 
@@ -187,11 +196,12 @@ async fn healthz() -> &'static str {
         (status = 503, description = "The index is still catching up: `catching up` and a newline.", body = String, content_type = "text/plain"),
     )
 )]
-async fn readyz(State(s): State<SharedState>) -> impl IntoResponse {
+async fn readyz(State(s): State<SharedState>) -> axum::response::Response {
     if s.ready.load(Ordering::SeqCst) {
-        (StatusCode::OK, "ready\n")
+        (StatusCode::OK, "ready\n").into_response()
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "catching up\n")
+        (StatusCode::SERVICE_UNAVAILABLE, [(header::RETRY_AFTER, "1")], "catching up\n")
+            .into_response()
     }
 }
 

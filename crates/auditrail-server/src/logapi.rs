@@ -22,11 +22,14 @@ use serde_json::json;
 size and root hash, signed with the log's Ed25519 key.",
     responses(
         (status = 200, description = "The signed note.", body = String, content_type = "text/plain; charset=utf-8"),
-        (status = 400, description = "`invalid_request`: no checkpoint has been published yet (the log is empty).", body = ErrorBody),
+        (status = 404, description = "`not_found`: no checkpoint has been published yet (the log is empty).", body = ErrorBody),
         (status = 500, description = "`internal`.", body = ErrorBody),
     )
 )]
 pub async fn checkpoint(State(state): State<SharedState>) -> Result<Response, ApiError> {
+    if state.store.stages().published == 0 {
+        return Err(ApiError::not_found("no checkpoint has been published yet (the log is empty)"));
+    }
     let s = state.clone();
     let text = blocking(move || Ok(s.store.checkpoint(None)?)).await?;
     Ok((

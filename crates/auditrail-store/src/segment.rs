@@ -1,6 +1,6 @@
 //! Segment files: the payload store and the write-ahead log in one. A segment is a header
-//! followed by blocks; each block holds whole append calls of one group commit (cut at about
-//! 32 KiB of plaintext): its events' records, zstd-compressed,
+//! followed by blocks; each block holds about 32 KiB of plaintext of one group commit: its
+//! events' records, zstd-compressed,
 //! then sealed with AES-256-GCM under the segment's data key. Byte layouts are in
 //! `docs/format.md`; every structure carries a version byte and a CRC-32C.
 

@@ -68,9 +68,9 @@ pub struct Options {
     pub queue_requests_max: usize,
     /// Client `id`s are remembered for the most recent this-many events.
     pub idempotency_window_events: u64,
-    /// A group commit is cut into blocks of about this many plaintext bytes (between append
-    /// calls, so one call's events stay in one block). Small blocks make reading one event
-    /// back cheap (one block is decrypted and decompressed); large ones compress better.
+    /// A group commit is cut into blocks of about this many plaintext bytes. Small blocks make
+    /// reading one event back cheap (one block is decrypted and decompressed); large ones
+    /// compress better.
     pub block_plain_bytes_target: usize,
     pub clock: Clock,
 }
@@ -644,7 +644,6 @@ impl Sequencer {
         let mut seq = first_seq;
         let mut block_first = first_seq;
         let mut blocks = Vec::new();
-        let group_len = group.len();
         let mut entries = Vec::new();
         let mut replies = Vec::with_capacity(group.len());
         self.plain.clear();
@@ -702,24 +701,34 @@ impl Sequencer {
                     duplicate: false,
                 });
                 seq += 1;
+                // A block ends once it is big enough (even within one append call: reading
+                // one event back decrypts and decompresses its whole block), and at the
+                // group's end. The group is written and synced as a whole either way.
+                if self.plain.len() >= self.options.block_plain_bytes_target {
+                    blocks.extend(segment::encode_block(
+                        &active.keys,
+                        active.key_version,
+                        block_first,
+                        (seq - block_first) as u32,
+                        &self.plain,
+                        &mut self.compressor,
+                    ));
+                    self.plain.clear();
+                    block_first = seq;
+                }
             }
             replies.push((reply, receipts));
-            let last = replies.len() == group_len;
-            // A block ends between append calls once it is big enough, and at the group's end.
-            if seq > block_first
-                && (last || self.plain.len() >= self.options.block_plain_bytes_target)
-            {
-                blocks.extend(segment::encode_block(
-                    &active.keys,
-                    active.key_version,
-                    block_first,
-                    (seq - block_first) as u32,
-                    &self.plain,
-                    &mut self.compressor,
-                ));
-                self.plain.clear();
-                block_first = seq;
-            }
+        }
+        if seq > block_first {
+            blocks.extend(segment::encode_block(
+                &active.keys,
+                active.key_version,
+                block_first,
+                (seq - block_first) as u32,
+                &self.plain,
+                &mut self.compressor,
+            ));
+            self.plain.clear();
         }
         let path = if seq > first_seq {
             let block = blocks;

@@ -74,10 +74,8 @@ pub fn run(args: HttpArgs) -> Result<()> {
         std::fs::remove_dir_all(&dir).with_context(|| format!("cannot clear {}", dir.display()))?;
     }
     let baseline = args.baseline.as_deref().map(read_baseline).transpose()?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
+    let runtime =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let mut server = ServerProcess::spawn(&dir)?;
     let addr = server.addr.clone();
     let result = runtime.block_on(workload(&args, &addr, &server));
@@ -98,7 +96,10 @@ pub fn run(args: HttpArgs) -> Result<()> {
         (disk.total - disk.segments - disk.tiles - disk.index) as f64 / events as f64,
         events
     );
-    println!("server peak RSS     {:>12.0} MiB", report["server_peak_rss_mib"].as_f64().unwrap_or(0.0));
+    println!(
+        "server peak RSS     {:>12.0} MiB",
+        report["server_peak_rss_mib"].as_f64().unwrap_or(0.0)
+    );
     if let Some(pg) = &baseline {
         print_ratios(&report, pg);
     }
@@ -193,7 +194,11 @@ async fn bulk_phase(args: &HttpArgs, addr: &str, end_ms: i64, report: &mut Value
     let rate = args.events as f64 / acked.as_secs_f64();
     let lat = Percentiles::of(latencies);
     println!("\n== bulk NDJSON ingest (POST /api/v1/events/bulk) ==");
-    println!("events/s            {rate:>12.0}  ({} events acknowledged in {:.2}s)", args.events, acked.as_secs_f64());
+    println!(
+        "events/s            {rate:>12.0}  ({} events acknowledged in {:.2}s)",
+        args.events,
+        acked.as_secs_f64()
+    );
     println!(
         "request latency     {:>12.1} ms p50, {:.1} ms p99 ({} lines each)",
         lat.ms(0.5),
@@ -367,7 +372,10 @@ async fn wait_indexed(addr: &str) -> Result<u64> {
 
 /// Ratios to PostgreSQL, each oriented so that > 1 means auditrail is better.
 fn print_ratios(ours: &Value, pg: &Value) {
-    println!("\n== auditrail vs PostgreSQL 15 (hash-chained table; {} events there) ==", pg["events"]);
+    println!(
+        "\n== auditrail vs PostgreSQL 15 (hash-chained table; {} events there) ==",
+        pg["events"]
+    );
     println!("{:<22}{:>14}{:>14}{:>10}", "figure", "auditrail", "postgresql", "ratio");
     let rows: [(&str, bool); 9] = [
         ("bulk_events_per_s", true),
@@ -395,7 +403,8 @@ fn read_baseline(arg: &str) -> Result<Value> {
         std::fs::read_to_string(arg).with_context(|| format!("cannot read the baseline {arg}"))?
     };
     let last = text.lines().rev().find(|l| l.trim_start().starts_with('{')).unwrap_or("");
-    serde_json::from_str(last).context("the baseline is not the JSON line postgres-baseline.sh prints")
+    serde_json::from_str(last)
+        .context("the baseline is not the JSON line postgres-baseline.sh prints")
 }
 
 /// One HTTP/1.1 keep-alive connection.
@@ -407,7 +416,8 @@ impl Conn {
     async fn open(addr: &str) -> Result<Conn> {
         let stream = tokio::net::TcpStream::connect(addr).await?;
         stream.set_nodelay(true)?;
-        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        let (sender, connection) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
         tokio::spawn(connection);
         Ok(Conn { sender })
     }
@@ -419,7 +429,8 @@ impl Conn {
         content_type: &str,
         body: Bytes,
     ) -> Result<(u16, Bytes)> {
-        let mut request = hyper::Request::builder().method(method).uri(path).header("host", "bench");
+        let mut request =
+            hyper::Request::builder().method(method).uri(path).header("host", "bench");
         if !content_type.is_empty() {
             request = request.header("content-type", content_type);
         }

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The same workload against PostgreSQL 15 and against auditrail, one after the other on this
+# machine, and the ratio of every figure.
+#
+#   bench/http-vs-postgres.sh [--events N] [--concurrency C] [--single-seconds S]
+#                             [--lookups L] [--count-runs R]
+#
+# Defaults: N=10000000 (the issue's data set size), C=64, S=10, L=2000, R=50.
+# 1. bench/postgres-baseline.sh: a hash-chained audit table, N events bulk-loaded through the
+#    chain trigger, then lookups, 30-day counts and single-event INSERTs; its JSON line is kept.
+# 2. `auditrail bench http` (release build): the same N events over HTTP, the same queries and
+#    single events, printing each figure with its ratio to PostgreSQL's.
+# They run one after the other, never together: each has the whole machine.
+# Output goes to the terminal and to bench/results/<UTC time>.txt.
+#
+# Requirements: PostgreSQL 15 (apt-get install -y postgresql-15) and a Rust toolchain.
+
+set -euo pipefail
+
+EVENTS=10000000
+PG_ARGS=()
+AR_ARGS=()
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --events) EVENTS=$2; shift 2 ;;
+        --concurrency|--single-seconds|--lookups|--count-runs)
+            PG_ARGS+=("$1" "$2"); AR_ARGS+=("$1" "$2"); shift 2 ;;
+        -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+        *) echo "http-vs-postgres: unknown argument '$1' (try --help)" >&2; exit 2 ;;
+    esac
+done
+
+cd "$(dirname "$0")/.."
+mkdir -p bench/results
+OUT=bench/results/$(date -u +%Y%m%dT%H%M%SZ).txt
+exec > >(tee "$OUT") 2>&1
+
+echo "== host: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -r)"
+echo "== auditrail $(git rev-parse --short HEAD 2>/dev/null || echo '?'), $EVENTS events"
+cargo build --release -q -p auditrail
+
+echo
+echo "== PostgreSQL 15 =="
+PG_JSON=$(mktemp)
+trap 'rm -f "$PG_JSON"' EXIT
+bench/postgres-baseline.sh --events "$EVENTS" "${PG_ARGS[@]}" | tee /dev/stderr | tail -n 1 >"$PG_JSON"
+
+echo
+echo "== auditrail =="
+target/release/auditrail bench http --events "$EVENTS" "${AR_ARGS[@]}" --baseline "$PG_JSON"
+echo
+echo "(saved to $OUT)"
