@@ -219,6 +219,13 @@ fn bad_fhir_requests_get_an_operation_outcome_and_store_nothing() {
     let patient_bundle = json!({"resourceType": "Bundle", "type": "batch", "entry": [
         {"resource": ae, "request": {"method": "POST", "url": "AuditEvent"}},
         {"resource": {"resourceType": "Patient", "id": "p"}, "request": {"method": "POST", "url": "Patient"}}]});
+    // Cursors whose text starts with a multi-byte character (a kind letter is one byte).
+    let b64url = |s: &str| {
+        use base64::Engine as _;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s)
+    };
+    let multibyte_cursor = format!("/fhir/AuditEvent?_cursor={}", b64url("é123"));
+    let multibyte_page = format!("/fhir/AuditEvent?_page={}", b64url("\u{1F600}7"));
     let cases: Vec<(&str, &str, &str, String, u16)> = vec![
         (
             "POST",
@@ -265,6 +272,8 @@ fn bad_fhir_requests_get_an_operation_outcome_and_store_nothing() {
         ("GET", "/fhir/AuditEvent?flavour=mint", "", String::new(), 400),
         ("GET", "/fhir/AuditEvent?agent:contains=x", "", String::new(), 400),
         ("GET", "/fhir/AuditEvent?_cursor=nonsense", "", String::new(), 400),
+        ("GET", &multibyte_cursor, "", String::new(), 400),
+        ("GET", &multibyte_page, "", String::new(), 400),
     ];
     let mut outcomes = Vec::new();
     for (method, path, ct, body, status) in &cases {
@@ -278,4 +287,57 @@ fn bad_fhir_requests_get_an_operation_outcome_and_store_nothing() {
     let metrics = server.get("/metrics").text();
     assert!(metrics.contains("auditrail_log_sequenced 0\n"), "{metrics}");
     fhir_check(&outcomes);
+}
+
+#[test]
+fn public_url_is_the_base_of_fhir_locations_and_must_be_http() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start_with(
+        &tmp.path().join("data"),
+        &[("AUDITRAIL_PUBLIC_URL", "https://audit.example.org")],
+    );
+    let ae = corpus().remove(0).1;
+    let r = server.request(
+        "POST",
+        "/fhir/AuditEvent",
+        "application/fhir+json",
+        ae.to_string().as_bytes(),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    let location = r.header("location").unwrap();
+    assert!(location.starts_with("https://audit.example.org/fhir/AuditEvent/"), "{location}");
+    wait_indexed(&server, 1);
+    let bundle = server.get("/fhir/AuditEvent").json();
+    assert_eq!(bundle["total"], 1);
+    let full_url = bundle["entry"][0]["fullUrl"].as_str().unwrap();
+    assert!(full_url.starts_with("https://audit.example.org/fhir/AuditEvent/"), "{full_url}");
+    let self_url = bundle["link"][0]["url"].as_str().unwrap();
+    assert!(self_url.starts_with("https://audit.example.org/fhir/AuditEvent?"), "{self_url}");
+    drop(server);
+
+    // Anything but an http(s) URL is refused at startup, naming the setting and the value.
+    let mut child = crate::bin()
+        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+        .arg(tmp.path().join("other"))
+        .env("AUDITRAIL_PUBLIC_URL", "ftp://x")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut exited = false;
+    for _ in 0..200 {
+        if child.try_wait().unwrap().is_some() {
+            exited = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    if !exited {
+        let _ = child.kill();
+    }
+    let o = child.wait_with_output().unwrap();
+    assert!(exited, "serve kept running with public_url ftp://x: {}", crate::stdout(&o));
+    assert!(!o.status.success(), "{:?}", o.status);
+    let err = crate::stderr(&o);
+    assert!(err.contains("public_url") && err.contains("ftp://x"), "{err}");
 }

@@ -193,6 +193,12 @@ fn ingest_search_proofs_and_the_log_end_to_end() {
     let r = server.get("/api/v1/log/proof/inclusion?seq=5&tree_size=100");
     assert_eq!(r.json()["hashes"].as_array().unwrap().len(), 7);
     assert_eq!(server.get("/api/v1/log/proof/inclusion?seq=5&tree_size=100000").status, 400);
+    // A tree_size not larger than the seq is a bad parameter, also with 100 published.
+    for size in [3, 5] {
+        let r = server.get(&format!("/api/v1/log/proof/inclusion?seq=5&tree_size={size}"));
+        assert_eq!(r.status, 400, "tree_size={size}: {}", r.text());
+        assert_eq!(r.json()["error"]["code"], "invalid_parameter", "tree_size={size}");
+    }
 
     let metrics = server.get("/metrics").text();
     assert!(metrics.contains("auditrail_log_sequenced 100\n"), "{metrics}");
@@ -314,6 +320,8 @@ fn bad_requests_get_a_4xx_with_a_code_and_store_nothing() {
         ("GET", "/api/v1/events?user=a&user=b", "", String::new(), 400, "invalid_parameter"),
         ("GET", "/api/v1/events?colour=red", "", String::new(), 400, "unknown_parameter"),
         ("GET", "/api/v1/events?q=%ZZ", "", String::new(), 400, "bad_query"),
+        // `+1` is not two hex digits, though `u8::from_str_radix` would take it.
+        ("GET", "/api/v1/events?user=%+1", "", String::new(), 400, "bad_query"),
         ("GET", "/api/v1/events/stats", "", String::new(), 400, "invalid_parameter"),
         (
             "GET",
@@ -326,6 +334,15 @@ fn bad_requests_get_a_4xx_with_a_code_and_store_nothing() {
         ("GET", "/api/v1/events/x?proof=exclusion", "", String::new(), 400, "invalid_parameter"),
         ("GET", "/api/v1/log/proof/inclusion", "", String::new(), 400, "invalid_parameter"),
         ("GET", "/api/v1/log/proof/inclusion?seq=-1", "", String::new(), 400, "invalid_parameter"),
+        // A tree of 3 cannot hold seq 5, however much is published: a bad request, not 409.
+        (
+            "GET",
+            "/api/v1/log/proof/inclusion?seq=5&tree_size=3",
+            "",
+            String::new(),
+            400,
+            "invalid_parameter",
+        ),
         (
             "GET",
             "/api/v1/log/proof/consistency?from=5&to=1",
@@ -335,6 +352,8 @@ fn bad_requests_get_a_4xx_with_a_code_and_store_nothing() {
             "invalid_request",
         ),
         ("GET", "/api/v1/nothing", "", String::new(), 404, "not_found"),
+        // The log is still empty: no checkpoint yet.
+        ("GET", "/log/checkpoint", "", String::new(), 404, "not_found"),
     ];
     for (method, path, ct, body, status, code) in &cases {
         let r = server.request(method, path, ct, body.as_bytes());
@@ -356,6 +375,20 @@ fn bad_requests_get_a_4xx_with_a_code_and_store_nothing() {
         metrics.contains("auditrail_log_sequenced 1\n"),
         "only the one good bulk line: {metrics}"
     );
+    // With that event in the log a checkpoint is published, and then it is served.
+    let mut checkpoint = None;
+    for _ in 0..200 {
+        let r = server.get("/log/checkpoint");
+        if r.status == 200 {
+            checkpoint = Some(r.text());
+            break;
+        }
+        assert_eq!(r.status, 404, "before the first checkpoint: {}", r.text());
+        assert_eq!(r.json()["error"]["code"], "not_found");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let checkpoint = checkpoint.expect("a checkpoint within 10 s of the first event");
+    assert_eq!(checkpoint.lines().nth(1), Some("1"), "{checkpoint}");
 }
 
 #[test]
