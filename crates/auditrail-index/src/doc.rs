@@ -62,24 +62,10 @@ pub const TEXT_TERMS_MAX: usize = 24;
 
 /// Derives patient tokens. The key is the index's own secret (`keys/index.key`), so the index
 /// files alone reveal no patient identifier, not even by guessing and hashing candidates.
-///
-/// Recent tokens are remembered: a patient's identifier appears in several terms of each event
-/// and popular patients in many events, and the HMAC was a tenth of the indexing time.
+#[derive(Clone)]
 pub struct PatientTokens {
     mac: hmac::Hmac<Sha256>,
-    recent: std::sync::Mutex<RecentTokens>,
 }
-
-#[derive(Default)]
-struct RecentTokens {
-    /// Tag byte + value -> token.
-    map: rustc_hash::FxHashMap<Box<[u8]>, [u8; TOKEN_KEY_LEN]>,
-    /// Where the lookup key is built, so a hit allocates nothing.
-    probe: Vec<u8>,
-}
-
-/// Tokens remembered before the memory is cleared and starts over.
-const RECENT_TOKENS_MAX: usize = 1 << 16;
 
 impl std::fmt::Debug for PatientTokens {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -89,33 +75,7 @@ impl std::fmt::Debug for PatientTokens {
 
 impl PatientTokens {
     pub fn new(key: &[u8; 32]) -> PatientTokens {
-        PatientTokens {
-            mac: hmac::Hmac::<Sha256>::new_from_slice(key).expect("any key length"),
-            recent: Default::default(),
-        }
-    }
-
-    /// `derive` for (tag, value), remembered.
-    fn remembered(
-        &self,
-        tag: u8,
-        value: &str,
-        derive: impl FnOnce() -> [u8; TOKEN_KEY_LEN],
-    ) -> [u8; TOKEN_KEY_LEN] {
-        let mut guard = self.recent.lock().unwrap_or_else(|e| e.into_inner());
-        let recent = &mut *guard;
-        recent.probe.clear();
-        recent.probe.push(tag);
-        recent.probe.extend_from_slice(value.as_bytes());
-        if let Some(t) = recent.map.get(recent.probe.as_slice()) {
-            return *t;
-        }
-        let token = derive();
-        if recent.map.len() >= RECENT_TOKENS_MAX {
-            recent.map.clear();
-        }
-        recent.map.insert(recent.probe.as_slice().into(), token);
-        token
+        PatientTokens { mac: hmac::Hmac::<Sha256>::new_from_slice(key).expect("any key length") }
     }
 
     /// The term key of a PHI value of a FHIR search parameter: blinded like a patient.
@@ -129,12 +89,10 @@ impl PatientTokens {
     }
 
     fn blinded(&self, tag: u8, value: &str) -> [u8; TOKEN_KEY_LEN] {
-        self.remembered(tag, value, || {
-            let mut mac = self.mac.clone();
-            mac.update(&[tag]);
-            mac.update(value.as_bytes());
-            token_key(tag, &mac.finalize().into_bytes())
-        })
+        let mut mac = self.mac.clone();
+        mac.update(&[tag]);
+        mac.update(value.as_bytes());
+        token_key(tag, &mac.finalize().into_bytes())
     }
 
     fn patient(&self, patient: &str) -> [u8; TOKEN_KEY_LEN] {
@@ -142,11 +100,9 @@ impl PatientTokens {
             Some(i) => &patient[i + "Patient/".len()..],
             None => patient,
         };
-        self.remembered(Field::Patient as u8, bare, || {
-            let mut mac = self.mac.clone();
-            mac.update(bare.as_bytes());
-            token_key(Field::Patient as u8, &mac.finalize().into_bytes())
-        })
+        let mut mac = self.mac.clone();
+        mac.update(bare.as_bytes());
+        token_key(Field::Patient as u8, &mac.finalize().into_bytes())
     }
 }
 

@@ -254,6 +254,11 @@ impl Index {
         self.indexed.store(last + 1, Ordering::SeqCst);
     }
 
+    /// Events the memtable takes before it is full (at least 1).
+    fn memtable_room(&self) -> usize {
+        self.options.memtable_rows_max.saturating_sub(self.read().mem.len()).max(1)
+    }
+
     /// Freezes the memtable into a segment file when it is full (or always, with `force`).
     pub fn flush(&self, force: bool) -> Result<(), IndexError> {
         let frozen = {
@@ -553,6 +558,9 @@ fn partition(len: usize, before: impl Fn(u32) -> bool) -> usize {
     lo
 }
 
+/// Events in one step above which documents are built on two threads.
+const PARALLEL_BUILD_MIN: usize = 512;
+
 /// Feeds the index from the log: reads durable blocks after `indexed_through` and adds them.
 pub struct Follower {
     tail: LogTail,
@@ -563,7 +571,9 @@ impl Follower {
         Follower { tail: store.tail(index.indexed_through()) }
     }
 
-    /// Indexes up to `blocks_max` durable blocks; returns how many events it added.
+    /// Indexes up to `blocks_max` durable blocks; returns how many events it added. Documents
+    /// are built on two threads when there are enough of them (building is nine tenths of
+    /// the work); they are added in seq order on this one.
     pub fn step(
         &mut self,
         index: &Index,
@@ -572,20 +582,36 @@ impl Follower {
     ) -> Result<u64, IndexError> {
         assert_eq!(self.tail.next_seq(), index.indexed_through(), "one follower per index");
         let durable = store.stages().sequenced;
-        let mut docs = Vec::new();
-        let mut failure = None;
+        let mut records: Vec<(BlockLocation, u64, Vec<u8>)> = Vec::new();
         let n = self.tail.read(durable, blocks_max, |at, seq, record| {
-            match index.extract(seq, record.canonical) {
-                Ok(d) => docs.push((d, *at)),
-                Err(e) => failure = Some(e),
-            }
+            records.push((*at, seq, record.canonical.to_vec()));
             Ok(())
         })?;
-        if let Some(e) = failure {
-            return Err(e);
+        let build = |part: &[(BlockLocation, u64, Vec<u8>)]| {
+            part.iter()
+                .map(|(at, seq, bytes)| Ok((index.extract(*seq, bytes)?, *at)))
+                .collect::<Result<Vec<_>, IndexError>>()
+        };
+        let docs = if records.len() >= PARALLEL_BUILD_MIN {
+            let (first, second) = records.split_at(records.len() / 2);
+            let (a, b) = std::thread::scope(|s| {
+                let helper = s.spawn(|| build(second));
+                (build(first), helper.join())
+            });
+            let mut docs = a?;
+            docs.extend(b.map_err(|_| IndexError::Invalid("a document builder panicked".into()))??);
+            docs
+        } else {
+            build(&records)?
+        };
+        // Added in pieces that fill the memtable exactly, so every segment file has
+        // `memtable_rows_max` events.
+        let mut docs = docs.into_iter().peekable();
+        while docs.peek().is_some() {
+            let room = index.memtable_room();
+            index.add(docs.by_ref().take(room).collect());
+            index.flush(false)?;
         }
-        index.add(docs);
-        index.flush(false)?;
         Ok(n)
     }
 
@@ -593,7 +619,7 @@ impl Follower {
     pub fn catch_up(&mut self, index: &Index, store: &Store) -> Result<u64, IndexError> {
         let mut total = 0;
         loop {
-            let n = self.step(index, store, 8)?;
+            let n = self.step(index, store, 64)?;
             if n == 0 {
                 return Ok(total);
             }

@@ -24,6 +24,8 @@ pub struct Config {
     pub ingest_bytes_in_flight_max: usize,
     /// How often a new checkpoint is published while the log grows.
     pub publish_interval_ms: u64,
+    /// Bulk ingest waits while the index is this many events behind the log (0: never).
+    pub index_lag_events_max: u64,
     /// Events per index segment file.
     pub index_memtable_rows_max: usize,
     /// Decoded log blocks kept in memory for reads.
@@ -46,6 +48,7 @@ impl Default for Config {
             batch_events_max: 10_000,
             ingest_bytes_in_flight_max: 256 << 20,
             publish_interval_ms: 1000,
+            index_lag_events_max: 50_000,
             index_memtable_rows_max: 1 << 18,
             block_cache_bytes_max: 256 << 20,
             search_limit_max: 1000,
@@ -129,6 +132,7 @@ impl Config {
             "batch_events_max" => self.batch_events_max = num(value)?,
             "ingest_bytes_in_flight_max" => self.ingest_bytes_in_flight_max = num(value)?,
             "publish_interval_ms" => self.publish_interval_ms = num(value)?,
+            "index_lag_events_max" => self.index_lag_events_max = num(value)?,
             "index_memtable_rows_max" => self.index_memtable_rows_max = num(value)?,
             "block_cache_bytes_max" => self.block_cache_bytes_max = num(value)?,
             "search_limit_max" => self.search_limit_max = num(value)?,

@@ -448,12 +448,25 @@ async fn bulk_inner(
 
 /// Like [`append`], but a streaming bulk request waits (boundedly) for budget and for room in
 /// the store's queue rather than failing at once: the client is already sending, and waiting
-/// is its flow control.
+/// is its flow control. It also waits while the index is more than `index_lag_events_max`
+/// events behind the log, so a bulk load never gets far ahead of search.
 async fn append_waiting(
     state: &SharedState,
     events: Vec<PreparedEvent>,
     bytes: usize,
 ) -> Result<Vec<Receipt>, ApiError> {
+    let lag_max = state.config.index_lag_events_max;
+    if lag_max > 0 {
+        let deadline = tokio::time::Instant::now() + BUDGET_WAIT_MAX;
+        while state.store.stages().sequenced.saturating_sub(state.index.indexed_through()) > lag_max
+        {
+            if tokio::time::Instant::now() >= deadline {
+                state.metrics.requests_overloaded.fetch_add(1, Ordering::Relaxed);
+                return Err(ApiError::busy());
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
     let permits = u32::try_from(bytes.max(1)).unwrap_or(u32::MAX);
     let permit = tokio::time::timeout(
         BUDGET_WAIT_MAX,

@@ -338,7 +338,7 @@ fn follow(state: &AppState, stop: &AtomicBool) {
     let mut follower = Follower::new(&state.index, &state.store);
     loop {
         let stopping = stop.load(Ordering::SeqCst);
-        match follower.step(&state.index, &state.store, 16) {
+        match follower.step(&state.index, &state.store, 64) {
             Ok(0) => {
                 state.ready.store(true, Ordering::SeqCst);
                 if stopping {
