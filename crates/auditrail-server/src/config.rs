@@ -37,6 +37,10 @@ pub struct Config {
     pub public_url: String,
 }
 
+/// Bounds of `index_memtable_rows_max`.
+const INDEX_SEGMENT_ROWS_MIN: usize = 1024;
+const INDEX_SEGMENT_ROWS_MAX: usize = 1 << 22;
+
 impl Default for Config {
     fn default() -> Config {
         Config {
@@ -115,6 +119,15 @@ impl Config {
         if self.batch_events_max == 0 || self.search_limit_max == 0 {
             return Err("batch_events_max and search_limit_max must be at least 1".into());
         }
+        // An index segment addresses its term and posting bytes with u32 offsets.
+        if !(INDEX_SEGMENT_ROWS_MIN..=INDEX_SEGMENT_ROWS_MAX)
+            .contains(&self.index_memtable_rows_max)
+        {
+            return Err(format!(
+                "index_memtable_rows_max ({}) must be {INDEX_SEGMENT_ROWS_MIN} to {INDEX_SEGMENT_ROWS_MAX}",
+                self.index_memtable_rows_max
+            ));
+        }
         Ok(())
     }
 
@@ -166,5 +179,12 @@ mod tests {
         let env = [("AUDITRAIL_INGEST_BYTES_IN_FLIGHT_MAX".to_string(), "1000".to_string())];
         let e = Config::load(None, env).unwrap_err().to_string();
         assert!(e.contains("must not exceed"), "{e}");
+        for rows in ["0", "8388608"] {
+            let env = [("AUDITRAIL_INDEX_MEMTABLE_ROWS_MAX".to_string(), rows.to_string())];
+            let e = Config::load(None, env).unwrap_err().to_string();
+            assert!(e.contains("index_memtable_rows_max"), "{e}");
+        }
+        let env = [("AUDITRAIL_INDEX_MEMTABLE_ROWS_MAX".to_string(), "4096".to_string())];
+        assert_eq!(Config::load(None, env).unwrap().index_memtable_rows_max, 4096);
     }
 }

@@ -105,8 +105,8 @@ that tree's signed checkpoint.",
     ),
     responses(
         (status = 200, description = "The proof.", body = InclusionProof),
-        (status = 400, description = "`bad_query`, `invalid_parameter`, `unknown_parameter`, or `invalid_request` (the tree size is not published).", body = ErrorBody),
-        (status = 409, description = "`not_yet_published`: `seq` is not below the tree size.", body = ErrorBody),
+        (status = 400, description = "`bad_query`, `invalid_parameter` (also when a given `tree_size` is not larger than `seq`), `unknown_parameter`, or `invalid_request` (the tree size is not published).", body = ErrorBody),
+        (status = 409, description = "`not_yet_published`: no `tree_size` was given and `seq` is not in the newest checkpoint yet; retry in a second.", body = ErrorBody),
         (status = 500, description = "`internal`.", body = ErrorBody),
     )
 )]

@@ -649,6 +649,21 @@ impl Sequencer {
         self.plain.clear();
         let mut ids = [0u8; 10];
         let active = self.active.as_ref().expect("a segment is active after rolling");
+        // Compresses and seals the records of seqs `first..end` (in `plain`) as one block.
+        let mut seal = |plain: &mut Vec<u8>,
+                        compressor: &mut zstd::bulk::Compressor<'static>,
+                        first: u64,
+                        end: u64| {
+            blocks.extend(segment::encode_block(
+                &active.keys,
+                active.key_version,
+                first,
+                (end - first) as u32,
+                plain,
+                compressor,
+            ));
+            plain.clear();
+        };
         for (events, reply) in group {
             let mut receipts = Vec::with_capacity(events.len());
             for ev in events {
@@ -705,30 +720,14 @@ impl Sequencer {
                 // one event back decrypts and decompresses its whole block), and at the
                 // group's end. The group is written and synced as a whole either way.
                 if self.plain.len() >= self.options.block_plain_bytes_target {
-                    blocks.extend(segment::encode_block(
-                        &active.keys,
-                        active.key_version,
-                        block_first,
-                        (seq - block_first) as u32,
-                        &self.plain,
-                        &mut self.compressor,
-                    ));
-                    self.plain.clear();
+                    seal(&mut self.plain, &mut self.compressor, block_first, seq);
                     block_first = seq;
                 }
             }
             replies.push((reply, receipts));
         }
         if seq > block_first {
-            blocks.extend(segment::encode_block(
-                &active.keys,
-                active.key_version,
-                block_first,
-                (seq - block_first) as u32,
-                &self.plain,
-                &mut self.compressor,
-            ));
-            self.plain.clear();
+            seal(&mut self.plain, &mut self.compressor, block_first, seq);
         }
         let path = if seq > first_seq {
             let block = blocks;

@@ -199,7 +199,12 @@ fn ms(d: Duration) -> f64 {
 }
 
 fn rss_kib(field: &str) -> u64 {
-    std::fs::read_to_string("/proc/self/status")
+    status_kib("self", field)
+}
+
+/// A `/proc/<pid>/status` memory field (`VmRSS`, `VmHWM`) in KiB; 0 if unreadable.
+pub fn status_kib(pid: &str, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
             s.lines()
@@ -209,20 +214,31 @@ fn rss_kib(field: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// Bytes of a data directory's files, by part.
 #[derive(Default)]
-struct DiskUse {
-    segments: u64,
-    tiles: u64,
-    checkpoints: u64,
-    allocated: u64,
+pub struct DiskUse {
+    pub segments: u64,
+    pub tiles: u64,
+    pub checkpoints: u64,
+    pub index: u64,
+    /// Everything else (keys, history bookkeeping).
+    pub other: u64,
+    /// Blocks allocated to the log's files (segments, tiles, checkpoints).
+    pub allocated: u64,
 }
 
 impl DiskUse {
-    fn total(&self) -> u64 {
+    /// The log's bytes.
+    pub fn total(&self) -> u64 {
         self.segments + self.tiles + self.checkpoints
     }
 
-    fn measure(dir: &Path) -> Result<DiskUse> {
+    /// Every byte in the directory: the log, the index and the rest.
+    pub fn all(&self) -> u64 {
+        self.total() + self.index + self.other
+    }
+
+    pub fn measure(dir: &Path) -> Result<DiskUse> {
         use std::os::unix::fs::MetadataExt as _;
         let mut d = DiskUse::default();
         let mut stack = vec![dir.to_path_buf()];
@@ -235,15 +251,20 @@ impl DiskUse {
                     continue;
                 }
                 let rel = e.path().strip_prefix(dir)?.to_string_lossy().into_owned();
-                if rel.starts_with("segments/") {
-                    d.segments += m.len();
+                let part = if rel.starts_with("segments/") {
+                    &mut d.segments
                 } else if rel.starts_with("log/tile") {
-                    d.tiles += m.len();
+                    &mut d.tiles
                 } else if rel.starts_with("log/checkpoint") || rel.starts_with("checkpoints/") {
-                    d.checkpoints += m.len();
-                } else {
+                    &mut d.checkpoints
+                } else if rel.starts_with("index/") {
+                    d.index += m.len();
                     continue;
-                }
+                } else {
+                    d.other += m.len();
+                    continue;
+                };
+                *part += m.len();
                 d.allocated += m.blocks() * 512;
             }
         }

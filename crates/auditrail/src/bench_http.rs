@@ -14,6 +14,7 @@
 //! The last line printed is one JSON object; with `--baseline` (the JSON line that
 //! `bench/postgres-baseline.sh` prints) each figure is also given as a ratio to PostgreSQL's.
 
+use crate::bench::{DiskUse, status_kib};
 use crate::generator::{Generator, YEAR_MS, now_millis};
 use anyhow::{Context as _, Result, bail, ensure};
 use http_body_util::{BodyExt as _, Full};
@@ -83,17 +84,17 @@ pub fn run(args: HttpArgs) -> Result<()> {
     let mut report = result?;
     stopped?;
 
-    let disk = dir_bytes(&dir)?;
+    let disk = DiskUse::measure(&dir)?;
     let events = report["events_total"].as_u64().unwrap_or(0).max(1);
-    report["bytes_per_event"] = json!(round1(disk.total as f64 / events as f64));
+    report["bytes_per_event"] = json!(round1(disk.all() as f64 / events as f64));
     println!("\n== on disk after a clean stop ==");
     println!(
-        "bytes/event         {:>12.1}  (log segments {:.1}, tiles+bundles {:.1}, index {:.1}, other {:.1}; {} events)",
-        disk.total as f64 / events as f64,
+        "bytes/event         {:>12.1}  (log segments {:.1}, tiles+bundles+checkpoints {:.1}, index {:.1}, other {:.1}; {} events)",
+        disk.all() as f64 / events as f64,
         disk.segments as f64 / events as f64,
-        disk.tiles as f64 / events as f64,
+        (disk.tiles + disk.checkpoints) as f64 / events as f64,
         disk.index as f64 / events as f64,
-        (disk.total - disk.segments - disk.tiles - disk.index) as f64 / events as f64,
+        disk.other as f64 / events as f64,
         events
     );
     println!(
@@ -240,6 +241,7 @@ async fn sample_lag(addr: String, done: Arc<AtomicBool>) -> Result<Duration> {
 async fn lookup_phase(args: &HttpArgs, addr: &str, report: &mut Value) -> Result<()> {
     let mut conn = Conn::open(addr).await?;
     let from = auditrail_core::time::format_millis(now_millis() - YEAR_MS);
+    // Only its patient draw is used (a separate seed from the loaded events').
     let mut patients = Generator::new(7, 1, 1, 0);
     let warm_up = (args.lookups / 10).max(1);
     let mut latencies = Vec::with_capacity(args.lookups);
@@ -494,14 +496,7 @@ impl ServerProcess {
     }
 
     fn rss_kib(&self, field: &str) -> u64 {
-        std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find(|l| l.starts_with(field))
-                    .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-            })
-            .unwrap_or(0)
+        status_kib(&self.child.id().to_string(), field)
     }
 
     /// SIGTERM, then wait for the clean stop (index flushed, final checkpoint published).
@@ -552,39 +547,6 @@ impl Percentiles {
         let rank = ((p * self.0.len() as f64).ceil() as usize).clamp(1, self.0.len());
         self.0[rank - 1].as_secs_f64() * 1e3
     }
-}
-
-#[derive(Default)]
-struct DirBytes {
-    total: u64,
-    segments: u64,
-    tiles: u64,
-    index: u64,
-}
-
-fn dir_bytes(dir: &Path) -> Result<DirBytes> {
-    let mut d = DirBytes::default();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(p) = stack.pop() {
-        for e in std::fs::read_dir(&p)? {
-            let e = e?;
-            let m = e.metadata()?;
-            if m.is_dir() {
-                stack.push(e.path());
-                continue;
-            }
-            let rel = e.path().strip_prefix(dir)?.to_string_lossy().into_owned();
-            d.total += m.len();
-            if rel.starts_with("segments/") {
-                d.segments += m.len();
-            } else if rel.starts_with("log/tile") {
-                d.tiles += m.len();
-            } else if rel.starts_with("index/") {
-                d.index += m.len();
-            }
-        }
-    }
-    Ok(d)
 }
 
 fn round1(x: f64) -> f64 {

@@ -149,7 +149,7 @@ fn the_tail_follows_the_log_across_blocks_and_segments_and_blocks_read_back() {
 }
 
 #[test]
-fn a_group_commit_is_cut_into_blocks_between_append_calls() {
+fn a_group_commit_is_cut_into_blocks_between_and_within_append_calls() {
     let disk = SimDisk::new();
     Keys::install(&disk, "test.example/log").unwrap();
     // The sequencer waits 50 ms for appends to join a group, so the 8 concurrent one-event
@@ -169,8 +169,12 @@ fn a_group_commit_is_cut_into_blocks_between_append_calls() {
             t.join().unwrap().unwrap();
         }
     }
+    // One call of many events is cut too: a bulk request's chunk must not become one huge
+    // block that every lookup of one of its events decompresses whole.
+    let big_call = 60;
+    store.append((0..big_call).map(|i| event(10_000 + i, None)).collect()).unwrap();
     let durable = store.stages().sequenced;
-    assert_eq!(durable, 8 * rounds);
+    assert_eq!(durable, 8 * rounds + big_call);
     let mut blocks = Vec::new();
     store
         .tail(0)
@@ -181,9 +185,16 @@ fn a_group_commit_is_cut_into_blocks_between_append_calls() {
             Ok(())
         })
         .unwrap();
-    // Without cutting there would be at most one block per group, i.e. per round.
-    assert!(blocks.len() > rounds as usize, "{} blocks for {rounds} groups", blocks.len());
-    // No block grows past the target by more than its last call (here one event).
+    // Without cutting there would be at most one block per group, i.e. per round and call.
+    assert!(
+        blocks.len() > rounds as usize + 1,
+        "{} blocks for {} groups",
+        blocks.len(),
+        rounds + 1
+    );
+    let in_big_call = blocks.iter().filter(|b| b.first_seq >= 8 * rounds).count();
+    assert!(in_big_call > 1, "the {big_call}-event call stayed in {in_big_call} block");
+    // No block grows past the target by more than its last event.
     let reader = store.block_reader();
     for at in &blocks {
         let block = reader.read(at).unwrap();

@@ -121,6 +121,12 @@ fn ingest_search_proofs_and_the_log_end_to_end() {
         assert_eq!(r.status, 200, "{query}: {}", r.text());
         assert_eq!(&seqs(&r), expected, "{query}");
         assert!(r.json()["indexed_through"].as_u64().unwrap() >= 100);
+        assert_eq!(r.header("content-type"), Some("application/json"), "{query}");
+        let timing = r.header("server-timing").unwrap_or_default();
+        assert!(
+            timing.starts_with("index;dur=") && timing.contains(", log;dur="),
+            "{query}: Server-Timing {timing:?}"
+        );
     }
     // Cursor pages walk the same results, newest first, and oldest first on request.
     let mut paged = Vec::new();
