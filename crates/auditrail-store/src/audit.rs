@@ -7,6 +7,7 @@ use crate::error::StoreError;
 use crate::io::Io;
 use crate::keys::Keys;
 use crate::reader::{self, BlocksEnd, list_segments, load_segment};
+use crate::retention::{PURGED_PATH, Purged, PurgedSegment};
 use crate::segment;
 use crate::store::{CHECKPOINT_PATH, HISTORY_PATH, history};
 use crate::tree::{DiskTiles, tile_path};
@@ -42,6 +43,9 @@ pub struct AuditReport {
     pub checkpoints: u64,
     /// The size of the newest signed checkpoint.
     pub published: u64,
+    /// Segments and events retention purged: checked against their leaf entries only.
+    pub purged_segments: u64,
+    pub purged_events: u64,
     pub problems: Vec<Problem>,
 }
 
@@ -105,6 +109,65 @@ fn segment_leaves(io: &dyn Io, keys: &Keys, first_seq: u64) -> SegmentLeaves {
         && let BlocksEnd::Broken { offset, detail } = end
     {
         out.problems.push(Problem { location: format!("{} offset {offset}", seg.path), detail });
+    }
+    out
+}
+
+/// What a purged segment contributes: its leaf entries as the tree holds them (the events
+/// are gone), each checked to fall within the recorded purge's time bounds.
+fn purged_leaves(io: &dyn Io, p: &PurgedSegment, published: u64) -> SegmentLeaves {
+    let mut out = SegmentLeaves {
+        first_seq: p.first_seq,
+        entries: Vec::new(),
+        blocks: 0,
+        problems: Vec::new(),
+    };
+    let location =
+        || format!("purged segment {} ({PURGED_PATH})", reader::segment_path(p.first_seq));
+    if p.end_seq > published {
+        out.problems.push(Problem {
+            location: location(),
+            detail: format!("ends at seq {} beyond the published tree ({published})", p.end_seq),
+        });
+        return out;
+    }
+    let tiles = DiskTiles { io };
+    let mut seq = p.first_seq;
+    while seq < p.end_seq {
+        let index = seq / TILE_WIDTH;
+        let width = if (index + 1) * TILE_WIDTH <= published {
+            256
+        } else {
+            (published % TILE_WIDTH) as u32
+        };
+        let bundle = tiles.bundle(index, width).ok();
+        let Some(entries) = bundle.as_deref().and_then(tile::decode_bundle) else {
+            out.problems.push(Problem {
+                location: tile_path(&TileId::entries(index, width)),
+                detail: "missing or malformed entry bundle of a purged segment".into(),
+            });
+            return out;
+        };
+        let end = ((index + 1) * TILE_WIDTH).min(p.end_seq);
+        for s in seq..end {
+            let Some(e) = entries.get((s % TILE_WIDTH) as usize) else { break };
+            let Some(entry) = LeafEntry::decode(e) else {
+                out.problems.push(Problem {
+                    location: format!("seq {s} ({})", tile_path(&TileId::entries(index, width))),
+                    detail: "malformed leaf entry".into(),
+                });
+                return out;
+            };
+            let t = entry.recorded_at_ms as i64;
+            if t < p.oldest_recorded_ms || t > p.newest_recorded_ms {
+                out.problems.push(Problem {
+                    location: format!("seq {s}"),
+                    detail: "recorded_at outside the purged segment's recorded bounds".into(),
+                });
+            }
+            out.entries.push(entry.encode());
+        }
+        seq = end;
     }
     out
 }
@@ -308,8 +371,19 @@ pub fn audit(
     }
 
     // 2. Segments, decrypted on a second thread while this one checks leaves and tiles.
-    let segments = list_segments(io)?;
+    let purged = Purged::load(io)?;
+    report.purged_segments = purged.segments().len() as u64;
+    report.purged_events = purged.events();
+    // Segments on disk and purged ones, in seq order; a purged record wins over a file a
+    // crash left behind (opening the store deletes it).
+    let mut segments: Vec<(u64, Option<PurgedSegment>)> = list_segments(io)?
+        .into_iter()
+        .filter(|f| purged.find(*f).is_none())
+        .map(|f| (f, None))
+        .collect();
     report.segments = segments.len() as u64;
+    segments.extend(purged.segments().iter().map(|p| (p.first_seq, Some(p.clone()))));
+    segments.sort_by_key(|s| s.0);
     let tiles = DiskTiles { io };
     let partials = partial_files(io, &mut report.problems)?;
     let mut checker = TileChecker { io, levels: vec![Vec::new()], size: 0, partials };
@@ -322,8 +396,12 @@ pub fn audit(
         let (tx, rx) = mpsc::sync_channel::<SegmentLeaves>(1);
         let segs = segments.clone();
         scope.spawn(move || {
-            for first in segs {
-                if tx.send(segment_leaves(io, keys, first)).is_err() {
+            for (first, purged) in segs {
+                let leaves = match purged {
+                    Some(p) => purged_leaves(io, &p, published),
+                    None => segment_leaves(io, keys, first),
+                };
+                if tx.send(leaves).is_err() {
                     return;
                 }
             }

@@ -8,6 +8,7 @@ pub mod error;
 pub mod io;
 pub mod keys;
 pub mod reader;
+pub mod retention;
 pub mod segment;
 pub mod sim;
 pub mod store;

@@ -18,6 +18,9 @@ use crate::error::StoreError;
 use crate::io::{Io, StdIo};
 use crate::keys::Keys;
 use crate::reader::{self, SEGMENTS_DIR, list_segments, load_segment, segment_path};
+use crate::retention::{
+    Hold, Purged, PurgedSegment, RetentionPolicy, SegmentDecision, SegmentSummary,
+};
 use crate::segment::{self, SegmentHeader};
 use crate::tree::{LOG_DIR, TreeWriter};
 use auditrail_core::checkpoint::Checkpoint;
@@ -191,7 +194,17 @@ pub struct Store {
     keys: Keys,
     options: Options,
     recovery: RecoveryReport,
+    retention: Mutex<RetentionState>,
+    /// The purged segments, read by every lookup; replaced whole after a purge.
+    purged: std::sync::RwLock<Arc<Purged>>,
     _lock: Option<std::fs::File>,
+}
+
+/// Retention's working state; its mutex serialises purges and changes to holds.
+#[derive(Default)]
+struct RetentionState {
+    /// Sealed segments never change, so their summaries are kept once read.
+    summaries: HashMap<u64, SegmentSummary>,
 }
 
 impl std::fmt::Debug for Store {
@@ -239,6 +252,9 @@ impl Store {
             io.sync_file(HISTORY_PATH)?;
             io.sync_dir("checkpoints")?;
         }
+        // A purge that crashed after recording a segment as purged finishes now.
+        crate::retention::finish_interrupted(io.as_ref())?;
+        let purged = Purged::load(io.as_ref())?;
         let recovered = recover(io.as_ref(), &keys, &options)?;
         let shared = Arc::new(Shared {
             sequenced: AtomicU64::new(recovered.next_seq),
@@ -290,6 +306,8 @@ impl Store {
             keys,
             options,
             recovery: recovered.report,
+            retention: Mutex::new(RetentionState::default()),
+            purged: std::sync::RwLock::new(Arc::new(purged)),
             _lock: None,
         })
     }
@@ -438,6 +456,113 @@ impl Store {
             )));
         }
         Ok(())
+    }
+
+    /// The segments retention has purged.
+    pub fn purged(&self) -> Arc<Purged> {
+        self.purged.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The leaf entry of `seq` in the newest published tree (it outlives a purge).
+    pub fn leaf_entry(&self, seq: u64) -> Result<LeafEntry, StoreError> {
+        crate::retention::leaf_entry(self.io.as_ref(), seq, self.stages().published)
+    }
+
+    /// What retention would do at `now_ms`: a decision for every sealed segment old enough
+    /// to be considered.
+    pub fn retention_plan(
+        &self,
+        policy: &RetentionPolicy,
+        now_ms: i64,
+    ) -> Result<Vec<SegmentDecision>, StoreError> {
+        let mut state = self.retention.lock().unwrap_or_else(|e| e.into_inner());
+        self.plan_locked(&mut state, policy, now_ms)
+    }
+
+    fn plan_locked(
+        &self,
+        state: &mut RetentionState,
+        policy: &RetentionPolicy,
+        now_ms: i64,
+    ) -> Result<Vec<SegmentDecision>, StoreError> {
+        let io = self.io.as_ref();
+        let purged = self.purged();
+        let candidates = crate::retention::sealed_candidates(
+            io,
+            &purged,
+            policy,
+            self.stages().published,
+            now_ms,
+        )?;
+        let mut summaries = Vec::with_capacity(candidates.len());
+        for (first, end) in candidates {
+            let summary = match state.summaries.get(&first) {
+                Some(s) => s.clone(),
+                None => {
+                    let s = crate::retention::summarise(io, &self.keys.master, first, end)?;
+                    state.summaries.insert(first, s.clone());
+                    s
+                }
+            };
+            summaries.push(summary);
+        }
+        let holds = crate::retention::load_holds(io)?;
+        Ok(crate::retention::decide(&summaries, policy, &holds, now_ms))
+    }
+
+    /// Purges every sealed segment past retention at `now_ms` and not under a legal hold:
+    /// records it in `retention/purged`, then deletes its file (crypto-erasure). Returns what
+    /// went, oldest first.
+    pub fn purge(
+        &self,
+        policy: &RetentionPolicy,
+        now_ms: i64,
+    ) -> Result<Vec<PurgedSegment>, StoreError> {
+        self.shared.check()?;
+        let mut state = self.retention.lock().unwrap_or_else(|e| e.into_inner());
+        let plan = self.plan_locked(&mut state, policy, now_ms)?;
+        let mut gone = Vec::new();
+        for d in plan.into_iter().filter(|d| d.purge) {
+            let record = PurgedSegment {
+                first_seq: d.first_seq,
+                end_seq: d.end_seq,
+                oldest_recorded_ms: d.oldest_recorded_ms,
+                newest_recorded_ms: d.newest_recorded_ms,
+                purged_at_ms: now_ms,
+            };
+            let next =
+                crate::retention::purge_segment(self.io.as_ref(), &self.purged(), record.clone())?;
+            *self.purged.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(next);
+            state.summaries.remove(&d.first_seq);
+            gone.push(record);
+        }
+        Ok(gone)
+    }
+
+    pub fn holds(&self) -> Result<Vec<Hold>, StoreError> {
+        crate::retention::load_holds(self.io.as_ref())
+    }
+
+    /// Adds a legal hold (its id must be new).
+    pub fn add_hold(&self, hold: Hold) -> Result<(), StoreError> {
+        hold.check().map_err(StoreError::InvalidInput)?;
+        let _state = self.retention.lock().unwrap_or_else(|e| e.into_inner());
+        let mut holds = crate::retention::load_holds(self.io.as_ref())?;
+        if holds.iter().any(|h| h.id == hold.id) {
+            return Err(StoreError::InvalidInput(format!("a hold with id {:?} exists", hold.id)));
+        }
+        holds.push(hold);
+        crate::retention::save_holds(self.io.as_ref(), &holds)
+    }
+
+    /// Releases a legal hold; returns it, or `None` if there was none with this id.
+    pub fn release_hold(&self, id: &str) -> Result<Option<Hold>, StoreError> {
+        let _state = self.retention.lock().unwrap_or_else(|e| e.into_inner());
+        let mut holds = crate::retention::load_holds(self.io.as_ref())?;
+        let Some(i) = holds.iter().position(|h| h.id == id) else { return Ok(None) };
+        let hold = holds.remove(i);
+        crate::retention::save_holds(self.io.as_ref(), &holds)?;
+        Ok(Some(hold))
     }
 
     /// A forward reader of the durable log starting at `from`.

@@ -94,6 +94,16 @@ impl LogTail {
         self.next_seq
     }
 
+    /// When `next_seq` lies in a segment retention purged, moves past it and returns the
+    /// skipped range `[first, end)`: those events no longer exist to be read.
+    pub fn skip_purged(&mut self, purged: &crate::retention::Purged) -> Option<(u64, u64)> {
+        let p = purged.find(self.next_seq)?;
+        let skipped = (self.next_seq, p.end_seq);
+        self.next_seq = p.end_seq;
+        self.at = None;
+        Some(skipped)
+    }
+
     /// Finds the segment and block holding `next_seq`.
     fn seek(&mut self) -> Result<bool, StoreError> {
         let segments = list_segments(self.io.as_ref())?;
@@ -137,6 +147,13 @@ impl LogTail {
                 // The segment ends here: the log continues in the next one.
                 let next = self.next_seq;
                 let segments = list_segments(self.io.as_ref())?;
+                if !segments.contains(&next)
+                    && crate::retention::Purged::load(self.io.as_ref())?.find(next).is_some()
+                {
+                    // Retention erased what follows: the caller skips it (`skip_purged`).
+                    self.at = None;
+                    break;
+                }
                 if !segments.contains(&next) || at.segment == next {
                     return Err(StoreError::corrupted(
                         format!("{} offset {}", at.path, at.offset),

@@ -3,6 +3,7 @@
 
 mod basics;
 mod crash;
+mod retention;
 
 use auditrail_core::event::{ClientEvent, PreparedEvent};
 use serde_json::json;
