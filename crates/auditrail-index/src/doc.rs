@@ -187,6 +187,20 @@ pub struct Doc {
     pub terms: Terms,
 }
 
+impl Doc {
+    /// The row of an event retention purged before it was indexed: no terms, no time.
+    pub fn placeholder(seq: u64, recorded_ms: i64) -> Doc {
+        Doc {
+            seq,
+            occurred_ms: i64::MIN,
+            recorded_ms,
+            id_hash: 0,
+            group: Default::default(),
+            terms: Terms::default(),
+        }
+    }
+}
+
 /// Emits the FHIR search terms of an event as (tag, carries PHI, value); PHI values are
 /// blinded here. Wired to `auditrail_core::fhir` by [`fhir_terms`].
 pub type FhirTerms = fn(&Value, &mut dyn FnMut(u8, bool, &str));

@@ -98,6 +98,17 @@ pub struct Index {
     state: RwLock<State>,
     indexed: AtomicU64,
     persisted: AtomicU64,
+    /// Seq ranges `[first, end)` retention purged, sorted: never answered, never counted.
+    purged: RwLock<Arc<Vec<(u64, u64)>>>,
+}
+
+fn in_ranges(ranges: &[(u64, u64)], seq: u64) -> bool {
+    let i = ranges.partition_point(|r| r.1 <= seq);
+    ranges.get(i).is_some_and(|r| r.0 <= seq)
+}
+
+fn overlaps(ranges: &[(u64, u64)], first: u64, end: u64) -> bool {
+    ranges.iter().any(|&(a, b)| a < end && b > first)
 }
 
 impl std::fmt::Debug for Index {
@@ -199,6 +210,7 @@ impl Index {
             state: RwLock::new(State { segments, mem: Memtable::new(next) }),
             indexed: AtomicU64::new(next),
             persisted: AtomicU64::new(next),
+            purged: RwLock::new(Arc::new(Vec::new())),
         })
     }
 
@@ -223,6 +235,16 @@ impl Index {
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, State> {
         self.state.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Tells the index which seq ranges retention purged (sorted `[first, end)`): searches,
+    /// counts and statistics leave them out from now on.
+    pub fn set_purged(&self, ranges: Vec<(u64, u64)>) {
+        *self.purged.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(ranges);
+    }
+
+    fn purged(&self) -> Arc<Vec<(u64, u64)>> {
+        self.purged.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     pub fn patients(&self) -> &PatientTokens {
@@ -252,6 +274,34 @@ impl Index {
             state.mem.push(doc, &block);
         }
         self.indexed.store(last + 1, Ordering::SeqCst);
+    }
+
+    /// Rows for events retention purged before they were indexed (a rebuild after a purge):
+    /// rows stay contiguous with seqs, so each gets an empty placeholder that nothing matches.
+    fn add_purged(
+        &self,
+        (first, end): (u64, u64),
+        purged: &auditrail_store::retention::Purged,
+    ) -> Result<(), IndexError> {
+        let p = purged.find(first).expect("skipped because it was purged");
+        let block = BlockLocation {
+            segment: p.first_seq,
+            offset: 0,
+            first_seq: p.first_seq,
+            count: u32::try_from(p.end_seq - p.first_seq).unwrap_or(u32::MAX),
+        };
+        let mut seq = first;
+        while seq < end {
+            let n = (self.memtable_room() as u64).min(end - seq);
+            self.add(
+                (seq..seq + n)
+                    .map(|s| (Doc::placeholder(s, p.oldest_recorded_ms), block))
+                    .collect(),
+            );
+            self.flush(false)?;
+            seq += n;
+        }
+        Ok(())
     }
 
     /// Events the memtable takes before it is full (at least 1).
@@ -312,12 +362,15 @@ impl Index {
     }
 
     pub fn search(&self, q: &Query) -> Hits {
+        let purged = self.purged();
         let state = self.read();
         let mut seqs = Vec::new();
         let want = q.limit.saturating_add(1);
         let mut visit = |part: &dyn Part| {
             for_each_match(part, q, q.newest_first, &mut |seq| {
-                seqs.push(seq);
+                if !in_ranges(&purged, seq) {
+                    seqs.push(seq);
+                }
                 seqs.len() < want
             });
             seqs.len() < want
@@ -342,10 +395,13 @@ impl Index {
 
     /// How many events match (ignores `limit` and the order).
     pub fn count(&self, q: &Query) -> u64 {
+        let purged = self.purged();
         let state = self.read();
         let mut n = 0u64;
         for part in state.parts() {
-            if q.all_of.len() == 1
+            let some_purged = overlaps(&purged, part.first_seq(), part.end_seq());
+            if !some_purged
+                && q.all_of.len() == 1
                 && q.all_of[0].len() == 1
                 && q.occurred == (i64::MIN, i64::MAX)
                 && q.recorded == (i64::MIN, i64::MAX)
@@ -355,8 +411,10 @@ impl Index {
                 n += part.postings(&q.all_of[0][0]).len() as u64;
                 continue;
             }
-            for_each_match(part, q, false, &mut |_| {
-                n += 1;
+            for_each_match(part, q, false, &mut |seq| {
+                if !some_purged || !in_ranges(&purged, seq) {
+                    n += 1;
+                }
                 true
             });
         }
@@ -366,15 +424,22 @@ impl Index {
     /// Counts of events with `occurred_at` in `[from, to)` per value of `group`, largest first.
     pub fn stats(&self, group: GroupBy, from: i64, to: i64) -> Vec<(String, u64)> {
         let g = group as usize;
+        let purged = self.purged();
         let state = self.read();
         let mut totals: HashMap<&str, u64> = HashMap::new();
         for part in state.parts() {
             let mut local = vec![0u64; part.dict(g).len()];
-            let chunks = part.chunks();
+            // Chunk totals count purged rows too: a part with any is scanned row by row.
+            let some_purged = overlaps(&purged, part.first_seq(), part.end_seq());
+            let chunks = if some_purged { &[][..] } else { part.chunks() };
+            let first = part.first_seq();
             let scan = |local: &mut Vec<u64>, rows: std::ops::Range<usize>| {
                 for row in rows {
                     let t = part.occurred(row as u32);
-                    if t >= from && t < to {
+                    if t >= from
+                        && t < to
+                        && !(some_purged && in_ranges(&purged, first + row as u64))
+                    {
                         local[part.group_id(g, row as u32) as usize] += 1;
                     }
                 }
@@ -582,6 +647,10 @@ impl Follower {
     ) -> Result<u64, IndexError> {
         assert_eq!(self.tail.next_seq(), index.indexed_through(), "one follower per index");
         let durable = store.stages().sequenced;
+        if let Some(skipped) = self.tail.skip_purged(&store.purged()) {
+            index.add_purged(skipped, &store.purged())?;
+            return Ok(skipped.1 - skipped.0);
+        }
         let mut records: Vec<(BlockLocation, u64, Vec<u8>)> = Vec::new();
         let n = self.tail.read(durable, blocks_max, |at, seq, record| {
             records.push((*at, seq, record.canonical.to_vec()));

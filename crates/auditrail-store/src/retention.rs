@@ -193,9 +193,10 @@ pub struct Hold {
     pub created_ms: i64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub project: Option<String>,
-    /// A patient id (`patient.id` of the events), whatever its system.
+    /// The [`PatientTokens`] token of a patient id (`patient.id` of the events, whatever its
+    /// system): the holds file names no patient in the clear.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub patient: Option<String>,
+    pub patient_token: Option<String>,
     /// Events that occurred or were recorded in `[from_ms, to_ms)`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub from_ms: Option<i64>,
@@ -209,7 +210,7 @@ impl Hold {
             return Err("a hold needs a reason".into());
         }
         if self.project.is_none()
-            && self.patient.is_none()
+            && self.patient_token.is_none()
             && self.from_ms.is_none()
             && self.to_ms.is_none()
         {
@@ -227,7 +228,7 @@ impl Hold {
     fn covers(&self, s: &SegmentSummary) -> bool {
         let project_ok =
             self.project.as_ref().is_none_or(|p| s.projects.contains_key(&Some(p.clone())));
-        let patient_ok = self.patient.as_ref().is_none_or(|p| s.patients.contains(p));
+        let patient_ok = self.patient_token.as_ref().is_none_or(|p| s.patients.contains(p));
         let (lo, hi) = (self.from_ms.unwrap_or(i64::MIN), self.to_ms.unwrap_or(i64::MAX));
         let overlaps = |(a, b): (i64, i64)| a < hi && b >= lo;
         let time_ok = (self.from_ms.is_none() && self.to_ms.is_none())
@@ -250,6 +251,39 @@ pub fn save_holds(io: &dyn Io, holds: &[Hold]) -> Result<(), StoreError> {
     replace_file(io, HOLDS_PATH, &bytes)
 }
 
+/// Keyed tokens of patient ids, so that legal holds by patient name no patient in the clear.
+/// The key is derived from the log's signing key, which never rotates.
+#[derive(Clone)]
+pub struct PatientTokens {
+    key: [u8; 32],
+}
+
+impl std::fmt::Debug for PatientTokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PatientTokens(..)")
+    }
+}
+
+impl PatientTokens {
+    pub fn new(keys: &crate::keys::Keys) -> PatientTokens {
+        let secret = keys.signer.to_private_key_string();
+        let mut key = [0u8; 32];
+        hkdf::Hkdf::<sha2::Sha256>::new(None, secret.as_bytes())
+            .expand(b"auditrail/retention/patient-token/v1", &mut key)
+            .expect("32 bytes is a valid HKDF-SHA256 output length");
+        PatientTokens { key }
+    }
+
+    /// HMAC-SHA256 of the id, first 16 bytes, hex.
+    pub fn token(&self, patient_id: &str) -> String {
+        use hmac::Mac;
+        let mut mac = <hmac::Hmac<sha2::Sha256> as hmac::KeyInit>::new_from_slice(&self.key)
+            .expect("HMAC takes any key length");
+        mac.update(patient_id.as_bytes());
+        mac.finalize().into_bytes()[..16].iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
 /// What retention needs to know of one sealed segment. Segments never change once sealed, so
 /// a summary can be kept for the life of the process.
 #[derive(Debug, Clone)]
@@ -262,7 +296,7 @@ pub struct SegmentSummary {
     pub occurred: Option<(i64, i64)>,
     /// The newest `recorded_at` per project (`None`: events without a project).
     pub projects: BTreeMap<Option<String>, i64>,
-    /// Patient ids of the events.
+    /// Tokens of the events' patient ids.
     pub patients: BTreeSet<String>,
 }
 
@@ -283,6 +317,7 @@ impl SegmentSummary {
 pub fn summarise(
     io: &dyn Io,
     master: &MasterKeys,
+    tokens: &PatientTokens,
     first_seq: u64,
     end_seq: u64,
 ) -> Result<SegmentSummary, StoreError> {
@@ -315,7 +350,7 @@ pub fn summarise(
         let newest = s.projects.entry(f.project).or_insert(recorded);
         *newest = (*newest).max(recorded);
         if let Some(p) = f.patient {
-            s.patients.insert(p.id);
+            s.patients.insert(tokens.token(&p.id));
         }
         Ok(())
     })?;
@@ -461,7 +496,7 @@ mod tests {
             reason: "litigation".into(),
             created_ms: 0,
             project: project.map(str::to_string),
-            patient: patient.map(str::to_string),
+            patient_token: patient.map(str::to_string),
             from_ms: range.map(|r| r.0),
             to_ms: range.map(|r| r.1),
         }

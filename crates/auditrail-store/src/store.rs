@@ -499,7 +499,9 @@ impl Store {
             let summary = match state.summaries.get(&first) {
                 Some(s) => s.clone(),
                 None => {
-                    let s = crate::retention::summarise(io, &self.keys.master, first, end)?;
+                    let tokens = crate::retention::PatientTokens::new(&self.keys);
+                    let s =
+                        crate::retention::summarise(io, &self.keys.master, &tokens, first, end)?;
                     state.summaries.insert(first, s.clone());
                     s
                 }
@@ -537,6 +539,11 @@ impl Store {
             gone.push(record);
         }
         Ok(gone)
+    }
+
+    /// The token legal holds use for a patient id.
+    pub fn patient_token(&self, patient_id: &str) -> String {
+        crate::retention::PatientTokens::new(&self.keys).token(patient_id)
     }
 
     pub fn holds(&self) -> Result<Vec<Hold>, StoreError> {

@@ -85,13 +85,19 @@ fn ten_days() -> (Log, Store, Vec<(u64, u64)>) {
     (log, store, days)
 }
 
-fn hold(id: &str, project: Option<&str>, patient: Option<&str>, range: Option<(i64, i64)>) -> Hold {
+fn hold(
+    store: &Store,
+    id: &str,
+    project: Option<&str>,
+    patient: Option<&str>,
+    range: Option<(i64, i64)>,
+) -> Hold {
     Hold {
         id: id.into(),
         reason: "litigation 2026-114".into(),
         created_ms: T0,
         project: project.map(str::to_string),
-        patient: patient.map(str::to_string),
+        patient_token: patient.map(|p| store.patient_token(p)),
         from_ms: range.map(|r| r.0),
         to_ms: range.map(|r| r.1),
     }
@@ -103,11 +109,14 @@ fn purges_expired_segments_keeps_held_ones_and_proofs_still_verify() {
     let before = log.audit_ok();
     assert_eq!(before.purged_events, 0);
     let policy = RetentionPolicy::default();
-    store.add_hold(hold("by-project", Some("trial"), None, None)).unwrap();
-    store.add_hold(hold("by-patient", None, Some("HOLD-ME"), None)).unwrap();
+    store.add_hold(hold(&store, "by-project", Some("trial"), None, None)).unwrap();
+    store.add_hold(hold(&store, "by-patient", None, Some("HOLD-ME"), None)).unwrap();
     let day4 = (T0 + 4 * DAY_MS, T0 + 5 * DAY_MS);
-    store.add_hold(hold("by-time", None, None, Some(day4))).unwrap();
-    assert!(store.add_hold(hold("by-time", Some("x"), None, None)).is_err(), "ids are unique");
+    store.add_hold(hold(&store, "by-time", None, None, Some(day4))).unwrap();
+    assert!(
+        store.add_hold(hold(&store, "by-time", Some("x"), None, None)).is_err(),
+        "ids are unique"
+    );
 
     // The day before day 0 expires, nothing goes.
     let expiry = |day: i64| T0 + day * DAY_MS + 3_600_000 + 2557 * DAY_MS;
