@@ -35,7 +35,21 @@ pub struct Config {
     /// The base URL clients reach this server at (`https://audit.example.org`), for FHIR
     /// `Location` headers and `fullUrl`s; empty means `http://` plus the request's `Host`.
     pub public_url: String,
+    /// Days events are kept (counted from `recorded_at`); seven years by default.
+    pub retention_days: u32,
+    /// Per-project retention in days, overriding `retention_days`.
+    pub retention_projects: std::collections::BTreeMap<String, u32>,
+    /// Allows a retention under six years (the HIPAA minimum for documentation).
+    pub retention_force: bool,
+    /// How often the server purges what retention allows (0: only on request).
+    pub retention_check_interval_ms: u64,
+    /// A log segment rolls at this size (and at each UTC day): the unit retention purges.
+    pub segment_bytes_max: u64,
 }
+
+/// Bounds of `segment_bytes_max`.
+const SEGMENT_BYTES_MIN: u64 = 64 << 10;
+const SEGMENT_BYTES_MAX: u64 = 1 << 30;
 
 /// Bounds of `index_memtable_rows_max`.
 const INDEX_SEGMENT_ROWS_MIN: usize = 1024;
@@ -57,6 +71,11 @@ impl Default for Config {
             block_cache_bytes_max: 256 << 20,
             search_limit_max: 1000,
             public_url: String::new(),
+            retention_days: auditrail_store::retention::RETENTION_DAYS_DEFAULT,
+            retention_projects: std::collections::BTreeMap::new(),
+            retention_force: false,
+            retention_check_interval_ms: 3_600_000,
+            segment_bytes_max: 64 << 20,
         }
     }
 }
@@ -128,6 +147,13 @@ impl Config {
                 self.index_memtable_rows_max
             ));
         }
+        if !(SEGMENT_BYTES_MIN..=SEGMENT_BYTES_MAX).contains(&self.segment_bytes_max) {
+            return Err(format!(
+                "segment_bytes_max ({}) must be {SEGMENT_BYTES_MIN} to {SEGMENT_BYTES_MAX}",
+                self.segment_bytes_max
+            ));
+        }
+        crate::retention::policy(self).check(self.retention_force)?;
         Ok(())
     }
 
@@ -150,6 +176,29 @@ impl Config {
             "block_cache_bytes_max" => self.block_cache_bytes_max = num(value)?,
             "search_limit_max" => self.search_limit_max = num(value)?,
             "public_url" => self.public_url = value.trim_end_matches('/').to_string(),
+            "retention_days" => self.retention_days = num(value)?,
+            // `project=days,project=days`
+            "retention_projects" => {
+                self.retention_projects = value
+                    .split(',')
+                    .filter(|p| !p.trim().is_empty())
+                    .map(|p| {
+                        let (name, days) = p
+                            .split_once('=')
+                            .ok_or_else(|| format!("{p:?} is not project=days"))?;
+                        Ok((name.trim().to_string(), num(days.trim())?))
+                    })
+                    .collect::<Result<_, String>>()?
+            }
+            "retention_force" => {
+                self.retention_force = match value {
+                    "true" | "1" => true,
+                    "false" | "0" => false,
+                    _ => return Err(format!("{value:?} is not true or false")),
+                }
+            }
+            "retention_check_interval_ms" => self.retention_check_interval_ms = num(value)?,
+            "segment_bytes_max" => self.segment_bytes_max = num(value)?,
             // Variables the binary reads itself.
             "config" => {}
             _ => return Err(format!("unknown setting {key:?}")),
@@ -186,5 +235,23 @@ mod tests {
         }
         let env = [("AUDITRAIL_INDEX_MEMTABLE_ROWS_MAX".to_string(), "4096".to_string())];
         assert_eq!(Config::load(None, env).unwrap().index_memtable_rows_max, 4096);
+    }
+
+    #[test]
+    fn retention_under_six_years_needs_force() {
+        let days = |v: &str| [("AUDITRAIL_RETENTION_DAYS".to_string(), v.to_string())];
+        assert_eq!(Config::load(None, []).unwrap().retention_days, 2557);
+        let e = Config::load(None, days("365")).unwrap_err().to_string();
+        assert!(e.contains("six years") && e.contains("retention_force"), "{e}");
+        let forced = [days("365")[0].clone(), ("AUDITRAIL_RETENTION_FORCE".into(), "true".into())];
+        assert_eq!(Config::load(None, forced).unwrap().retention_days, 365);
+        let env =
+            [("AUDITRAIL_RETENTION_PROJECTS".to_string(), "trial=3650, quick=30".to_string())];
+        let e = Config::load(None, env).unwrap_err().to_string();
+        assert!(e.contains("project \"quick\""), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("auditrail.toml");
+        std::fs::write(&path, "[retention_projects]\ntrial = 3650\n").unwrap();
+        assert_eq!(Config::load(Some(&path), []).unwrap().retention_projects["trial"], 3650);
     }
 }

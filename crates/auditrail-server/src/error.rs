@@ -29,6 +29,7 @@ that is not published.
 message names it.
 - `unknown_parameter` (400): the endpoint has no such query parameter.
 - `not_found` (404): no such event, tile or endpoint.
+- `purged` (410): retention purged the event; `purged` in the error holds its seq, when its segment was purged, its leaf hash and an inclusion proof that it existed.
 - `not_yet_published` (409): the event is not in a published checkpoint yet; retry in a second.
 - `too_large` (413): the body, an event or the batch exceeds a limit.
 - `unsupported_media_type` (415): the `Content-Type` is not one the endpoint takes.
@@ -45,11 +46,13 @@ pub struct ApiError {
     pub code: &'static str,
     pub message: String,
     pub details: Vec<FieldError>,
+    /// More machine-readable context, under `error.<name>`.
+    pub extra: Option<(&'static str, serde_json::Value)>,
 }
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError { status, code, message: message.into(), details: Vec::new() }
+        ApiError { status, code, message: message.into(), details: Vec::new(), extra: None }
     }
 
     pub fn bad_request(code: &'static str, message: impl Into<String>) -> ApiError {
@@ -62,6 +65,7 @@ impl ApiError {
             code: "invalid_event",
             message: "the event does not match the schema; see details".into(),
             details,
+            extra: None,
         }
     }
 
@@ -94,6 +98,9 @@ impl ApiError {
         let mut error = json!({"code": self.code, "message": self.message});
         if !self.details.is_empty() {
             error["details"] = json!(self.details);
+        }
+        if let Some((name, value)) = &self.extra {
+            error[*name] = value.clone();
         }
         json!({ "error": error })
     }

@@ -42,6 +42,7 @@ impl From<ApiError> for FhirError {
     fn from(e: ApiError) -> FhirError {
         let code = match e.status {
             StatusCode::NOT_FOUND => "not-found",
+            StatusCode::GONE => "deleted",
             StatusCode::PAYLOAD_TOO_LARGE => "too-costly",
             StatusCode::SERVICE_UNAVAILABLE => "transient",
             StatusCode::UNSUPPORTED_MEDIA_TYPE => "not-supported",
@@ -373,6 +374,7 @@ pub async fn bundle(
         (status = 200, description = "The AuditEvent.", body = AuditEvent, content_type = "application/fhir+json",
             headers(("ETag" = String, description = "Always `W/\"1\"`."))),
         (status = 404, description = "No indexed AuditEvent has this id.", body = OperationOutcome, content_type = "application/fhir+json"),
+        (status = 410, description = "Retention purged this AuditEvent (issue code `deleted`).", body = OperationOutcome, content_type = "application/fhir+json"),
         (status = 500, description = "The server failed.", body = OperationOutcome, content_type = "application/fhir+json"),
     )
 )]

@@ -12,6 +12,7 @@ pub mod ingest;
 pub mod logapi;
 pub mod openapi;
 pub mod query;
+pub mod retention;
 
 use auditrail_index::{Follower, Index, IndexOptions};
 use auditrail_store::Store;
@@ -73,6 +74,22 @@ impl BlockCache {
             }
         }
         Ok(block)
+    }
+
+    /// Drops everything cached of a segment retention purged: its blocks and its key.
+    pub fn forget_segment(&self, segment: u64) {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let CacheInner { map, order, bytes } = &mut *inner;
+        order.retain(|key| {
+            if key.0 != segment {
+                return true;
+            }
+            if let Some(b) = map.remove(key) {
+                *bytes -= b.bytes();
+            }
+            false
+        });
+        self.reader.forget(segment);
     }
 }
 
@@ -155,6 +172,10 @@ pub(crate) fn routes() -> Vec<(&'static str, MethodRouter<SharedState>)> {
                 .delete(fhir_api::not_allowed),
         ),
         ("/fhir/{*rest}", any(fhir_api::unknown_type)),
+        ("/api/v1/retention", get(retention::get_state)),
+        ("/api/v1/retention/purge", post(retention::post_purge)),
+        ("/api/v1/retention/holds", post(retention::create_hold)),
+        ("/api/v1/retention/holds/{id}", axum::routing::delete(retention::release_hold)),
         ("/log/checkpoint", get(logapi::checkpoint)),
         ("/log/tile/{*path}", get(logapi::tile)),
     ]
@@ -285,6 +306,7 @@ pub struct Service {
     pub state: SharedState,
     stop: Arc<AtomicBool>,
     follower: std::thread::JoinHandle<()>,
+    retention: std::thread::JoinHandle<()>,
 }
 
 /// Opens (or initialises) the data directory and starts the index follower.
@@ -295,8 +317,10 @@ pub fn start(config: Config) -> Result<Service, String> {
             .map_err(|e| format!("cannot initialise {}: {e}", data.display()))?;
         eprintln!("auditrail: initialised {} (origin {})", data.display(), config.origin);
     }
+    config.check()?;
     let options = auditrail_store::Options {
         publish_interval_ms: config.publish_interval_ms,
+        segment_bytes_max: config.segment_bytes_max,
         ..auditrail_store::Options::default()
     };
     let store = Arc::new(
@@ -311,6 +335,7 @@ pub fn start(config: Config) -> Result<Service, String> {
         eprintln!("auditrail: the index is ahead of the log; rebuilding it");
         index.reset().map_err(|e| format!("cannot reset the index: {e}"))?;
     }
+    index.set_purged(store.purged().ranges());
     let state = Arc::new(AppState {
         blocks: BlockCache::new(store.block_reader(), config.block_cache_bytes_max),
         ingest_budget: Arc::new(tokio::sync::Semaphore::new(config.ingest_bytes_in_flight_max)),
@@ -329,7 +354,15 @@ pub fn start(config: Config) -> Result<Service, String> {
             .spawn(move || follow(&state, &stop))
             .map_err(|e| e.to_string())?
     };
-    Ok(Service { state, stop, follower })
+    let retention = {
+        let state = state.clone();
+        let stop = stop.clone();
+        std::thread::Builder::new()
+            .name("retention".into())
+            .spawn(move || retention::scheduled(&state, &stop))
+            .map_err(|e| e.to_string())?
+    };
+    Ok(Service { state, stop, follower, retention })
 }
 
 /// The follower loop: index what is durable, then wait briefly for more. The index is
@@ -368,6 +401,7 @@ impl Service {
     pub fn shutdown(self) -> Result<(), String> {
         self.stop.store(true, Ordering::SeqCst);
         let _ = self.follower.join();
+        let _ = self.retention.join();
         let Service { state, .. } = self;
         let state = Arc::try_unwrap(state)
             .map_err(|_| "requests still hold the state at shutdown".to_string())?;

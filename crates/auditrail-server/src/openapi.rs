@@ -51,6 +51,10 @@ The prose reference is docs/api.md; the event schema is schema/event.schema.json
         crate::fhir_api::create,
         crate::fhir_api::search,
         crate::fhir_api::read,
+        crate::retention::get_state,
+        crate::retention::post_purge,
+        crate::retention::create_hold,
+        crate::retention::release_hold,
     ),
     components(schemas(ErrorBody, Event, StoredEvent)),
     modifiers(&FhirSearchParameters, &ImmutableAuditEvents),
@@ -61,6 +65,8 @@ tlog-tiles) and Merkle proofs."),
         (name = "fhir", description = "FHIR R4 Audit Record Repository (IHE ITI-20, ITI-81). \
 Every error is an OperationOutcome; any other path under /fhir answers 404 with one."),
         (name = "operations", description = "Health, readiness, metrics and this document."),
+        (name = "retention", description = "Retention, legal holds and purging (crypto-erasure \
+of whole log segments; the tree and every proof stay)."),
     )
 )]
 pub struct ApiDoc;
@@ -161,6 +167,118 @@ pub struct ErrorInfo {
     /// With `invalid_event`: one entry per problem, in document order.
     #[serde(default)]
     pub details: Vec<FieldError>,
+    /// With `purged`: the proof that the event existed.
+    #[serde(default)]
+    pub purged: Option<PurgedInfo>,
+}
+
+/// What remains of an event retention purged: its place in the log and the proof of it.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PurgedInfo {
+    pub seq: u64,
+    /// When its segment was purged.
+    pub purged_at: String,
+    /// Its `recorded_at`, from the leaf entry.
+    pub recorded_at: String,
+    /// Its RFC 6962 leaf hash, base64.
+    pub leaf_hash: String,
+    pub segment: SeqRange,
+    pub proof: InclusionProof,
+}
+
+/// Seqs `[first_seq, end_seq)`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SeqRange {
+    pub first_seq: u64,
+    pub end_seq: u64,
+}
+
+/// `GET /api/v1/retention`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionState {
+    /// Days events are kept, counted from `recorded_at`.
+    pub default_days: u32,
+    /// Per-project overrides, in days.
+    pub projects: std::collections::BTreeMap<String, u32>,
+    /// How often the server purges on its own (0: only on request).
+    pub check_interval_ms: u64,
+    pub holds: Vec<HoldInfo>,
+    pub purged_events: u64,
+    pub purged_segments: Vec<PurgedSegmentInfo>,
+}
+
+/// A purged segment.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PurgedSegmentInfo {
+    pub first_seq: u64,
+    pub end_seq: u64,
+    pub events: u64,
+    pub oldest_recorded_at: String,
+    pub newest_recorded_at: String,
+    pub purged_at: String,
+}
+
+/// A new legal hold: a reason and at least one criterion; every criterion given must match.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewHold {
+    pub reason: String,
+    pub project: Option<String>,
+    /// A `patient.id` (any system); kept only as a keyed token.
+    pub patient: Option<String>,
+    /// RFC 3339; events that occurred or were recorded from then on...
+    pub from: Option<String>,
+    /// ...and before then.
+    pub to: Option<String>,
+}
+
+/// A legal hold.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HoldInfo {
+    pub id: String,
+    pub reason: String,
+    pub created_at: String,
+    #[serde(default)]
+    pub project: Option<String>,
+    /// The keyed token of the held patient's id.
+    #[serde(default)]
+    pub patient_token: Option<String>,
+    #[serde(default)]
+    pub from: Option<String>,
+    #[serde(default)]
+    pub to: Option<String>,
+}
+
+/// The answer of `POST /api/v1/retention/purge`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PurgeResult {
+    pub dry_run: bool,
+    /// What went (when not a dry run).
+    #[serde(default)]
+    pub purged: Vec<PurgedSegmentInfo>,
+    /// The decision for each segment old enough to be considered (dry run).
+    #[serde(default)]
+    pub segments: Vec<PurgeDecision>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PurgeDecision {
+    pub first_seq: u64,
+    pub end_seq: u64,
+    pub oldest_recorded_at: String,
+    pub newest_recorded_at: String,
+    /// When every event in it is past its project's retention.
+    pub expires_at: String,
+    /// Ids of the holds that keep it.
+    pub held_by: Vec<String>,
+    pub purge: bool,
 }
 
 /// One problem with one field of an event.

@@ -248,15 +248,65 @@ pub async fn search(
     .await
 }
 
-/// Finds the stored event with this `id` (hash candidates, compared after reading).
+/// Finds the stored event with this `id` (hash candidates, compared after reading). When the
+/// only candidates were purged by retention, answers 410 `purged` with the proof that an
+/// event stood there: its id can no longer be compared, so that answer holds for any id with
+/// the same 32-bit hash.
 pub fn find_by_id(state: &SharedState, id: &str) -> Result<Option<Value>, ApiError> {
+    let purged = state.store.purged();
+    let mut purged_candidate = None;
     for seq in state.index.id_candidates(id) {
+        if let Some(p) = purged.find(seq) {
+            // Rows rebuilt after a purge are placeholders without an id.
+            if state.index.occurred_of(seq) != Some(i64::MIN) {
+                purged_candidate = Some((seq, p.clone()));
+            }
+            continue;
+        }
         let event = state.read_event(seq)?;
         if event.get("id").and_then(Value::as_str) == Some(id) {
             return Ok(Some(event));
         }
     }
-    Ok(None)
+    match purged_candidate {
+        Some((seq, p)) => Err(purged_error(state, seq, &p)),
+        None => Ok(None),
+    }
+}
+
+/// 410 `purged`, with the leaf hash and an inclusion proof of `seq` in the newest checkpoint.
+pub fn purged_error(
+    state: &SharedState,
+    seq: u64,
+    p: &auditrail_store::retention::PurgedSegment,
+) -> ApiError {
+    let b64 = |h: &[u8]| base64::engine::general_purpose::STANDARD.encode(h);
+    let mut detail = json!({
+        "seq": seq,
+        "purged_at": auditrail_core::time::format_millis(p.purged_at_ms),
+        "segment": {"first_seq": p.first_seq, "end_seq": p.end_seq},
+    });
+    match state.store.leaf_entry(seq) {
+        Ok(entry) => {
+            detail["leaf_hash"] = json!(b64(&auditrail_core::merkle::leaf_hash(&entry.encode())));
+            detail["recorded_at"] =
+                json!(auditrail_core::time::format_millis(entry.recorded_at_ms as i64));
+        }
+        Err(e) => return ApiError::internal(e),
+    }
+    match inclusion_proof_json(state, seq, None) {
+        Ok(proof) => detail["proof"] = proof,
+        Err(e) => return e,
+    }
+    let mut e = ApiError::new(
+        axum::http::StatusCode::GONE,
+        "purged",
+        format!(
+            "the event at seq {seq} was purged by retention; the proof shows it existed in the log"
+        ),
+    );
+    e.extra = Some(("purged", detail));
+    e
 }
 
 /// `GET /api/v1/events/{id}` and `?proof=inclusion`.
@@ -278,6 +328,7 @@ answered 409 until it is published.",
         (status = 200, description = "The event (and the proof when asked for).", body = EventAnswer),
         (status = 400, description = "`bad_query`, `invalid_parameter` or `unknown_parameter`.", body = ErrorBody),
         (status = 404, description = "`not_found`: no indexed event has this id.", body = ErrorBody),
+        (status = 410, description = "`purged`: retention purged the event; `error.purged` holds its seq, leaf hash and an inclusion proof that it existed.", body = ErrorBody),
         (status = 409, description = "`not_yet_published`: the event is not in a published checkpoint yet; retry in a second.", body = ErrorBody),
         (status = 500, description = "`internal`.", body = ErrorBody),
     )

@@ -5,6 +5,7 @@ mod fhir;
 mod http;
 mod interop;
 mod kill;
+mod retention;
 mod serve;
 mod tamper;
 

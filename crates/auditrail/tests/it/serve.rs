@@ -39,7 +39,7 @@ pub fn wait_indexed(server: &Server, size: u64) {
 }
 
 /// Waits (boundedly) until the log has published a checkpoint covering `size` events.
-fn wait_published(server: &Server, size: u64) {
+pub fn wait_published(server: &Server, size: u64) {
     for _ in 0..200 {
         let cp = server.get("/log/checkpoint").text();
         if cp.lines().nth(1).and_then(|l| l.parse::<u64>().ok()).unwrap_or(0) >= size {
