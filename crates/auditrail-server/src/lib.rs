@@ -238,7 +238,8 @@ async fn metrics(State(s): State<SharedState>) -> impl IntoResponse {
     let stages = s.store.stages();
     let m = &s.metrics;
     let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
-    let series: [(&str, &str, &str, u64); 11] = [
+    let purged = s.store.purged();
+    let series: [(&str, &str, &str, u64); 13] = [
         ("auditrail_log_sequenced", "gauge", "Events durable in the log.", stages.sequenced),
         ("auditrail_log_integrated", "gauge", "Events in the Merkle tree.", stages.integrated),
         (
@@ -285,6 +286,18 @@ async fn metrics(State(s): State<SharedState>) -> impl IntoResponse {
             load(&m.requests_overloaded),
         ),
         ("auditrail_searches_total", "counter", "Searches served.", load(&m.searches)),
+        (
+            "auditrail_retention_purged_events",
+            "gauge",
+            "Events retention has purged.",
+            purged.events(),
+        ),
+        (
+            "auditrail_retention_purged_segments",
+            "gauge",
+            "Log segments retention has purged.",
+            purged.segments().len() as u64,
+        ),
     ];
     let mut out = String::new();
     for (name, kind, help, value) in series {
