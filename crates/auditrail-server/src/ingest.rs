@@ -78,8 +78,22 @@ fn prefix_fields(errors: Vec<FieldError>, prefix: &str) -> Vec<FieldError> {
 
 /// Validates and prepares one event given as JSON.
 pub fn prepare(v: Value) -> Result<PreparedEvent, Vec<FieldError>> {
+    // The repository's own events (purges, holds, and later logins and reads) cannot be
+    // forged by a client: the audit trusts the newest `retention.purge` event it finds.
+    if v.get("category").and_then(Value::as_str) == Some(REPOSITORY_CATEGORY) {
+        // A field code of `invalid_event` (listed there), not an error code of its own.
+        const INVALID_VALUE: &str = "invalid_value";
+        return Err(vec![FieldError {
+            field: "category".into(),
+            code: INVALID_VALUE,
+            message: "repository is reserved for the events auditrail records about itself".into(),
+        }]);
+    }
     ClientEvent::validate(v).and_then(ClientEvent::prepare).map_err(|e| e.0)
 }
+
+/// The category of the events auditrail writes about itself.
+pub const REPOSITORY_CATEGORY: &str = "repository";
 
 /// Appends prepared events once the byte budget allows; answers 503 at once when it does not.
 pub async fn append(

@@ -47,47 +47,16 @@ fn record(state: &SharedState, events: Vec<Value>) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// Purges what retention allows now and records it. Returns what went.
+/// Purges what retention allows now (the store records it in the log first). Returns what
+/// went.
 pub fn purge_now(state: &SharedState, actor: &str) -> Result<Vec<PurgedSegment>, ApiError> {
-    let gone = state.store.purge(&policy(&state.config), now_ms())?;
-    if gone.is_empty() {
-        return Ok(gone);
+    let gone = state.store.purge(&policy(&state.config), now_ms(), actor)?;
+    if !gone.is_empty() {
+        state.index.set_purged(state.store.purged().ranges());
+        for p in &gone {
+            state.blocks.forget_segment(p.first_seq);
+        }
     }
-    state.index.set_purged(state.store.purged().ranges());
-    for p in &gone {
-        state.blocks.forget_segment(p.first_seq);
-    }
-    // One event per 64 segments (an event lists at most 64 entities).
-    let events = gone
-        .chunks(64)
-        .map(|chunk| {
-            let events: u64 = chunk.iter().map(|p| p.end_seq - p.first_seq).sum();
-            json!({
-                "action": "retention.purge",
-                "outcome": "success",
-                "actor": {"user_id": actor},
-                "outcome_desc": format!(
-                    "purged {} segment(s) holding {events} event(s) past retention (crypto-erasure)",
-                    chunk.len()
-                ),
-                "entities": chunk.iter().map(|p| json!({
-                    "type": "log-segment",
-                    "id": format!("seq {}..{}", p.first_seq, p.end_seq),
-                    "name": format!(
-                        "{} events recorded {} to {}",
-                        p.end_seq - p.first_seq,
-                        format_millis(p.oldest_recorded_ms),
-                        format_millis(p.newest_recorded_ms)
-                    ),
-                })).collect::<Vec<_>>(),
-                "context": {
-                    "retention_days": state.config.retention_days.to_string(),
-                    "events": events.to_string(),
-                },
-            })
-        })
-        .collect();
-    record(state, events)?;
     Ok(gone)
 }
 

@@ -7,7 +7,7 @@ use crate::error::StoreError;
 use crate::io::Io;
 use crate::keys::Keys;
 use crate::reader::{self, BlocksEnd, list_segments, load_segment};
-use crate::retention::{PURGED_PATH, Purged, PurgedSegment};
+use crate::retention::{PURGE_EVENT_PREFIX, PURGED_PATH, Purged, PurgedSegment, vouched_runs};
 use crate::segment;
 use crate::store::{CHECKPOINT_PATH, HISTORY_PATH, history};
 use crate::tree::{DiskTiles, tile_path};
@@ -61,10 +61,27 @@ struct SegmentLeaves {
     entries: Vec<[u8; LEAF_ENTRY_BYTES]>,
     blocks: u64,
     problems: Vec<Problem>,
+    purge_runs: Option<PurgeRuns>,
+}
+
+/// The newest `retention.purge` event listing purged runs: its seq and the runs.
+type PurgeRuns = (u64, Vec<(u64, u64)>);
+
+fn newer(a: Option<PurgeRuns>, b: Option<PurgeRuns>) -> Option<PurgeRuns> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(if a.0 > b.0 { a } else { b }),
+        (a, b) => a.or(b),
+    }
 }
 
 fn segment_leaves(io: &dyn Io, keys: &Keys, first_seq: u64) -> SegmentLeaves {
-    let mut out = SegmentLeaves { first_seq, entries: Vec::new(), blocks: 0, problems: Vec::new() };
+    let mut out = SegmentLeaves {
+        first_seq,
+        entries: Vec::new(),
+        blocks: 0,
+        problems: Vec::new(),
+        purge_runs: None,
+    };
     let seg = match load_segment(io, &keys.master, first_seq) {
         Ok(s) => s,
         Err(e) => {
@@ -84,6 +101,7 @@ fn segment_leaves(io: &dyn Io, keys: &Keys, first_seq: u64) -> SegmentLeaves {
     });
     // A problem in the first half ends the segment there; the second half's leaves would not
     // line up with seqs.
+    out.purge_runs = newer(a.2.take(), b.2.clone());
     let first_ok = a.1.is_empty();
     out.entries.append(&mut a.0);
     out.problems.extend(a.1);
@@ -121,6 +139,7 @@ fn purged_leaves(io: &dyn Io, p: &PurgedSegment, published: u64) -> SegmentLeave
         entries: Vec::new(),
         blocks: 0,
         problems: Vec::new(),
+        purge_runs: None,
     };
     let location =
         || format!("purged segment {} ({PURGED_PATH})", reader::segment_path(p.first_seq));
@@ -176,9 +195,10 @@ fn purged_leaves(io: &dyn Io, p: &PurgedSegment, published: u64) -> SegmentLeave
 fn block_leaves(
     seg: &reader::LoadedSegment,
     blocks: &[reader::BlockAt<'_>],
-) -> (Vec<[u8; LEAF_ENTRY_BYTES]>, Vec<Problem>) {
+) -> (Vec<[u8; LEAF_ENTRY_BYTES]>, Vec<Problem>, Option<PurgeRuns>) {
     let mut entries = Vec::new();
     let mut problems = Vec::new();
+    let mut purge_runs = None;
     let mut last_recorded_at = 0u64;
     for b in blocks {
         let location = || format!("{} offset {}", seg.path, b.offset);
@@ -192,6 +212,11 @@ fn block_leaves(
         for (k, r) in segment::RecordIter::new(&plain).enumerate() {
             let r = r.expect("open_block_body checked the framing");
             let seq = b.header.first_seq + k as u64;
+            if r.canonical.starts_with(PURGE_EVENT_PREFIX)
+                && let Some(runs) = vouched_runs(r.canonical)
+            {
+                purge_runs = Some((seq, runs));
+            }
             if r.recorded_at_ms < last_recorded_at {
                 problems.push(Problem {
                     location: format!("seq {seq} ({})", location()),
@@ -203,7 +228,7 @@ fn block_leaves(
             entries.push(LeafEntry { recorded_at_ms: r.recorded_at_ms, commitment }.encode());
         }
     }
-    (entries, problems)
+    (entries, problems, purge_runs)
 }
 
 /// Rebuilds tiles bottom-up from leaf hashes and compares them with the files on disk.
@@ -392,6 +417,7 @@ pub fn audit(
     let mut cr = CompactRange::new();
     let mut bundle: Option<(u64, Vec<Vec<u8>>)> = None;
     let published = report.published;
+    let mut newest_purge = None;
     std::thread::scope(|scope| -> Result<(), StoreError> {
         let (tx, rx) = mpsc::sync_channel::<SegmentLeaves>(1);
         let segs = segments.clone();
@@ -408,6 +434,7 @@ pub fn audit(
         });
         let mut expect_seq = 0u64;
         for seg in rx {
+            newest_purge = newer(newest_purge.take(), seg.purge_runs.clone());
             report.blocks += seg.blocks;
             report.problems.extend(seg.problems);
             if seg.first_seq != expect_seq {
@@ -505,7 +532,33 @@ pub fn audit(
     })?;
     progress(report.events);
 
-    // 3. Whatever the segments did not reach.
+    // 3. Every purged segment must be vouched for by the newest purge event in the log, which
+    // the store appends before deleting anything: deleting a segment and adding a line to
+    // `retention/purged` is not enough to hide a deletion.
+    match &newest_purge {
+        None if !purged.segments().is_empty() => report.problems.push(Problem {
+            location: PURGED_PATH.into(),
+            detail: "segments are recorded as purged, but no retention.purge event in the log \
+                     vouches for them"
+                .into(),
+        }),
+        Some((seq, runs)) => {
+            for p in purged.segments() {
+                if !runs.iter().any(|r| r.0 <= p.first_seq && p.end_seq <= r.1) {
+                    report.problems.push(Problem {
+                        location: PURGED_PATH.into(),
+                        detail: format!(
+                            "seqs {}..{} are recorded as purged, but the newest purge event (seq {seq}) does not name them",
+                            p.first_seq, p.end_seq
+                        ),
+                    });
+                }
+            }
+        }
+        None => {}
+    }
+
+    // 4. Whatever the segments did not reach.
     if report.events < published {
         report.problems.push(Problem {
             location: reader::SEGMENTS_DIR.into(),

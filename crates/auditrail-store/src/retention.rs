@@ -460,6 +460,126 @@ pub fn sealed_candidates(
     Ok(out)
 }
 
+/// Canonical JSON of a purge event starts so: RFC 8785 sorts keys, and `action` sorts first.
+pub const PURGE_EVENT_PREFIX: &[u8] = b"{\"action\":\"retention.purge\"";
+
+/// Context keys of a purge event that carry the purged runs, `first..end` comma separated.
+const RUNS_KEY: &str = "purged_runs";
+/// Characters of runs per context value (values hold at most 1,024).
+const RUNS_VALUE_CHARS: usize = 1000;
+
+/// Merges seq ranges into maximal contiguous runs.
+pub fn runs(mut ranges: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    ranges.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for (a, b) in ranges {
+        match out.last_mut() {
+            Some(last) if last.1 >= a => last.1 = last.1.max(b),
+            _ => out.push((a, b)),
+        }
+    }
+    out
+}
+
+/// The events that record a purge, appended (durably) before anything is deleted. Each names
+/// up to 64 of the segments going now; the last also lists every purged run so far, including
+/// these, so the newest purge event in the log vouches for the whole of `retention/purged`
+/// (older purge events may themselves be purged one day). The audit checks that.
+pub fn purge_events(
+    actor: &str,
+    going: &[PurgedSegment],
+    all_runs: &[(u64, u64)],
+) -> Result<Vec<auditrail_core::event::PreparedEvent>, StoreError> {
+    let fmt = auditrail_core::time::format_millis;
+    let mut run_values: Vec<String> = vec![String::new()];
+    for (a, b) in all_runs {
+        let item = format!("{a}..{b}");
+        let last = run_values.last_mut().expect("never empty");
+        if !last.is_empty() && last.len() + 1 + item.len() > RUNS_VALUE_CHARS {
+            run_values.push(item);
+        } else {
+            if !last.is_empty() {
+                last.push(',');
+            }
+            last.push_str(&item);
+        }
+    }
+    if run_values.len() > 31 {
+        return Err(StoreError::InvalidInput(format!(
+            "{} purged runs do not fit one purge event; release or consolidate legal holds",
+            all_runs.len()
+        )));
+    }
+    let chunks: Vec<&[PurgedSegment]> = going.chunks(64).collect();
+    let mut out = Vec::with_capacity(chunks.len());
+    for (i, chunk) in chunks.iter().enumerate() {
+        let events: u64 = chunk.iter().map(|p| p.end_seq - p.first_seq).sum();
+        let mut context = serde_json::Map::new();
+        context.insert("events".into(), events.to_string().into());
+        if i + 1 == chunks.len() {
+            for (k, v) in run_values.iter().enumerate() {
+                context.insert(format!("{RUNS_KEY}_{k}"), v.clone().into());
+            }
+        }
+        let event = serde_json::json!({
+            "action": "retention.purge",
+            "outcome": "success",
+            "category": "repository",
+            "source": {"system": "auditrail", "type": "audit-repository"},
+            "actor": {"user_id": actor},
+            "outcome_desc": format!(
+                "purged {} segment(s) holding {events} event(s) past retention (crypto-erasure)",
+                chunk.len()
+            ),
+            "entities": chunk.iter().map(|p| serde_json::json!({
+                "type": "log-segment",
+                "id": format!("{}..{}", p.first_seq, p.end_seq),
+                "name": format!(
+                    "{} events recorded {} to {}",
+                    p.end_seq - p.first_seq,
+                    fmt(p.oldest_recorded_ms),
+                    fmt(p.newest_recorded_ms)
+                ),
+            })).collect::<Vec<_>>(),
+            "context": context,
+        });
+        let prepared = auditrail_core::event::ClientEvent::validate(event)
+            .and_then(auditrail_core::event::ClientEvent::prepare)
+            .map_err(|e| StoreError::InvalidInput(format!("a purge event is invalid: {e:?}")))?;
+        out.push(prepared);
+    }
+    Ok(out)
+}
+
+/// The purged runs a purge event vouches for (`None` if it lists none: not the last of its
+/// purge, or not the repository's own event).
+pub fn vouched_runs(canonical: &[u8]) -> Option<Vec<(u64, u64)>> {
+    let v: serde_json::Value = serde_json::from_slice(canonical).ok()?;
+    // Clients cannot send this category (the server refuses it), so a client's look-alike
+    // event vouches for nothing.
+    if v.get("category")? != "repository" || v.get("source")?.get("system")? != "auditrail" {
+        return None;
+    }
+    let context = v.get("context")?.as_object()?;
+    let mut values: Vec<(usize, &str)> = context
+        .iter()
+        .filter_map(|(k, v)| {
+            let n = k.strip_prefix(RUNS_KEY)?.strip_prefix('_')?.parse().ok()?;
+            Some((n, v.as_str()?))
+        })
+        .collect();
+    if values.is_empty() {
+        return None;
+    }
+    values.sort_unstable();
+    let mut out = Vec::new();
+    for item in values.iter().flat_map(|(_, v)| v.split(',')).filter(|i| !i.is_empty()) {
+        let (a, b) = item.split_once("..")?;
+        out.push((a.parse().ok()?, b.parse().ok()?));
+    }
+    Some(out)
+}
+
 /// Records `segment` as purged, then deletes its file. The record is durable before the
 /// deletion; a crash between the two is finished by [`finish_interrupted`].
 pub fn purge_segment(
@@ -538,6 +658,33 @@ mod tests {
         assert!(p.check(false).is_ok());
         p.projects.insert("x".into(), 30);
         assert!(p.check(false).unwrap_err().contains("project \"x\""));
+    }
+
+    #[test]
+    fn purge_events_vouch_for_every_run_and_start_with_the_prefix() {
+        let seg = |a, b| PurgedSegment {
+            first_seq: a,
+            end_seq: b,
+            oldest_recorded_ms: 0,
+            newest_recorded_ms: 1,
+            purged_at_ms: 2,
+        };
+        assert_eq!(runs(vec![(5, 9), (0, 5), (12, 20)]), [(0, 9), (12, 20)]);
+        let going: Vec<PurgedSegment> = (0..70).map(|i| seg(i * 10, i * 10 + 10)).collect();
+        let all: Vec<(u64, u64)> = (0..200).map(|i| (i * 100, i * 100 + 50)).collect();
+        let events = purge_events("system:retention", &going, &all).unwrap();
+        assert_eq!(events.len(), 2);
+        let stored = |e: &auditrail_core::event::PreparedEvent| {
+            let mut out = Vec::new();
+            e.write_stored(0, 0, "x", &mut out);
+            out
+        };
+        for e in &events {
+            let bytes = stored(e);
+            assert!(bytes.starts_with(PURGE_EVENT_PREFIX), "{}", String::from_utf8_lossy(&bytes));
+        }
+        assert_eq!(vouched_runs(&stored(&events[1])).unwrap(), all);
+        assert_eq!(vouched_runs(&stored(&events[0])), None);
     }
 
     #[test]

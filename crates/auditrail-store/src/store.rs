@@ -512,33 +512,44 @@ impl Store {
         Ok(crate::retention::decide(&summaries, policy, &holds, now_ms))
     }
 
-    /// Purges every sealed segment past retention at `now_ms` and not under a legal hold:
-    /// records it in `retention/purged`, then deletes its file (crypto-erasure). Returns what
-    /// went, oldest first.
+    /// Purges every sealed segment past retention at `now_ms` and not under a legal hold.
+    /// First appends (durably) `retention.purge` events naming what goes and every run purged
+    /// so far (`actor` is who asked); then, per segment, records it in `retention/purged` and
+    /// deletes its file (crypto-erasure). Returns what went, oldest first.
     pub fn purge(
         &self,
         policy: &RetentionPolicy,
         now_ms: i64,
+        actor: &str,
     ) -> Result<Vec<PurgedSegment>, StoreError> {
         self.shared.check()?;
         let mut state = self.retention.lock().unwrap_or_else(|e| e.into_inner());
         let plan = self.plan_locked(&mut state, policy, now_ms)?;
-        let mut gone = Vec::new();
-        for d in plan.into_iter().filter(|d| d.purge) {
-            let record = PurgedSegment {
+        let going: Vec<PurgedSegment> = plan
+            .into_iter()
+            .filter(|d| d.purge)
+            .map(|d| PurgedSegment {
                 first_seq: d.first_seq,
                 end_seq: d.end_seq,
                 oldest_recorded_ms: d.oldest_recorded_ms,
                 newest_recorded_ms: d.newest_recorded_ms,
                 purged_at_ms: now_ms,
-            };
+            })
+            .collect();
+        if going.is_empty() {
+            return Ok(going);
+        }
+        let mut all = self.purged().ranges();
+        all.extend(going.iter().map(|p| (p.first_seq, p.end_seq)));
+        let events = crate::retention::purge_events(actor, &going, &crate::retention::runs(all))?;
+        self.append(events)?;
+        for record in &going {
             let next =
                 crate::retention::purge_segment(self.io.as_ref(), &self.purged(), record.clone())?;
             *self.purged.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(next);
-            state.summaries.remove(&d.first_seq);
-            gone.push(record);
+            state.summaries.remove(&record.first_seq);
         }
-        Ok(gone)
+        Ok(going)
     }
 
     /// The token legal holds use for a patient id.

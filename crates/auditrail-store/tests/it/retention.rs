@@ -120,7 +120,7 @@ fn purges_expired_segments_keeps_held_ones_and_proofs_still_verify() {
 
     // The day before day 0 expires, nothing goes.
     let expiry = |day: i64| T0 + day * DAY_MS + 3_600_000 + 2557 * DAY_MS;
-    assert!(store.purge(&policy, expiry(0) - 1).unwrap().is_empty());
+    assert!(store.purge(&policy, expiry(0) - 1, "test").unwrap().is_empty());
 
     // Days 0..=5 have expired at expiry(5); 1, 2 and 4 are held.
     let plan = store.retention_plan(&policy, expiry(5)).unwrap();
@@ -137,7 +137,7 @@ fn purges_expired_segments_keeps_held_ones_and_proofs_still_verify() {
             (days[4].0, vec!["by-time".to_string()])
         ]
     );
-    let gone = store.purge(&policy, expiry(5)).unwrap();
+    let gone = store.purge(&policy, expiry(5), "test").unwrap();
     let gone_ranges: Vec<(u64, u64)> = gone.iter().map(|p| (p.first_seq, p.end_seq)).collect();
     assert_eq!(gone_ranges, [days[0], days[3], days[5]]);
 
@@ -166,7 +166,8 @@ fn purges_expired_segments_keeps_held_ones_and_proofs_still_verify() {
     let after = log.audit_ok();
     assert_eq!(after.purged_segments, 3);
     assert_eq!(after.purged_events, 150);
-    assert_eq!(after.published, before.published);
+    // The purge event itself was appended and published.
+    assert_eq!(after.published, before.published + 1);
 
     // Releasing a hold lets the next purge take what it kept; the purge survives a restart.
     assert_eq!(store.release_hold("by-project").unwrap().unwrap().id, "by-project");
@@ -174,7 +175,7 @@ fn purges_expired_segments_keeps_held_ones_and_proofs_still_verify() {
     store.close().unwrap();
     let store = log.open();
     assert_eq!(store.purged().segments().len(), 3);
-    let gone = store.purge(&policy, expiry(5)).unwrap();
+    let gone = store.purge(&policy, expiry(5), "test").unwrap();
     assert_eq!(gone.iter().map(|p| (p.first_seq, p.end_seq)).collect::<Vec<_>>(), [days[1]]);
     // Appending goes on after purges.
     store.append(vec![event(3000, 1, "clinic", "P1")]).unwrap();
@@ -189,10 +190,11 @@ fn per_project_retention_keeps_a_segment_until_its_longest_project_expires() {
     let mut policy = RetentionPolicy { default_days: 2557, ..Default::default() };
     policy.projects.insert("trial".into(), 3650);
     let at = T0 + 9 * DAY_MS + 2557 * DAY_MS + 7_200_000;
-    let gone: Vec<u64> = store.purge(&policy, at).unwrap().iter().map(|p| p.first_seq).collect();
+    let gone: Vec<u64> =
+        store.purge(&policy, at, "test").unwrap().iter().map(|p| p.first_seq).collect();
     assert!(!gone.contains(&days[1].0), "the trial's ten years are not over");
     assert_eq!(gone.len(), 9);
-    let gone = store.purge(&policy, T0 + 3652 * DAY_MS).unwrap();
+    let gone = store.purge(&policy, T0 + 3652 * DAY_MS, "test").unwrap();
     assert_eq!(gone.len(), 1);
     store.close().unwrap();
     log.audit_ok();
@@ -202,7 +204,7 @@ fn per_project_retention_keeps_a_segment_until_its_longest_project_expires() {
 fn an_interrupted_purge_is_finished_on_open() {
     let (log, store, days) = ten_days();
     let bytes = log.disk.read(&segment_path(days[0].0)).unwrap();
-    store.purge(&RetentionPolicy::default(), T0 + 2558 * DAY_MS).unwrap();
+    store.purge(&RetentionPolicy::default(), T0 + 2558 * DAY_MS, "test").unwrap();
     store.close().unwrap();
     // As if the crash came after the record was durable but before the file was deleted.
     log.disk.write_file(&segment_path(days[0].0), &bytes).unwrap();
@@ -216,7 +218,7 @@ fn an_interrupted_purge_is_finished_on_open() {
 #[test]
 fn tampering_with_a_purged_range_is_detected() {
     let (log, store, days) = ten_days();
-    store.purge(&RetentionPolicy::default(), T0 + 2558 * DAY_MS).unwrap();
+    store.purge(&RetentionPolicy::default(), T0 + 2558 * DAY_MS, "test").unwrap();
     store.close().unwrap();
     // Deleting a segment without a purge record is a gap the audit reports.
     log.disk.remove(&segment_path(days[6].0)).unwrap();

@@ -142,6 +142,14 @@ fn purge_hold_gone_proofs_verify_and_reindex() {
     assert_eq!(actions, ["retention.hold.create", "retention.purge"]);
     let purge_event = &log["events"][1];
     assert_eq!(purge_event["entities"].as_array().unwrap().len(), purged.len());
+    // Clients cannot write the repository's own events (the audit trusts purge events).
+    let forged =
+        json!({"action": "retention.purge", "outcome": "success", "category": "repository"});
+    let r = server.post_json("/api/v1/events", &forged);
+    assert_eq!(
+        (r.status, r.json()["error"]["details"][0]["field"].as_str()),
+        (400, Some("category"))
+    );
     let state = server.get("/api/v1/retention").json();
     assert_eq!(state["purged_events"].as_u64(), Some(purged_count));
     assert_eq!(state["holds"][0]["project"], "litigation");
