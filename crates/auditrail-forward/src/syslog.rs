@@ -26,6 +26,9 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
+/// How long a new connection is watched for an immediate hang-up before it is used.
+const SETTLE: Duration = Duration::from_millis(200);
+
 /// The structured-data id of auditrail's parameters.
 pub const SD_ID: &str = "auditrail@32473";
 
@@ -183,6 +186,7 @@ impl Syslog {
             .map_err(|_| unavailable("connecting to", &"timed out"))??;
         let (mut read, writer) = tokio::io::split(tls);
         let closed = Arc::new(AtomicBool::new(false));
+        let (hung_up, mut hang_up) = tokio::sync::watch::channel(false);
         let flag = closed.clone();
         let reader = tokio::spawn(async move {
             // The receiver never speaks; reading only notices when it hangs up.
@@ -194,7 +198,18 @@ impl Syslog {
                 }
             }
             flag.store(true, Ordering::SeqCst);
+            let _ = hung_up.send(true);
         });
+        // In TLS 1.3 the client finishes its handshake before the server has checked the
+        // client certificate, and a refusal arrives as an alert just after: wait a moment for
+        // it, so a refused certificate is reported instead of silently losing what is written.
+        if tokio::time::timeout(SETTLE, hang_up.wait_for(|closed| *closed)).await.is_ok() {
+            reader.abort();
+            return Err(ForwardError::Unavailable(format!(
+                "{} closed the connection right after the TLS handshake (client certificate refused?)",
+                self.address
+            )));
+        }
         Ok(Connection { writer, closed, reader })
     }
 
