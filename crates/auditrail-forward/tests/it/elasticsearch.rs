@@ -334,3 +334,80 @@ async fn basic_auth_and_a_template_outage_at_start() {
     });
     forwarding.stop(Duration::from_secs(5)).await;
 }
+
+/// TLS in front of the fake cluster: accepts with the test CA's server certificate and relays
+/// the bytes to the plain listener.
+async fn tls_proxy(dir: &std::path::Path, backend_port: u16) -> u16 {
+    use rustls_pki_types::pem::PemObject as _;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(dir.join("server.pem"))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let key = PrivateKeyDer::from_pem_file(dir.join("server.key")).unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        loop {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                // A handshake the client abandons (an untrusted certificate) just ends here.
+                let Ok(mut tls) = acceptor.accept(tcp).await else { return };
+                let mut backend =
+                    tokio::net::TcpStream::connect(("127.0.0.1", backend_port)).await.unwrap();
+                let _ = tokio::io::copy_bidirectional(&mut tls, &mut backend).await;
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_with_a_custom_ca_and_certificates_verified() {
+    let tmp = tempfile::tempdir().unwrap();
+    let certs = tmp.path().join("certs");
+    std::fs::create_dir_all(&certs).unwrap();
+    crate::syslog::certificates(&certs);
+    let store = open_store(&tmp.path().join("data"));
+    append(&store, 0..20);
+    let es = FakeEs::new().await;
+    let port = tls_proxy(&certs, es.port).await;
+    let runtime = tokio::runtime::Handle::current();
+
+    // Without the CA the cluster's certificate is not trusted: nothing is sent.
+    let mut untrusted = config(&format!("https://localhost:{port}"));
+    let empty_roots = tmp.path().join("other-ca.pem");
+    let other = rcgen::CertificateParams::new(vec!["elsewhere".to_string()])
+        .unwrap()
+        .self_signed(&rcgen::KeyPair::generate().unwrap())
+        .unwrap();
+    std::fs::write(&empty_roots, other.pem()).unwrap();
+    untrusted.elasticsearch.ca_file = Some(empty_roots);
+    let data = tmp.path().join("data");
+    let forwarding = Forwarding::start(&untrusted, &data, store.clone(), &runtime).unwrap();
+    let s = wait_for(&forwarding, Duration::from_secs(20), "the certificate refused", |s| {
+        s.retries_total >= 2
+    })
+    .await;
+    let error = s.last_error.unwrap();
+    assert!(error.contains("certificate") || error.contains("UnknownIssuer"), "{error}");
+    assert_eq!((s.next_seq, es.with(|c| c.docs.len())), (0, 0));
+    forwarding.stop(Duration::from_secs(5)).await;
+
+    let mut trusted = config(&format!("https://localhost:{port}"));
+    trusted.elasticsearch.ca_file = Some(certs.join("ca.pem"));
+    let forwarding = Forwarding::start(&trusted, &data, store.clone(), &runtime).unwrap();
+    wait_for(&forwarding, Duration::from_secs(20), "sent over TLS", |s| s.next_seq == 20).await;
+    check_docs(&es, &store, &ids(0..20, &[]));
+    forwarding.stop(Duration::from_secs(5)).await;
+}

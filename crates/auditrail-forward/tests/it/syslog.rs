@@ -20,7 +20,7 @@ fn rsyslogd() -> PathBuf {
 }
 
 /// A CA, a server certificate for localhost / 127.0.0.1 and a client certificate, as PEM files.
-fn certificates(dir: &Path) {
+pub fn certificates(dir: &Path) {
     let ca_key = KeyPair::generate().unwrap();
     let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
     ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
