@@ -263,6 +263,8 @@ async fn run(
         let mut todo: Vec<&LogEvent> = batch.iter().collect();
         let mut failed = 0u64;
         loop {
+            // The log keeps growing during an outage: keep the lag true.
+            progress.log_end.store(store.stages().sequenced, Ordering::Relaxed);
             let result = tokio::select! {
                 r = destination.send(&todo) => r,
                 _ = stop.changed() => break 'batches,

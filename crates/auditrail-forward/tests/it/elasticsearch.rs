@@ -263,25 +263,31 @@ async fn bulk_partial_failures_outages_redelivery_and_restart() {
     })
     .await;
     assert_eq!(s.next_seq, 300, "{s:#?}");
+    // Events appended during the outage count in the lag while the forwarder retries.
+    append(&store, 400..410);
+    wait_for(&forwarding, Duration::from_secs(20), "the lag grows during the outage", |s| {
+        s.lag_events == 110
+    })
+    .await;
     es.with(|c| c.unavailable = false);
     es.start().await;
     let s = wait_for(&forwarding, Duration::from_secs(20), "caught up after the outage", |s| {
-        s.next_seq == 400
+        s.next_seq == 410
     })
     .await;
     assert_eq!((s.state.as_str(), s.lag_events), ("ok", 0));
-    check_docs(&es, &store, &ids(0..400, &unmappable));
+    check_docs(&es, &store, &ids(0..410, &unmappable));
 
     // The answer to an applied _bulk is lost: the batch is sent again, and each event still
     // ends up stored once under its id.
     es.with(|c| c.lose_next_answer = true);
-    append(&store, 400..450);
+    append(&store, 410..450);
     wait_for(&forwarding, Duration::from_secs(20), "caught up after a lost answer", |s| {
         s.next_seq == 450
     })
     .await;
     check_docs(&es, &store, &ids(0..450, &unmappable));
-    es.with(|c| assert!((400..450).all(|i| c.writes[&format!("e-{i}")] == 2)));
+    es.with(|c| assert!((410..450).all(|i| c.writes[&format!("e-{i}")] == 2)));
 
     // Restart: the cursor on disk says where to resume; nothing delivered is sent again.
     forwarding.stop(Duration::from_secs(5)).await;
