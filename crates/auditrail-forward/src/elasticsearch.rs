@@ -212,31 +212,42 @@ impl Elasticsearch {
         while let Some((lo, hi)) = ranges.pop() {
             let part = &events[lo..hi];
             let mut body = Vec::with_capacity(part.iter().map(|e| e.canonical.len() + 80).sum());
-            let mut ids = Vec::with_capacity(part.len());
-            for e in part {
-                let id = serde_json::from_slice::<IdOnly>(&e.canonical)
-                    .map_err(|err| {
-                        ForwardError::Unavailable(format!(
-                            "seq {}: stored event has no id: {err}",
-                            e.seq
-                        ))
-                    })?
-                    .id;
+            // (position in `events`, `_id`) of each action in the body, in order.
+            let mut sent: Vec<(usize, String)> = Vec::with_capacity(part.len());
+            for (k, e) in part.iter().enumerate() {
+                // Every stored event has an id; one without could never be indexed, so it is
+                // refused (status 0) rather than retried forever.
+                let id = match serde_json::from_slice::<IdOnly>(&e.canonical) {
+                    Ok(v) => v.id,
+                    Err(err) => {
+                        delivery.failed.push(FailedEvent {
+                            seq: e.seq,
+                            id: String::new(),
+                            status: 0,
+                            reason: format!("the stored event has no id: {err}"),
+                        });
+                        continue;
+                    }
+                };
                 let action = json!({"index": {"_index": self.index, "_id": id}});
                 serde_json::to_writer(&mut body, &action).expect("a JSON value serialises");
                 body.push(b'\n');
                 body.extend_from_slice(&e.canonical);
                 body.push(b'\n');
-                ids.push(id);
+                sent.push((lo + k, id));
+            }
+            if sent.is_empty() {
+                continue;
             }
             let request = self
                 .request(reqwest::Method::POST, "_bulk")
                 .header(reqwest::header::CONTENT_TYPE, "application/x-ndjson")
                 .body(body);
+            let all = sent.iter().map(|(at, _)| *at);
             let (status, answer) = match self.call(request, "_bulk").await {
                 Ok(a) => a,
                 Err(e) => {
-                    delivery.retry.extend(lo..hi);
+                    delivery.retry.extend(all);
                     delivery.error = Some(e.to_string());
                     continue;
                 }
@@ -248,16 +259,17 @@ impl Elasticsearch {
                 continue;
             }
             if status == 413 {
+                let (at, id) = &sent[0];
                 delivery.failed.push(FailedEvent {
-                    seq: part[0].seq,
-                    id: ids[0].clone(),
+                    seq: events[*at].seq,
+                    id: id.clone(),
                     status,
                     reason: "the event alone exceeds the cluster's http.max_content_length".into(),
                 });
                 continue;
             }
             if !(200..300).contains(&status) {
-                delivery.retry.extend(lo..hi);
+                delivery.retry.extend(all);
                 delivery.error = Some(format!(
                     "_bulk: HTTP {status}: {}",
                     crate::status::truncate(String::from_utf8_lossy(&answer).into_owned(), 512)
@@ -266,25 +278,25 @@ impl Elasticsearch {
             }
             let parsed: Result<BulkAnswer, _> = serde_json::from_slice(&answer);
             let items = match parsed {
-                Ok(a) if a.items.len() == part.len() => a.items,
+                Ok(a) if a.items.len() == sent.len() => a.items,
                 Ok(a) => {
-                    delivery.retry.extend(lo..hi);
+                    delivery.retry.extend(all);
                     delivery.error = Some(format!(
                         "_bulk answered {} items for {} actions",
                         a.items.len(),
-                        part.len()
+                        sent.len()
                     ));
                     continue;
                 }
                 Err(e) => {
-                    delivery.retry.extend(lo..hi);
+                    delivery.retry.extend(all);
                     delivery.error = Some(format!("_bulk answer is not a bulk response: {e}"));
                     continue;
                 }
             };
-            for (k, item) in items.into_iter().enumerate() {
+            for ((at, id), item) in sent.into_iter().zip(items) {
                 let Some(item) = item.into_values().next() else {
-                    delivery.retry.push(lo + k);
+                    delivery.retry.push(at);
                     delivery.error = Some("_bulk answered an empty item".into());
                     continue;
                 };
@@ -292,12 +304,12 @@ impl Elasticsearch {
                     continue;
                 }
                 if retryable(item.status) {
-                    delivery.retry.push(lo + k);
+                    delivery.retry.push(at);
                     delivery.error = Some(format!("HTTP {}: {}", item.status, reason(&item.error)));
                 } else {
                     delivery.failed.push(FailedEvent {
-                        seq: part[k].seq,
-                        id: ids[k].clone(),
+                        seq: events[at].seq,
+                        id,
                         status: item.status,
                         reason: reason(&item.error),
                     });
@@ -305,7 +317,9 @@ impl Elasticsearch {
             }
         }
         delivery.retry.sort_unstable();
-        delivery.failed.sort_unstable_by_key(|f| f.seq);
+        delivery.failed.sort_by_key(|f| f.seq);
+        // A split after a 413 may refuse an unsendable event twice.
+        delivery.failed.dedup_by_key(|f| f.seq);
         Ok(delivery)
     }
 }

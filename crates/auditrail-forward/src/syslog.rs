@@ -216,8 +216,22 @@ impl Syslog {
     /// Writes `events` as framed messages and flushes them.
     pub(crate) async fn send(&mut self, events: &[&LogEvent]) -> Result<Delivery, ForwardError> {
         let mut frames = Vec::new();
+        let mut delivery = Delivery::default();
         for e in events {
-            let m = message(self.facility, &self.hostname, self.procid, e)?;
+            // A stored event always has these fields; one without them could never be sent,
+            // so it is refused rather than retried forever.
+            let m = match message(self.facility, &self.hostname, self.procid, e) {
+                Ok(m) => m,
+                Err(err) => {
+                    delivery.failed.push(crate::FailedEvent {
+                        seq: e.seq,
+                        id: String::new(),
+                        status: 0,
+                        reason: err.to_string(),
+                    });
+                    continue;
+                }
+            };
             frames.extend_from_slice(format!("{} ", m.len()).as_bytes());
             frames.extend_from_slice(&m);
         }
@@ -237,7 +251,7 @@ impl Syslog {
             self.connection = None;
             return Err(ForwardError::Unavailable(format!("writing to {}: {e}", self.address)));
         }
-        Ok(Delivery::default())
+        Ok(delivery)
     }
 }
 

@@ -34,6 +34,8 @@ struct Cluster {
     /// Every Authorization header seen.
     authorizations: Vec<String>,
     bulk_requests: u32,
+    /// A `_bulk` of more actions than this answers 413 (0: no limit).
+    actions_max: usize,
 }
 
 type Shared = Arc<Mutex<Cluster>>;
@@ -70,6 +72,9 @@ async fn bulk(State(c): State<Shared>, headers: HeaderMap, body: Bytes) -> Respo
     assert!(text.ends_with('\n'), "a _bulk body ends with a newline");
     let lines: Vec<&str> = text.lines().collect();
     assert!(lines.len().is_multiple_of(2), "action and source lines come in pairs");
+    if c.actions_max > 0 && lines.len() / 2 > c.actions_max {
+        return (StatusCode::PAYLOAD_TOO_LARGE, "request too large").into_response();
+    }
     let mut items = Vec::new();
     let mut errors = false;
     for pair in lines.chunks(2) {
@@ -312,11 +317,14 @@ async fn bulk_partial_failures_outages_redelivery_and_restart() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn basic_auth_and_a_template_outage_at_start() {
+async fn basic_auth_a_template_outage_at_start_and_413_splits() {
     let tmp = tempfile::tempdir().unwrap();
     let store = open_store(tmp.path());
     let es = FakeEs::new().await;
-    es.with(|c| c.unavailable = true);
+    es.with(|c| {
+        c.unavailable = true;
+        c.actions_max = 3;
+    });
     append(&store, 0..10);
     let mut config = config(&es.url());
     config.elasticsearch.api_key = Secret::default();
@@ -331,8 +339,11 @@ async fn basic_auth_and_a_template_outage_at_start() {
     assert!(s.last_error.as_deref().unwrap().contains("index template"), "{s:#?}");
     assert_eq!(es.with(|c| c.bulk_requests), 0, "no _bulk before the template is in place");
     es.with(|c| c.unavailable = false);
-    wait_for(&forwarding, Duration::from_secs(20), "forwarded", |s| s.next_seq == 10).await;
+    // 10 events in one batch, answered 413 until the halves are at most 3 actions long.
+    let s = wait_for(&forwarding, Duration::from_secs(20), "forwarded", |s| s.next_seq == 10).await;
+    assert_eq!((s.sent_total, s.failed_total), (10, 0));
     check_docs(&es, &store, &ids(0..10, &[]));
+    assert!(es.with(|c| c.writes.values().all(|&n| n == 1)));
     es.with(|c| {
         // base64("forwarder:correct horse battery")
         let expected = "Basic Zm9yd2FyZGVyOmNvcnJlY3QgaG9yc2UgYmF0dGVyeQ==";
