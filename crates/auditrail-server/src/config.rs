@@ -45,6 +45,9 @@ pub struct Config {
     pub retention_check_interval_ms: u64,
     /// A log segment rolls at this size (and at each UTC day): the unit retention purges.
     pub segment_bytes_max: u64,
+    /// Forwarding the log to Elasticsearch/OpenSearch and syslog (`[forward.elasticsearch]`,
+    /// `[forward.syslog]`; `AUDITRAIL_FORWARD_ELASTICSEARCH_*`, `AUDITRAIL_FORWARD_SYSLOG_*`).
+    pub forward: auditrail_forward::ForwardConfig,
 }
 
 /// Bounds of `segment_bytes_max`.
@@ -76,6 +79,7 @@ impl Default for Config {
             retention_force: false,
             retention_check_interval_ms: 3_600_000,
             segment_bytes_max: 64 << 20,
+            forward: auditrail_forward::ForwardConfig::default(),
         }
     }
 }
@@ -154,6 +158,7 @@ impl Config {
             ));
         }
         crate::retention::policy(self).check(self.retention_force)?;
+        self.forward.check().map_err(|e| e.to_string())?;
         Ok(())
     }
 
@@ -161,6 +166,9 @@ impl Config {
     pub fn set(&mut self, key: &str, value: &str) -> Result<(), String> {
         fn num<T: std::str::FromStr>(v: &str) -> Result<T, String> {
             v.parse().map_err(|_| format!("{v:?} is not a valid number"))
+        }
+        if self.forward.set(key, value)? {
+            return Ok(());
         }
         match key {
             "data" => self.data = PathBuf::from(value),
@@ -253,5 +261,36 @@ mod tests {
         let path = dir.path().join("auditrail.toml");
         std::fs::write(&path, "[retention_projects]\ntrial = 3650\n").unwrap();
         assert_eq!(Config::load(Some(&path), []).unwrap().retention_projects["trial"], 3650);
+    }
+
+    #[test]
+    fn forwarding_tables_then_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("auditrail.toml");
+        let text = "[forward.elasticsearch]\nurl = \"https://es.example.org:9200\"\nindex = \"audit\"\n\
+                    [forward.syslog]\naddress = \"logs.example.org:6514\"\nfacility = \"local3\"\n";
+        std::fs::write(&path, text).unwrap();
+        let env = [
+            ("AUDITRAIL_FORWARD_ELASTICSEARCH_API_KEY".to_string(), "a2V5".to_string()),
+            ("AUDITRAIL_FORWARD_SYSLOG_BATCH_EVENTS_MAX".to_string(), "32".to_string()),
+        ];
+        let c = Config::load(Some(&path), env).unwrap();
+        assert_eq!(c.forward.elasticsearch.url, "https://es.example.org:9200");
+        assert_eq!(c.forward.elasticsearch.index, "audit");
+        assert_eq!(c.forward.elasticsearch.api_key.0, "a2V5");
+        assert_eq!(
+            (c.forward.syslog.facility.as_str(), c.forward.syslog.batch_events_max),
+            ("local3", 32)
+        );
+
+        std::fs::write(&path, "[forward.elasticsearch]\nurll = \"x\"\n").unwrap();
+        let e = Config::load(Some(&path), []).unwrap_err().to_string();
+        assert!(e.contains("urll"), "{e}");
+        let env = [("AUDITRAIL_FORWARD_SYSLOG_PORT".to_string(), "1".to_string())];
+        let e = Config::load(None, env).unwrap_err().to_string();
+        assert!(e.contains("forward_syslog_port"), "{e}");
+        let env = [("AUDITRAIL_FORWARD_SYSLOG_ADDRESS".to_string(), "nohost".to_string())];
+        let e = Config::load(None, env).unwrap_err().to_string();
+        assert!(e.contains("host:port"), "{e}");
     }
 }

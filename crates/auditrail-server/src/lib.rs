@@ -13,6 +13,7 @@ pub mod logapi;
 pub mod openapi;
 pub mod query;
 pub mod retention;
+pub mod security;
 
 use auditrail_index::{Follower, Index, IndexOptions};
 use auditrail_store::Store;
@@ -103,6 +104,8 @@ pub struct AppState {
     pub metrics: Metrics,
     /// The index has caught up with the log once since start.
     pub ready: AtomicBool,
+    /// The forwarders (Elasticsearch, syslog) following the log.
+    pub forwarding: auditrail_forward::Forwarding,
 }
 
 pub type SharedState = Arc<AppState>;
@@ -153,6 +156,7 @@ pub(crate) fn routes() -> Vec<(&'static str, MethodRouter<SharedState>)> {
         ("/api/v1/events/{id}", get(query::get_event)),
         ("/api/v1/log/proof/inclusion", get(logapi::inclusion)),
         ("/api/v1/log/proof/consistency", get(logapi::consistency)),
+        ("/api/v1/security/status", get(security::status)),
         ("/fhir", post(fhir_api::bundle)),
         ("/fhir/metadata", get(fhir_api::metadata)),
         (
@@ -303,6 +307,7 @@ async fn metrics(State(s): State<SharedState>) -> impl IntoResponse {
     for (name, kind, help, value) in series {
         out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"));
     }
+    s.forwarding.prometheus(&mut out);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
 }
 
@@ -320,6 +325,7 @@ pub struct Service {
     stop: Arc<AtomicBool>,
     follower: std::thread::JoinHandle<()>,
     retention: std::thread::JoinHandle<()>,
+    runtime: tokio::runtime::Handle,
 }
 
 /// Opens (or initialises) the data directory and starts the index follower.
@@ -349,7 +355,14 @@ pub fn start(config: Config) -> Result<Service, String> {
         index.reset().map_err(|e| format!("cannot reset the index: {e}"))?;
     }
     index.set_purged(store.purged().ranges());
+    // The forwarders run on the caller's runtime: `start` is called from a blocking task of it.
+    let runtime = tokio::runtime::Handle::try_current()
+        .map_err(|_| "the service must be started from within a tokio runtime".to_string())?;
+    let forwarding =
+        auditrail_forward::Forwarding::start(&config.forward, &data, store.clone(), &runtime)
+            .map_err(|e| format!("cannot start forwarding: {e}"))?;
     let state = Arc::new(AppState {
+        forwarding,
         blocks: BlockCache::new(store.block_reader(), config.block_cache_bytes_max),
         ingest_budget: Arc::new(tokio::sync::Semaphore::new(config.ingest_bytes_in_flight_max)),
         config,
@@ -375,7 +388,7 @@ pub fn start(config: Config) -> Result<Service, String> {
             .spawn(move || retention::scheduled(&state, &stop))
             .map_err(|e| e.to_string())?
     };
-    Ok(Service { state, stop, follower, retention })
+    Ok(Service { state, stop, follower, retention, runtime })
 }
 
 /// The follower loop: index what is durable, then wait briefly for more. The index is
@@ -409,9 +422,13 @@ fn follow(state: &AppState, stop: &AtomicBool) {
 }
 
 impl Service {
-    /// Stops the follower (after it has indexed everything durable), then closes the store,
-    /// which publishes a final checkpoint. Call once the HTTP server has stopped.
+    /// Stops the forwarders and the follower (after it has indexed everything durable), then
+    /// closes the store, which publishes a final checkpoint. Call once the HTTP server has
+    /// stopped, from a blocking task (it waits for the forwarders on the runtime).
     pub fn shutdown(self) -> Result<(), String> {
+        // Forwarders first: they hold the store. What they had not delivered is sent again
+        // from their cursors after the next start.
+        self.runtime.block_on(self.state.forwarding.stop(std::time::Duration::from_secs(5)));
         self.stop.store(true, Ordering::SeqCst);
         let _ = self.follower.join();
         let _ = self.retention.join();

@@ -44,6 +44,7 @@ The prose reference is docs/api.md; the event schema is schema/event.schema.json
         crate::query::get_event,
         crate::logapi::inclusion,
         crate::logapi::consistency,
+        crate::security::status,
         crate::logapi::checkpoint,
         crate::logapi::tile,
         crate::fhir_api::bundle,

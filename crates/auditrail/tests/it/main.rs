@@ -2,6 +2,7 @@
 
 mod cli;
 mod fhir;
+mod forward;
 mod http;
 mod interop;
 mod kill;
