@@ -66,7 +66,7 @@ pub async fn newest_manifest(
     dest: &Destination,
 ) -> Result<Option<(String, Manifest)>, ArchiveError> {
     let names = dest.list(manifest::MANIFESTS_DIR).await?;
-    let Some(name) = names.into_iter().filter(|n| n.ends_with(".json")).next_back() else {
+    let Some(name) = names.into_iter().rfind(|n| n.ends_with(".json")) else {
         return Ok(None);
     };
     let key = format!("{}/{name}", manifest::MANIFESTS_DIR);

@@ -101,6 +101,27 @@ enum Command {
         #[arg(long)]
         size: Option<u64>,
     },
+    /// Back up the data directory to object storage, incrementally (never the keys). Works on a
+    /// live server's directory. Credentials come from AWS_*, GOOGLE_* or AZURE_* variables.
+    Backup {
+        #[arg(long)]
+        data: PathBuf,
+        /// s3://bucket/prefix, gs://bucket/prefix, az://container/prefix or file:///path.
+        #[arg(long)]
+        to: String,
+    },
+    /// Restore a data directory from object storage, verify it and rebuild its index. DIR must
+    /// hold only keys/ (log.key, master.keys) from the separate key backup.
+    Restore {
+        /// The archive URL given to `backup --to`.
+        #[arg(long)]
+        from: String,
+        #[arg(long)]
+        data: PathBuf,
+        /// A manifest name (default: the newest).
+        #[arg(long)]
+        manifest: Option<String>,
+    },
     /// Benchmarks: the store against this machine's raw limits; the service over HTTP.
     Bench {
         #[command(subcommand)]
@@ -155,6 +176,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let note = auditrail_store::store::find_checkpoint(&io, &keys, size)?;
             print!("{note}");
         }
+        Command::Backup { data, to } => backup(&data, &to)?,
+        Command::Restore { from, data, manifest } => restore(&from, &data, manifest.as_deref())?,
         Command::Bench { command } => bench::run(command)?,
     }
     Ok(ExitCode::SUCCESS)
@@ -187,6 +210,48 @@ async fn shutdown_signal() {
         _ = int.recv() => {}
     }
     eprintln!("auditrail: shutting down");
+}
+
+fn backup(data: &Path, to: &str) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let dest = auditrail_archive::Destination::open(to)?;
+    let report = runtime
+        .block_on(auditrail_archive::backup_once(&dest, data))
+        .with_context(|| format!("backup of {} to {to} failed", data.display()))?;
+    println!("{}", serde_json::to_string(&report)?);
+    Ok(())
+}
+
+fn restore(from: &str, data: &Path, manifest: Option<&str>) -> Result<()> {
+    use auditrail_archive::restore;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let dest = auditrail_archive::Destination::open(from)?;
+    let restored = runtime
+        .block_on(restore::restore_to_staging(&dest, data, manifest))
+        .with_context(|| format!("restore from {from} refused"))?;
+    eprintln!(
+        "restored and verified {} events ({} bytes) from {}; rebuilding the index",
+        restored.events, restored.bytes, restored.manifest_name
+    );
+    let finish = || -> Result<()> {
+        reindex(&restored.staging)?;
+        restore::move_into_place(&restored.staging, data)?;
+        Ok(())
+    };
+    if let Err(e) = finish() {
+        let _ = std::fs::remove_dir_all(&restored.staging);
+        return Err(e);
+    }
+    println!(
+        "{}",
+        serde_json::json!({
+            "manifest": restored.manifest_name,
+            "tree_size": restored.manifest.tree_size,
+            "root": restored.manifest.root,
+            "events": restored.events,
+        })
+    );
+    Ok(())
 }
 
 fn reindex(data: &Path) -> Result<()> {
