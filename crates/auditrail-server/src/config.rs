@@ -35,6 +35,12 @@ pub struct Config {
     /// The base URL clients reach this server at (`https://audit.example.org`), for FHIR
     /// `Location` headers and `fullUrl`s; empty means `http://` plus the request's `Host`.
     pub public_url: String,
+    /// Where scheduled backups go (`s3://bucket/prefix`, `gs://…`, `az://…`, `file:///…`);
+    /// empty: no scheduled backup. Credentials come from `AWS_*`, `GOOGLE_*`, `AZURE_*`.
+    pub archive_url: String,
+    /// Time between two backups (the delay after a failure starts at 500 ms and doubles up
+    /// to this).
+    pub archive_interval_ms: u64,
 }
 
 /// Bounds of `index_memtable_rows_max`.
@@ -57,6 +63,8 @@ impl Default for Config {
             block_cache_bytes_max: 256 << 20,
             search_limit_max: 1000,
             public_url: String::new(),
+            archive_url: String::new(),
+            archive_interval_ms: 300_000,
         }
     }
 }
@@ -119,6 +127,9 @@ impl Config {
         if self.batch_events_max == 0 || self.search_limit_max == 0 {
             return Err("batch_events_max and search_limit_max must be at least 1".into());
         }
+        if self.archive_interval_ms == 0 {
+            return Err("archive_interval_ms must be at least 1".into());
+        }
         // An index segment addresses its term and posting bytes with u32 offsets.
         if !(INDEX_SEGMENT_ROWS_MIN..=INDEX_SEGMENT_ROWS_MAX)
             .contains(&self.index_memtable_rows_max)
@@ -150,6 +161,8 @@ impl Config {
             "block_cache_bytes_max" => self.block_cache_bytes_max = num(value)?,
             "search_limit_max" => self.search_limit_max = num(value)?,
             "public_url" => self.public_url = value.trim_end_matches('/').to_string(),
+            "archive_url" => self.archive_url = value.to_string(),
+            "archive_interval_ms" => self.archive_interval_ms = num(value)?,
             // Variables the binary reads itself.
             "config" => {}
             _ => return Err(format!("unknown setting {key:?}")),
@@ -186,5 +199,9 @@ mod tests {
         }
         let env = [("AUDITRAIL_INDEX_MEMTABLE_ROWS_MAX".to_string(), "4096".to_string())];
         assert_eq!(Config::load(None, env).unwrap().index_memtable_rows_max, 4096);
+        std::fs::write(&path, "archive_url = \"s3://b/p\"\narchive_interval_ms = 60000\n").unwrap();
+        let env = [("AUDITRAIL_ARCHIVE_INTERVAL_MS".to_string(), "1000".to_string())];
+        let c = Config::load(Some(&path), env).unwrap();
+        assert_eq!((c.archive_url.as_str(), c.archive_interval_ms), ("s3://b/p", 1000));
     }
 }

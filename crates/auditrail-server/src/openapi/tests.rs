@@ -506,6 +506,11 @@ fn answers_match_the_documented_schemas() {
     assert_eq!(stats.total, 4);
     assert_eq!(stats.groups[0].key, "patient.read");
 
+    let answer = server.get("/api/v1/security/status");
+    check_documented(&doc, "get", "/api/v1/security/status", &answer);
+    let status: SecurityStatus = answer.json();
+    assert!(!status.backup.enabled);
+
     let answer = server.get("/api/v1/openapi.json");
     check_documented(&doc, "get", "/api/v1/openapi.json", &answer);
     assert_eq!(answer.text(), document(), "the served document is the generated one");
