@@ -152,7 +152,7 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Serve { data, listen, config } => serve(data, listen, config)?,
-        Command::Reindex { data } => reindex(&data)?,
+        Command::Reindex { data } => println!("{}", reindex(&data)?),
         Command::Init { data, origin } => {
             let verifier = auditrail_store::init(&data, &origin)?;
             println!("{}", verifier.to_vkey());
@@ -234,7 +234,7 @@ fn restore(from: &str, data: &Path, manifest: Option<&str>) -> Result<()> {
         restored.events, restored.bytes, restored.manifest_name
     );
     let finish = || -> Result<()> {
-        reindex(&restored.staging)?;
+        eprintln!("{}", reindex(&restored.staging)?);
         restore::move_into_place(&restored.staging, data)?;
         Ok(())
     };
@@ -254,7 +254,8 @@ fn restore(from: &str, data: &Path, manifest: Option<&str>) -> Result<()> {
     Ok(())
 }
 
-fn reindex(data: &Path) -> Result<()> {
+/// Rebuilds the index from the log; returns a one-line summary.
+fn reindex(data: &Path) -> Result<String> {
     let started = std::time::Instant::now();
     let store = Store::open(data, Options::default())?;
     let rows = auditrail_server::Config::default().index_memtable_rows_max;
@@ -265,12 +266,11 @@ fn reindex(data: &Path) -> Result<()> {
     index.flush(true)?;
     store.close()?;
     let secs = started.elapsed().as_secs_f64();
-    println!(
+    Ok(format!(
         "indexed {n} events in {secs:.2}s ({:.0} events/s); index {} bytes",
         n as f64 / secs.max(1e-9),
         index.disk_bytes()
-    );
-    Ok(())
+    ))
 }
 
 fn load_keys(data: &Path) -> Result<Keys> {
