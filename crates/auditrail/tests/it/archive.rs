@@ -139,8 +139,8 @@ fn ok(o: &std::process::Output) -> String {
 fn event(i: usize) -> Value {
     json!({
         "id": format!("bk-{i}"),
-        "action": if i % 3 == 0 { "login.failure" } else { "patient.read" },
-        "outcome": if i % 3 == 0 { "failure" } else { "success" },
+        "action": if i.is_multiple_of(3) { "login.failure" } else { "patient.read" },
+        "outcome": if i.is_multiple_of(3) { "failure" } else { "success" },
         "actor": {"user_id": format!("u{}", i % 5)},
         "patient": {"id": format!("MRN{}", i % 11)},
     })
