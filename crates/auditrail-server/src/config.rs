@@ -48,6 +48,12 @@ pub struct Config {
     /// Forwarding the log to Elasticsearch/OpenSearch and syslog (`[forward.elasticsearch]`,
     /// `[forward.syslog]`; `AUDITRAIL_FORWARD_ELASTICSEARCH_*`, `AUDITRAIL_FORWARD_SYSLOG_*`).
     pub forward: auditrail_forward::ForwardConfig,
+    /// Where scheduled backups go (`s3://bucket/prefix`, `gs://…`, `az://…`, `file:///…`);
+    /// empty: no scheduled backup. Credentials come from `AWS_*`, `GOOGLE_*`, `AZURE_*`.
+    pub archive_url: String,
+    /// Time between two backups (the delay after a failure starts at 500 ms and doubles up
+    /// to this).
+    pub archive_interval_ms: u64,
 }
 
 /// Bounds of `segment_bytes_max`.
@@ -80,6 +86,8 @@ impl Default for Config {
             retention_check_interval_ms: 3_600_000,
             segment_bytes_max: 64 << 20,
             forward: auditrail_forward::ForwardConfig::default(),
+            archive_url: String::new(),
+            archive_interval_ms: 300_000,
         }
     }
 }
@@ -141,6 +149,9 @@ impl Config {
         }
         if self.batch_events_max == 0 || self.search_limit_max == 0 {
             return Err("batch_events_max and search_limit_max must be at least 1".into());
+        }
+        if self.archive_interval_ms == 0 {
+            return Err("archive_interval_ms must be at least 1".into());
         }
         // An index segment addresses its term and posting bytes with u32 offsets.
         if !(INDEX_SEGMENT_ROWS_MIN..=INDEX_SEGMENT_ROWS_MAX)
@@ -207,6 +218,8 @@ impl Config {
             }
             "retention_check_interval_ms" => self.retention_check_interval_ms = num(value)?,
             "segment_bytes_max" => self.segment_bytes_max = num(value)?,
+            "archive_url" => self.archive_url = value.to_string(),
+            "archive_interval_ms" => self.archive_interval_ms = num(value)?,
             // Variables the binary reads itself.
             "config" => {}
             _ => return Err(format!("unknown setting {key:?}")),
@@ -243,6 +256,10 @@ mod tests {
         }
         let env = [("AUDITRAIL_INDEX_MEMTABLE_ROWS_MAX".to_string(), "4096".to_string())];
         assert_eq!(Config::load(None, env).unwrap().index_memtable_rows_max, 4096);
+        std::fs::write(&path, "archive_url = \"s3://b/p\"\narchive_interval_ms = 60000\n").unwrap();
+        let env = [("AUDITRAIL_ARCHIVE_INTERVAL_MS".to_string(), "1000".to_string())];
+        let c = Config::load(Some(&path), env).unwrap();
+        assert_eq!((c.archive_url.as_str(), c.archive_interval_ms), ("s3://b/p", 1000));
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! Async stays at this edge: the store and the index are synchronous and are called from
 //! blocking tasks.
 
+pub mod backup;
 pub mod config;
 pub mod error;
 pub mod fhir_api;
@@ -106,6 +107,8 @@ pub struct AppState {
     pub ready: AtomicBool,
     /// The forwarders (Elasticsearch, syslog) following the log.
     pub forwarding: auditrail_forward::Forwarding,
+    /// Scheduled backup's progress, when `archive_url` is set.
+    pub backup: Option<Arc<backup::BackupMonitor>>,
 }
 
 pub type SharedState = Arc<AppState>;
@@ -303,12 +306,59 @@ async fn metrics(State(s): State<SharedState>) -> impl IntoResponse {
             purged.segments().len() as u64,
         ),
     ];
+    let backup = backup_status(&s);
+    let backup_series: [(&str, &str, &str, u64); 6] = [
+        (
+            "auditrail_backup_enabled",
+            "gauge",
+            "1 when scheduled backup is configured.",
+            u64::from(backup.enabled),
+        ),
+        (
+            "auditrail_backup_archived_tree_size",
+            "gauge",
+            "Tree size of the newest backup manifest.",
+            backup.archived_tree_size,
+        ),
+        (
+            "auditrail_backup_lag_events",
+            "gauge",
+            "Published events not yet in a backup.",
+            backup.lag_events,
+        ),
+        (
+            "auditrail_backup_lag_seconds",
+            "gauge",
+            "Seconds since the last successful backup while events wait (0 when up to date).",
+            backup.lag_seconds,
+        ),
+        (
+            "auditrail_backup_last_success_timestamp_seconds",
+            "gauge",
+            "Unix time of the last successful backup (0: none yet).",
+            s.backup.as_ref().and_then(|b| b.last_success_ms()).map_or(0, |ms| (ms / 1000) as u64),
+        ),
+        (
+            "auditrail_backup_consecutive_failures",
+            "gauge",
+            "Backup runs failed since the last success.",
+            backup.consecutive_failures,
+        ),
+    ];
     let mut out = String::new();
-    for (name, kind, help, value) in series {
+    for (name, kind, help, value) in series.into_iter().chain(backup_series) {
         out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"));
     }
     s.forwarding.prometheus(&mut out);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
+}
+
+pub(crate) fn backup_status(s: &AppState) -> backup::BackupStatus {
+    let published = s.store.stages().published;
+    match &s.backup {
+        Some(monitor) => monitor.status(published),
+        None => backup::BackupStatus::disabled(published),
+    }
 }
 
 /// Opens the index with the FHIR search terms wired in (the server and `reindex` must agree).
@@ -361,6 +411,9 @@ pub fn start(config: Config) -> Result<Service, String> {
     let forwarding =
         auditrail_forward::Forwarding::start(&config.forward, &data, store.clone(), &runtime)
             .map_err(|e| format!("cannot start forwarding: {e}"))?;
+    let backup = (!config.archive_url.is_empty()).then(|| {
+        Arc::new(backup::BackupMonitor::new(&config.archive_url, config.archive_interval_ms))
+    });
     let state = Arc::new(AppState {
         forwarding,
         blocks: BlockCache::new(store.block_reader(), config.block_cache_bytes_max),
@@ -370,6 +423,7 @@ pub fn start(config: Config) -> Result<Service, String> {
         index,
         metrics: Metrics::default(),
         ready: AtomicBool::new(false),
+        backup,
     });
     let stop = Arc::new(AtomicBool::new(false));
     let follower = {
@@ -450,8 +504,20 @@ pub async fn run(
     let listener = tokio::net::TcpListener::bind(&config.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
+    // A bad archive URL stops the start, before anything is opened.
+    let destination = match config.archive_url.as_str() {
+        "" => None,
+        url => Some(auditrail_archive::Destination::open(url).map_err(|e| e.to_string())?),
+    };
+    let data = config.data.clone();
     let service =
         tokio::task::spawn_blocking(move || start(config)).await.map_err(|e| e.to_string())??;
+    let archiver = match (destination, &service.state.backup) {
+        (Some(dest), Some(monitor)) => {
+            Some(tokio::spawn(backup::run_scheduled(dest, data, monitor.clone())))
+        }
+        _ => None,
+    };
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     eprintln!("auditrail: listening on http://{addr}");
     // Tests and scripts read this line to learn the port when listening on :0.
@@ -460,6 +526,12 @@ pub async fn run(
         .with_graceful_shutdown(shutdown)
         .await
         .map_err(|e| e.to_string())?;
+    if let Some(task) = archiver {
+        // Each run is idempotent and its state file is replaced atomically: stopping mid-run
+        // loses nothing, the next start resumes.
+        task.abort();
+        let _ = task.await;
+    }
     tokio::task::spawn_blocking(move || service.shutdown()).await.map_err(|e| e.to_string())??;
     eprintln!("auditrail: stopped cleanly");
     Ok(())

@@ -1,30 +1,44 @@
 //! `GET /api/v1/security/status`: the state of the safeguards around the log, one section per
-//! subsystem (`forwarding` here).
+//! subsystem (`backup`, `forwarding`, `retention`), each built by its own module.
 
-use crate::SharedState;
-use auditrail_forward::ForwardingStatus;
-use axum::Json;
+use crate::error::ApiError;
+use crate::{SharedState, blocking};
 use axum::extract::State;
-use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
-
-/// The security status.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct SecurityStatus {
-    /// The forwarders shipping the log to Elasticsearch/OpenSearch and syslog: how far each
-    /// has delivered, its lag and its failures.
-    pub forwarding: ForwardingStatus,
-}
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
 
 #[utoipa::path(
     get,
     path = "/api/v1/security/status",
     tag = "operations",
     summary = "Security status",
-    description = "The state of the safeguards around the log. `forwarding`: each configured forwarder's progress (`next_seq`), lag (events and seconds behind the durable log) and failures (retried attempts, events refused for good with their seqs, the last error).",
-    responses((status = 200, description = "The status.", body = SecurityStatus))
+    description = "The state of the safeguards around the log, one section each: `backup` \
+(scheduled backup to object storage: last manifest, last success, archived tree size, lag in \
+events and seconds, last error, consecutive failures); `forwarding` (each configured \
+forwarder's progress `next_seq`, lag in events and seconds behind the durable log, and \
+failures: retried attempts, events refused for good with their seqs, the last error); \
+`retention` (the policy, the legal holds in force, what has been purged).",
+    responses(
+        (status = 200, description = "The status, one object per section.", body = crate::openapi::SecurityStatus),
+        (status = 500, description = "`internal`.", body = crate::openapi::ErrorBody),
+    )
 )]
-pub async fn status(State(s): State<SharedState>) -> Json<SecurityStatus> {
-    Json(SecurityStatus { forwarding: s.forwarding.status() })
+pub async fn status(State(state): State<SharedState>) -> Result<Response, ApiError> {
+    let s = state.clone();
+    blocking(move || {
+        let backup = serde_json::to_value(crate::backup_status(&s)).map_err(ApiError::internal)?;
+        let forwarding = serde_json::to_value(s.forwarding.status()).map_err(ApiError::internal)?;
+        let purged = s.store.purged();
+        let retention = json!({
+            "default_days": s.config.retention_days,
+            "check_interval_ms": s.config.retention_check_interval_ms,
+            "holds": s.store.holds()?.len(),
+            "purged_events": purged.events(),
+            "purged_segments": purged.segments().len(),
+        });
+        let body: Value =
+            json!({"backup": backup, "forwarding": forwarding, "retention": retention});
+        Ok(axum::Json(body).into_response())
+    })
+    .await
 }

@@ -101,6 +101,27 @@ enum Command {
         #[arg(long)]
         size: Option<u64>,
     },
+    /// Back up the data directory to object storage, incrementally (never the keys). Works on a
+    /// live server's directory. Credentials come from AWS_*, GOOGLE_* or AZURE_* variables.
+    Backup {
+        #[arg(long)]
+        data: PathBuf,
+        /// s3://bucket/prefix, gs://bucket/prefix, az://container/prefix or file:///path.
+        #[arg(long)]
+        to: String,
+    },
+    /// Restore a data directory from object storage, verify it and rebuild its index. DIR must
+    /// hold only keys/ (log.key, master.keys) from the separate key backup.
+    Restore {
+        /// The archive URL given to `backup --to`.
+        #[arg(long)]
+        from: String,
+        #[arg(long)]
+        data: PathBuf,
+        /// A manifest name (default: the newest).
+        #[arg(long)]
+        manifest: Option<String>,
+    },
     /// Benchmarks: the store against this machine's raw limits; the service over HTTP.
     Bench {
         #[command(subcommand)]
@@ -131,7 +152,7 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Serve { data, listen, config } => serve(data, listen, config)?,
-        Command::Reindex { data } => reindex(&data)?,
+        Command::Reindex { data } => println!("{}", reindex(&data)?),
         Command::Init { data, origin } => {
             let verifier = auditrail_store::init(&data, &origin)?;
             println!("{}", verifier.to_vkey());
@@ -155,6 +176,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let note = auditrail_store::store::find_checkpoint(&io, &keys, size)?;
             print!("{note}");
         }
+        Command::Backup { data, to } => backup(&data, &to)?,
+        Command::Restore { from, data, manifest } => restore(&from, &data, manifest.as_deref())?,
         Command::Bench { command } => bench::run(command)?,
     }
     Ok(ExitCode::SUCCESS)
@@ -189,7 +212,50 @@ async fn shutdown_signal() {
     eprintln!("auditrail: shutting down");
 }
 
-fn reindex(data: &Path) -> Result<()> {
+fn backup(data: &Path, to: &str) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let dest = auditrail_archive::Destination::open(to)?;
+    let report = runtime
+        .block_on(auditrail_archive::backup_once(&dest, data))
+        .with_context(|| format!("backup of {} to {to} failed", data.display()))?;
+    println!("{}", serde_json::to_string(&report)?);
+    Ok(())
+}
+
+fn restore(from: &str, data: &Path, manifest: Option<&str>) -> Result<()> {
+    use auditrail_archive::restore;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let dest = auditrail_archive::Destination::open(from)?;
+    let restored = runtime
+        .block_on(restore::restore_to_staging(&dest, data, manifest))
+        .with_context(|| format!("restore from {from} refused"))?;
+    eprintln!(
+        "restored and verified {} events ({} bytes) from {}; rebuilding the index",
+        restored.events, restored.bytes, restored.manifest_name
+    );
+    let finish = || -> Result<()> {
+        eprintln!("{}", reindex(&restored.staging)?);
+        restore::move_into_place(&restored.staging, data)?;
+        Ok(())
+    };
+    if let Err(e) = finish() {
+        let _ = std::fs::remove_dir_all(&restored.staging);
+        return Err(e);
+    }
+    println!(
+        "{}",
+        serde_json::json!({
+            "manifest": restored.manifest_name,
+            "tree_size": restored.manifest.tree_size,
+            "root": restored.manifest.root,
+            "events": restored.events,
+        })
+    );
+    Ok(())
+}
+
+/// Rebuilds the index from the log; returns a one-line summary.
+fn reindex(data: &Path) -> Result<String> {
     let started = std::time::Instant::now();
     let store = Store::open(data, Options::default())?;
     let rows = auditrail_server::Config::default().index_memtable_rows_max;
@@ -200,12 +266,11 @@ fn reindex(data: &Path) -> Result<()> {
     index.flush(true)?;
     store.close()?;
     let secs = started.elapsed().as_secs_f64();
-    println!(
+    Ok(format!(
         "indexed {n} events in {secs:.2}s ({:.0} events/s); index {} bytes",
         n as f64 / secs.max(1e-9),
         index.disk_bytes()
-    );
-    Ok(())
+    ))
 }
 
 fn load_keys(data: &Path) -> Result<Keys> {

@@ -508,8 +508,10 @@ fn answers_match_the_documented_schemas() {
 
     let answer = server.get("/api/v1/security/status");
     check_documented(&doc, "get", "/api/v1/security/status", &answer);
-    let status: crate::security::SecurityStatus = answer.json();
+    let status: SecurityStatus = answer.json();
+    assert!(!status.backup.enabled);
     assert!(status.forwarding.forwarders.is_empty(), "forwarding is off by default");
+    assert_eq!(status.retention.default_days, 2557);
 
     let answer = server.get("/api/v1/openapi.json");
     check_documented(&doc, "get", "/api/v1/openapi.json", &answer);
