@@ -187,12 +187,15 @@ pub struct Doc {
     pub terms: Terms,
 }
 
+/// The `occurred_ms` of a placeholder row, which no real event has (times are 1970..9999).
+pub const PLACEHOLDER_OCCURRED_MS: i64 = i64::MIN;
+
 impl Doc {
-    /// The row of an event retention purged before it was indexed: no terms, no time.
+    /// The row of an event retention purged before it was indexed: no terms, no time, no id.
     pub fn placeholder(seq: u64, recorded_ms: i64) -> Doc {
         Doc {
             seq,
-            occurred_ms: i64::MIN,
+            occurred_ms: PLACEHOLDER_OCCURRED_MS,
             recorded_ms,
             id_hash: 0,
             group: Default::default(),

@@ -357,7 +357,13 @@ impl Index {
         let state = self.read();
         state
             .parts()
-            .flat_map(|p| p.id_rows(hash).into_iter().map(move |r| p.first_seq() + u64::from(r)))
+            .flat_map(|p| {
+                p.id_rows(hash)
+                    .into_iter()
+                    // A placeholder (a seq purged before it was indexed) has no id to match.
+                    .filter(move |&r| p.occurred(r) != doc::PLACEHOLDER_OCCURRED_MS)
+                    .map(move |r| p.first_seq() + u64::from(r))
+            })
             .collect()
     }
 

@@ -32,26 +32,32 @@ struct Progress {
     consecutive_failures: u64,
 }
 
-/// The `backup` section of the security status (also documented in the OpenAPI document).
-#[derive(Debug, Clone, Serialize)]
+/// The `backup` section of the security status: scheduled backup to object storage
+/// (`archive_url`).
+#[derive(Debug, Clone, Serialize, serde::Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct BackupStatus {
+    /// Whether `archive_url` is set; when false the other fields are null or zero.
     pub enabled: bool,
+    /// The archive URL (credentials are never part of it).
     pub url: Option<String>,
     pub interval_ms: Option<u64>,
+    /// The newest manifest written or confirmed, `<tree size>-<unix ms>.json`.
     pub last_manifest: Option<String>,
+    /// When the last backup run succeeded (RFC 3339).
     pub last_success_at: Option<String>,
+    /// Tree size covered by the newest manifest.
     pub archived_tree_size: u64,
+    /// Tree size of the newest checkpoint of the log.
     pub published_tree_size: u64,
+    /// `published_tree_size - archived_tree_size`.
     pub lag_events: u64,
+    /// Seconds since the last successful run while events wait (0 when up to date): an upper
+    /// bound of the age of the oldest event not yet archived.
     pub lag_seconds: u64,
+    /// The last run's error, cleared by a success.
     pub last_error: Option<String>,
     pub consecutive_failures: u64,
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
 }
 
 impl BackupMonitor {
@@ -68,7 +74,7 @@ impl BackupMonitor {
         match result {
             Ok(r) => {
                 p.last_manifest = Some(r.manifest.clone());
-                p.last_success_ms = Some(now_ms());
+                p.last_success_ms = Some(crate::now_ms());
                 p.archived_tree_size = r.tree_size;
                 p.last_error = None;
                 p.consecutive_failures = 0;
@@ -87,7 +93,7 @@ impl BackupMonitor {
         let lag_events = published.saturating_sub(p.archived_tree_size);
         let lag_seconds = match (lag_events, p.last_success_ms) {
             (0, _) => 0,
-            (_, Some(t)) => (now_ms().saturating_sub(t) / 1000) as u64,
+            (_, Some(t)) => (crate::now_ms().saturating_sub(t) / 1000) as u64,
             (_, None) => 0,
         };
         BackupStatus {

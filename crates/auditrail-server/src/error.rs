@@ -69,6 +69,11 @@ impl ApiError {
         }
     }
 
+    /// 400 `unknown_parameter`: the endpoint has no query parameter `name`.
+    pub fn unknown_parameter(name: &str) -> ApiError {
+        ApiError::bad_request("unknown_parameter", format!("unknown query parameter {name:?}"))
+    }
+
     pub fn not_found(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::NOT_FOUND, "not_found", message)
     }

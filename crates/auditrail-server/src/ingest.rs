@@ -80,7 +80,9 @@ fn prefix_fields(errors: Vec<FieldError>, prefix: &str) -> Vec<FieldError> {
 pub fn prepare(v: Value) -> Result<PreparedEvent, Vec<FieldError>> {
     // The repository's own events (purges, holds, and later logins and reads) cannot be
     // forged by a client: the audit trusts the newest `retention.purge` event it finds.
-    if v.get("category").and_then(Value::as_str) == Some(REPOSITORY_CATEGORY) {
+    if v.get("category").and_then(Value::as_str)
+        == Some(auditrail_store::retention::REPOSITORY_CATEGORY)
+    {
         // A field code of `invalid_event` (listed there), not an error code of its own.
         const INVALID_VALUE: &str = "invalid_value";
         return Err(vec![FieldError {
@@ -91,9 +93,6 @@ pub fn prepare(v: Value) -> Result<PreparedEvent, Vec<FieldError>> {
     }
     ClientEvent::validate(v).and_then(ClientEvent::prepare).map_err(|e| e.0)
 }
-
-/// The category of the events auditrail writes about itself.
-pub const REPOSITORY_CATEGORY: &str = "repository";
 
 /// Appends prepared events once the byte budget allows; answers 503 at once when it does not.
 pub async fn append(

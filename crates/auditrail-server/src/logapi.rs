@@ -120,10 +120,7 @@ pub async fn inclusion(
             "seq" => seq = Some(number("seq", &v)?),
             "tree_size" => size = Some(number("tree_size", &v)?),
             _ => {
-                return Err(ApiError::bad_request(
-                    "unknown_parameter",
-                    format!("unknown query parameter {k:?}"),
-                ));
+                return Err(ApiError::unknown_parameter(&k));
             }
         }
     }
@@ -162,10 +159,7 @@ pub async fn consistency(
             "from" => from = Some(number("from", &v)?),
             "to" => to = Some(number("to", &v)?),
             _ => {
-                return Err(ApiError::bad_request(
-                    "unknown_parameter",
-                    format!("unknown query parameter {k:?}"),
-                ));
+                return Err(ApiError::unknown_parameter(&k));
             }
         }
     }

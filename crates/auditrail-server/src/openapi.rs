@@ -102,7 +102,7 @@ pub async fn serve() -> Response {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SecurityStatus {
-    pub backup: BackupSection,
+    pub backup: crate::backup::BackupStatus,
     /// The forwarders shipping the log to Elasticsearch/OpenSearch and syslog: how far each
     /// has delivered, its lag and its failures.
     pub forwarding: auditrail_forward::ForwardingStatus,
@@ -120,33 +120,6 @@ pub struct RetentionSection {
     pub holds: u64,
     pub purged_events: u64,
     pub purged_segments: u64,
-}
-
-/// Scheduled backup to object storage (`archive_url`).
-#[derive(Debug, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct BackupSection {
-    /// Whether `archive_url` is set; when false the other fields are null or zero.
-    pub enabled: bool,
-    /// The archive URL (credentials are never part of it).
-    pub url: Option<String>,
-    pub interval_ms: Option<u64>,
-    /// The newest manifest written or confirmed, `<tree size>-<unix ms>.json`.
-    pub last_manifest: Option<String>,
-    /// When the last backup run succeeded (RFC 3339).
-    pub last_success_at: Option<String>,
-    /// Tree size covered by the newest manifest.
-    pub archived_tree_size: u64,
-    /// Tree size of the newest checkpoint of the log.
-    pub published_tree_size: u64,
-    /// `published_tree_size - archived_tree_size`.
-    pub lag_events: u64,
-    /// Seconds since the last successful run while events wait (0 when up to date): an upper
-    /// bound of the age of the oldest event not yet archived.
-    pub lag_seconds: u64,
-    /// The last run's error, cleared by a success.
-    pub last_error: Option<String>,
-    pub consecutive_failures: u64,
 }
 
 /// One audit event as a client sends it: a JSON object. Its schema is the JSON Schema

@@ -187,10 +187,7 @@ pub async fn search(
                 continue;
             }
             _ => {
-                return Err(ApiError::bad_request(
-                    "unknown_parameter",
-                    format!("unknown query parameter {k:?}"),
-                ));
+                return Err(ApiError::unknown_parameter(k));
             }
         };
         q.all_of.push(vec![term(field, v)]);
@@ -257,10 +254,7 @@ pub fn find_by_id(state: &SharedState, id: &str) -> Result<Option<Value>, ApiErr
     let mut purged_candidate = None;
     for seq in state.index.id_candidates(id) {
         if let Some(p) = purged.find(seq) {
-            // Rows rebuilt after a purge are placeholders without an id.
-            if state.index.occurred_of(seq) != Some(i64::MIN) {
-                purged_candidate = Some((seq, p.clone()));
-            }
+            purged_candidate = Some((seq, p.clone()));
             continue;
         }
         let event = state.read_event(seq)?;
@@ -344,10 +338,7 @@ pub async fn get_event(
             ("proof", "inclusion") => proof = true,
             ("proof", _) => return Err(bad("proof", "must be inclusion")),
             _ => {
-                return Err(ApiError::bad_request(
-                    "unknown_parameter",
-                    format!("unknown query parameter {k:?}"),
-                ));
+                return Err(ApiError::unknown_parameter(&k));
             }
         }
     }
@@ -442,10 +433,7 @@ pub async fn stats(
             "from" => from = time_param("from", &v)?,
             "to" => to = time_param("to", &v)?,
             _ => {
-                return Err(ApiError::bad_request(
-                    "unknown_parameter",
-                    format!("unknown query parameter {k:?}"),
-                ));
+                return Err(ApiError::unknown_parameter(&k));
             }
         }
     }

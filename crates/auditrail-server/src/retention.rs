@@ -6,7 +6,6 @@
 use crate::error::ApiError;
 use crate::query::pairs;
 use crate::{SharedState, blocking};
-use auditrail_core::event::ClientEvent;
 use auditrail_core::time::{format_millis, parse_rfc3339};
 use auditrail_store::retention::{Hold, PurgedSegment, RetentionPolicy};
 use axum::Json;
@@ -25,24 +24,12 @@ pub fn policy(config: &crate::Config) -> RetentionPolicy {
     }
 }
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
-/// Appends events the repository writes about itself (category `repository`).
+/// Appends events auditrail records about itself (category `repository`).
 fn record(state: &SharedState, events: Vec<Value>) -> Result<(), ApiError> {
-    let mut prepared = Vec::with_capacity(events.len());
-    for mut e in events {
-        e["category"] = json!("repository");
-        e["source"] = json!({"system": "auditrail", "type": "audit-repository"});
-        let p = ClientEvent::validate(e).and_then(|c| c.prepare()).map_err(|details| {
-            ApiError::internal(format!("a repository event is invalid: {details:?}"))
-        })?;
-        prepared.push(p);
-    }
+    let prepared = events
+        .into_iter()
+        .map(auditrail_store::retention::repository_event)
+        .collect::<Result<Vec<_>, _>>()?;
     state.store.append(prepared)?;
     Ok(())
 }
@@ -50,7 +37,7 @@ fn record(state: &SharedState, events: Vec<Value>) -> Result<(), ApiError> {
 /// Purges what retention allows now (the store records it in the log first). Returns what
 /// went.
 pub fn purge_now(state: &SharedState, actor: &str) -> Result<Vec<PurgedSegment>, ApiError> {
-    let gone = state.store.purge(&policy(&state.config), now_ms(), actor)?;
+    let gone = state.store.purge(&policy(&state.config), crate::now_ms(), actor)?;
     if !gone.is_empty() {
         state.index.set_purged(state.store.purged().ranges());
         for p in &gone {
@@ -118,10 +105,7 @@ fn hold_json(h: &Hold) -> Value {
 
 fn no_parameters(raw: Option<&str>) -> Result<(), ApiError> {
     match pairs(raw)?.into_iter().next() {
-        Some((k, _)) => Err(ApiError::bad_request(
-            "unknown_parameter",
-            format!("unknown query parameter {k:?}"),
-        )),
+        Some((k, _)) => Err(ApiError::unknown_parameter(&k)),
         None => Ok(()),
     }
 }
@@ -197,17 +181,14 @@ pub async fn post_purge(
                 ));
             }
             _ => {
-                return Err(ApiError::bad_request(
-                    "unknown_parameter",
-                    format!("unknown query parameter {k:?}"),
-                ));
+                return Err(ApiError::unknown_parameter(&k));
             }
         }
     }
     let s = state.clone();
     blocking(move || {
         if dry_run {
-            let plan = s.store.retention_plan(&policy(&s.config), now_ms())?;
+            let plan = s.store.retention_plan(&policy(&s.config), crate::now_ms())?;
             let segments: Vec<Value> = plan
                 .iter()
                 .map(|d| {
@@ -287,7 +268,7 @@ pub async fn create_hold(
         let hold = Hold {
             id: uuid::Uuid::now_v7().to_string(),
             reason: new.reason,
-            created_ms: now_ms(),
+            created_ms: crate::now_ms(),
             project: new.project,
             patient_token: new.patient.as_deref().map(|p| s.store.patient_token(p)),
             from_ms,

@@ -296,7 +296,8 @@ pub struct SegmentSummary {
     pub occurred: Option<(i64, i64)>,
     /// The newest `recorded_at` per project (`None`: events without a project).
     pub projects: BTreeMap<Option<String>, i64>,
-    /// Tokens of the events' patient ids.
+    /// Tokens of the events' patient ids, only those in the `wanted` set it was summarised
+    /// for (the patients legal holds name).
     pub patients: BTreeSet<String>,
 }
 
@@ -313,11 +314,12 @@ impl SegmentSummary {
     }
 }
 
-/// Reads a sealed segment's events and summarises them.
+/// Reads a sealed segment's events and summarises them for retention.
 pub fn summarise(
     io: &dyn Io,
     master: &MasterKeys,
     tokens: &PatientTokens,
+    wanted_patients: &BTreeSet<String>,
     first_seq: u64,
     end_seq: u64,
 ) -> Result<SegmentSummary, StoreError> {
@@ -349,8 +351,11 @@ pub fn summarise(
         }
         let newest = s.projects.entry(f.project).or_insert(recorded);
         *newest = (*newest).max(recorded);
-        if let Some(p) = f.patient {
-            s.patients.insert(tokens.token(&p.id));
+        if let Some(p) = f.patient.filter(|_| !wanted_patients.is_empty()) {
+            let token = tokens.token(&p.id);
+            if wanted_patients.contains(&token) {
+                s.patients.insert(token);
+            }
         }
         Ok(())
     })?;
@@ -524,8 +529,6 @@ pub fn purge_events(
         let event = serde_json::json!({
             "action": "retention.purge",
             "outcome": "success",
-            "category": "repository",
-            "source": {"system": "auditrail", "type": "audit-repository"},
             "actor": {"user_id": actor},
             "outcome_desc": format!(
                 "purged {} segment(s) holding {events} event(s) past retention (crypto-erasure)",
@@ -543,12 +546,26 @@ pub fn purge_events(
             })).collect::<Vec<_>>(),
             "context": context,
         });
-        let prepared = auditrail_core::event::ClientEvent::validate(event)
-            .and_then(auditrail_core::event::ClientEvent::prepare)
-            .map_err(|e| StoreError::InvalidInput(format!("a purge event is invalid: {e:?}")))?;
-        out.push(prepared);
+        out.push(repository_event(event)?);
     }
     Ok(out)
+}
+
+/// The category of the events auditrail records about itself. Clients may not send it (the
+/// server refuses it), which is what lets the audit trust a purge event.
+pub const REPOSITORY_CATEGORY: &str = "repository";
+const REPOSITORY_SOURCE: &str = "auditrail";
+
+/// An event auditrail records about itself: `event` with the `repository` category and
+/// auditrail as its source.
+pub fn repository_event(
+    mut event: serde_json::Value,
+) -> Result<auditrail_core::event::PreparedEvent, StoreError> {
+    event["category"] = REPOSITORY_CATEGORY.into();
+    event["source"] = serde_json::json!({"system": REPOSITORY_SOURCE, "type": "audit-repository"});
+    auditrail_core::event::ClientEvent::validate(event)
+        .and_then(auditrail_core::event::ClientEvent::prepare)
+        .map_err(|e| StoreError::InvalidInput(format!("a repository event is invalid: {e:?}")))
 }
 
 /// The purged runs a purge event vouches for (`None` if it lists none: not the last of its
@@ -557,7 +574,9 @@ pub fn vouched_runs(canonical: &[u8]) -> Option<Vec<(u64, u64)>> {
     let v: serde_json::Value = serde_json::from_slice(canonical).ok()?;
     // Clients cannot send this category (the server refuses it), so a client's look-alike
     // event vouches for nothing.
-    if v.get("category")? != "repository" || v.get("source")?.get("system")? != "auditrail" {
+    if v.get("category")? != REPOSITORY_CATEGORY
+        || v.get("source")?.get("system")? != REPOSITORY_SOURCE
+    {
         return None;
     }
     let context = v.get("context")?.as_object()?;

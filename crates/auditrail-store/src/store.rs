@@ -30,7 +30,7 @@ use auditrail_core::merkle::{self, Hash};
 use auditrail_core::note::{self, NoteVerifier};
 use auditrail_core::tile::{self, TileId};
 use auditrail_core::time::{UnixMillis, day_of};
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
@@ -205,6 +205,8 @@ pub struct Store {
 struct RetentionState {
     /// Sealed segments never change, so their summaries are kept once read.
     summaries: HashMap<u64, SegmentSummary>,
+    /// The patient tokens the cached summaries were filtered to.
+    held_patients: BTreeSet<String>,
 }
 
 impl std::fmt::Debug for Store {
@@ -494,21 +496,34 @@ impl Store {
             self.stages().published,
             now_ms,
         )?;
+        let holds = crate::retention::load_holds(io)?;
+        // Summaries keep only the patients some hold names, so the cache stays small however
+        // long segments are held; a hold naming a new patient means reading them again.
+        let held: BTreeSet<String> = holds.iter().filter_map(|h| h.patient_token.clone()).collect();
+        if !held.is_subset(&state.held_patients) {
+            state.summaries.clear();
+            state.held_patients = held.clone();
+        }
         let mut summaries = Vec::with_capacity(candidates.len());
         for (first, end) in candidates {
             let summary = match state.summaries.get(&first) {
                 Some(s) => s.clone(),
                 None => {
                     let tokens = crate::retention::PatientTokens::new(&self.keys);
-                    let s =
-                        crate::retention::summarise(io, &self.keys.master, &tokens, first, end)?;
+                    let s = crate::retention::summarise(
+                        io,
+                        &self.keys.master,
+                        &tokens,
+                        &state.held_patients,
+                        first,
+                        end,
+                    )?;
                     state.summaries.insert(first, s.clone());
                     s
                 }
             };
             summaries.push(summary);
         }
-        let holds = crate::retention::load_holds(io)?;
         Ok(crate::retention::decide(&summaries, policy, &holds, now_ms))
     }
 

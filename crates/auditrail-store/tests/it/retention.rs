@@ -231,3 +231,20 @@ fn tampering_with_a_purged_range_is_detected() {
         report.problems
     );
 }
+
+#[test]
+fn a_patient_hold_placed_after_planning_still_holds() {
+    let (log, store, days) = ten_days();
+    let policy = RetentionPolicy::default();
+    let at = T0 + 5 * DAY_MS + 3_600_000 + 2557 * DAY_MS;
+    // Planning first caches summaries that name no patient (no hold named one yet).
+    let plan = store.retention_plan(&policy, at).unwrap();
+    assert!(plan.iter().find(|d| d.first_seq == days[2].0).unwrap().purge);
+    store.add_hold(hold(&store, "late", None, Some("HOLD-ME"), None)).unwrap();
+    let gone: Vec<u64> =
+        store.purge(&policy, at, "test").unwrap().iter().map(|p| p.first_seq).collect();
+    assert!(!gone.contains(&days[2].0), "the patient's segment is held");
+    assert_eq!(gone.len(), 5);
+    store.close().unwrap();
+    log.audit_ok();
+}
