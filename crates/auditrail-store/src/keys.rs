@@ -57,7 +57,45 @@ impl MasterKeys {
     pub fn get(&self, version: u32) -> Option<&Sealer> {
         self.keys.get(&version)
     }
+
+    /// Encrypts a small file (the accounts database, a wrapped secret) under the current master
+    /// key: `SEALED_MAGIC`, the key version (u32 BE), a random nonce, then AES-256-GCM of
+    /// `plaintext` with `purpose` as associated data, so a blob sealed for one file cannot be
+    /// passed off as another. Rotation re-seals blobs under the newest version.
+    pub fn seal_blob(&self, purpose: &str, plaintext: &[u8]) -> Vec<u8> {
+        let (version, sealer) = self.current();
+        let nonce = crypto::random::<{ crypto::NONCE_BYTES }>();
+        let mut out = Vec::with_capacity(SEALED_HEADER_BYTES + plaintext.len() + crypto::TAG_BYTES);
+        out.extend_from_slice(SEALED_MAGIC);
+        out.extend_from_slice(&version.to_be_bytes());
+        out.extend_from_slice(&nonce);
+        out.extend_from_slice(&sealer.seal(&nonce, purpose.as_bytes(), plaintext));
+        out
+    }
+
+    /// Decrypts a blob from [`MasterKeys::seal_blob`] sealed for the same `purpose`.
+    pub fn open_blob(&self, purpose: &str, sealed: &[u8]) -> Result<Vec<u8>, String> {
+        let Some(rest) = sealed.strip_prefix(SEALED_MAGIC) else {
+            return Err("not a sealed file".into());
+        };
+        if rest.len() < 4 + crypto::NONCE_BYTES {
+            return Err("sealed file is truncated".into());
+        }
+        let version = u32::from_be_bytes(rest[..4].try_into().expect("4 bytes"));
+        let nonce: [u8; crypto::NONCE_BYTES] =
+            rest[4..4 + crypto::NONCE_BYTES].try_into().expect("nonce bytes");
+        let sealer = self
+            .get(version)
+            .ok_or_else(|| format!("sealed under master key version {version}, which is missing"))?;
+        sealer
+            .open(&nonce, purpose.as_bytes(), &rest[4 + crypto::NONCE_BYTES..])
+            .map_err(|e| format!("cannot open sealed {purpose}: {e}"))
+    }
 }
+
+/// The first bytes of a file sealed by [`MasterKeys::seal_blob`].
+pub const SEALED_MAGIC: &[u8; 8] = b"ATSEAL1\n";
+const SEALED_HEADER_BYTES: usize = SEALED_MAGIC.len() + 4 + crypto::NONCE_BYTES;
 
 #[derive(Debug, Clone)]
 pub struct Keys {
@@ -129,4 +167,29 @@ pub fn init(dir: &Path, origin: &str) -> Result<Keys, String> {
     }
     std::fs::File::open(&keys_dir).and_then(|d| d.sync_all()).map_err(|e| e.to_string())?;
     Ok(Keys { signer, master: MasterKeys::parse(&master_text)? })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sealed_blobs_open_only_for_their_purpose_and_key() {
+        let one = MasterKeys::parse(&format!("1 {}\n", B64.encode([7u8; 32]))).unwrap();
+        let sealed = one.seal_blob("accounts", b"secret");
+        assert_eq!(one.open_blob("accounts", &sealed).unwrap(), b"secret");
+        assert!(one.open_blob("holds", &sealed).is_err());
+        let mut altered = sealed.clone();
+        *altered.last_mut().unwrap() ^= 1;
+        assert!(one.open_blob("accounts", &altered).is_err());
+        let two = MasterKeys::parse(&format!(
+            "1 {}\n2 {}\n",
+            B64.encode([7u8; 32]),
+            B64.encode([9u8; 32])
+        ))
+        .unwrap();
+        assert_eq!(two.open_blob("accounts", &sealed).unwrap(), b"secret");
+        let newer = two.seal_blob("accounts", b"secret");
+        assert!(one.open_blob("accounts", &newer).unwrap_err().contains("version 2"));
+    }
 }

@@ -322,6 +322,11 @@ impl Store {
         self.keys.signer.verifier()
     }
 
+    /// The master keys, for other files sealed at rest ([`crate::keys::MasterKeys::seal_blob`]).
+    pub fn master_keys(&self) -> &crate::keys::MasterKeys {
+        &self.keys.master
+    }
+
     pub fn io(&self) -> &Arc<dyn Io> {
         &self.io
     }
