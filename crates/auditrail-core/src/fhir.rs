@@ -181,6 +181,57 @@ fn is_patient_entity(entity: &Value) -> bool {
         || entity.get("role").is_some_and(|r| has_code(r, OBJECT_ROLE_R4, "1"))
 }
 
+/// What a masked patient identifier reads as.
+pub const MASKED: &str = "***";
+
+/// Masks every patient identifier in a stored event, for readers without the right to see
+/// them: the native `patient` (id kept only as [`MASKED`], system kept), and in the received
+/// FHIR resource each patient entity's and patient agent's reference, identifier, display and
+/// name (its query is removed). Everything else (who acted, when, what, the outcome) stays readable.
+pub fn mask_patient(stored: &mut Value) {
+    if let Some(p) = stored.get_mut("patient").and_then(Value::as_object_mut) {
+        p.insert("id".into(), MASKED.into());
+    }
+    let Some(resource) = stored.get_mut("fhir") else { return };
+    let mask_reference = |r: &mut Value| {
+        if let Some(m) = r.as_object_mut() {
+            if m.contains_key("reference") {
+                m.insert("reference".into(), format!("Patient/{MASKED}").into());
+            }
+            if let Some(id) = m.get_mut("identifier").and_then(Value::as_object_mut) {
+                id.insert("value".into(), MASKED.into());
+            }
+            if m.contains_key("display") {
+                m.insert("display".into(), MASKED.into());
+            }
+        }
+    };
+    if let Some(entities) = resource.get_mut("entity").and_then(Value::as_array_mut) {
+        for e in entities.iter_mut().filter(|e| is_patient_entity(e)) {
+            if let Some(what) = e.get_mut("what") {
+                mask_reference(what);
+            }
+            let Some(m) = e.as_object_mut() else { continue };
+            for field in ["name", "description"] {
+                if m.contains_key(field) {
+                    m.insert(field.into(), MASKED.into());
+                }
+            }
+            // base64Binary: no masked text would be valid FHIR, so it goes.
+            m.remove("query");
+        }
+    }
+    if let Some(agents) = resource.get_mut("agent").and_then(Value::as_array_mut) {
+        for a in agents {
+            if a.get("who").is_some_and(refers_to_patient)
+                && let Some(who) = a.get_mut("who")
+            {
+                mask_reference(who);
+            }
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Structure check: the JSON types of the R4 elements, so that nothing read later is
 // misinterpreted and the resource we serve back is FHIR JSON.

@@ -54,6 +54,24 @@ pub struct Config {
     /// Time between two backups (the delay after a failure starts at 500 ms and doubles up
     /// to this).
     pub archive_interval_ms: u64,
+    /// Lifetime of an access token (a session refreshes it).
+    pub access_token_ttl_ms: u64,
+    /// A session ends after this long without a request.
+    pub session_idle_timeout_ms: u64,
+    /// A session ends this long after login, however active.
+    pub session_lifetime_ms: u64,
+    /// Concurrent sessions per user; a new login beyond it ends the oldest.
+    pub sessions_per_user_max: usize,
+    /// Failed logins in a row that lock an account.
+    pub lockout_failures: u32,
+    /// How long a lockout lasts.
+    pub lockout_duration_ms: u64,
+    /// Roles whose holders must enrol and use TOTP (`*`: everyone; empty: MFA optional).
+    pub mfa_required_roles: Vec<String>,
+    /// Longest break-glass elevation.
+    pub break_glass_duration_max_ms: u64,
+    /// Login and refresh attempts per client address per minute.
+    pub auth_attempts_per_minute_max: u32,
 }
 
 /// Bounds of `segment_bytes_max`.
@@ -88,6 +106,15 @@ impl Default for Config {
             forward: auditrail_forward::ForwardConfig::default(),
             archive_url: String::new(),
             archive_interval_ms: 300_000,
+            access_token_ttl_ms: 5 * 60_000,
+            session_idle_timeout_ms: 30 * 60_000,
+            session_lifetime_ms: 12 * 3_600_000,
+            sessions_per_user_max: 5,
+            lockout_failures: 5,
+            lockout_duration_ms: 30 * 60_000,
+            mfa_required_roles: vec!["admin".into()],
+            break_glass_duration_max_ms: 4 * 3_600_000,
+            auth_attempts_per_minute_max: 20,
         }
     }
 }
@@ -103,6 +130,22 @@ pub enum ConfigError {
 }
 
 impl Config {
+    /// The session and login rules for [`crate::auth::Auth`].
+    pub fn auth_settings(&self) -> crate::auth::AuthSettings {
+        let ms = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        crate::auth::AuthSettings {
+            access_token_ttl_ms: ms(self.access_token_ttl_ms),
+            session_idle_timeout_ms: ms(self.session_idle_timeout_ms),
+            session_lifetime_ms: ms(self.session_lifetime_ms),
+            sessions_per_user_max: self.sessions_per_user_max,
+            lockout_failures: self.lockout_failures,
+            lockout_duration_ms: ms(self.lockout_duration_ms),
+            mfa_required_roles: self.mfa_required_roles.iter().cloned().collect(),
+            break_glass_duration_max_ms: ms(self.break_glass_duration_max_ms),
+            issuer: self.origin.clone(),
+        }
+    }
+
     /// Defaults, overridden by `file` (if given) and then by the environment.
     pub fn load(
         file: Option<&std::path::Path>,
@@ -168,6 +211,23 @@ impl Config {
                 self.segment_bytes_max
             ));
         }
+        if self.access_token_ttl_ms < 10_000 || self.session_idle_timeout_ms < 60_000 {
+            return Err("access_token_ttl_ms must be at least 10000 and session_idle_timeout_ms at least 60000".into());
+        }
+        if self.session_lifetime_ms < self.session_idle_timeout_ms {
+            return Err("session_lifetime_ms must be at least session_idle_timeout_ms".into());
+        }
+        if self.sessions_per_user_max == 0
+            || self.lockout_failures == 0
+            || self.auth_attempts_per_minute_max == 0
+        {
+            return Err("sessions_per_user_max, lockout_failures and auth_attempts_per_minute_max must be at least 1".into());
+        }
+        for role in &self.mfa_required_roles {
+            if role != "*" && !crate::auth::roles::valid_name(role) {
+                return Err(format!("mfa_required_roles: {role:?} is not a role name"));
+            }
+        }
         crate::retention::policy(self).check(self.retention_force)?;
         self.forward.check().map_err(|e| e.to_string())?;
         Ok(())
@@ -220,6 +280,23 @@ impl Config {
             "segment_bytes_max" => self.segment_bytes_max = num(value)?,
             "archive_url" => self.archive_url = value.to_string(),
             "archive_interval_ms" => self.archive_interval_ms = num(value)?,
+            "access_token_ttl_ms" => self.access_token_ttl_ms = num(value)?,
+            "session_idle_timeout_ms" => self.session_idle_timeout_ms = num(value)?,
+            "session_lifetime_ms" => self.session_lifetime_ms = num(value)?,
+            "sessions_per_user_max" => self.sessions_per_user_max = num(value)?,
+            "lockout_failures" => self.lockout_failures = num(value)?,
+            "lockout_duration_ms" => self.lockout_duration_ms = num(value)?,
+            // `admin,security_officer`, `*`, or empty
+            "mfa_required_roles" => {
+                self.mfa_required_roles = value
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|r| !r.is_empty())
+                    .map(String::from)
+                    .collect()
+            }
+            "break_glass_duration_max_ms" => self.break_glass_duration_max_ms = num(value)?,
+            "auth_attempts_per_minute_max" => self.auth_attempts_per_minute_max = num(value)?,
             // Variables the binary reads itself.
             "config" => {}
             _ => return Err(format!("unknown setting {key:?}")),

@@ -28,6 +28,22 @@ that is not published.
 - `invalid_parameter` (400): a query parameter is missing, repeated or has a bad value; the \
 message names it.
 - `unknown_parameter` (400): the endpoint has no such query parameter.
+- `invalid_parameter` also covers bad fields of the access-control bodies (users, roles, keys).
+- `weak_password` (400): the new password is shorter than 12 characters or guessable; the \
+message says why.
+- `unauthenticated` (401, with `WWW-Authenticate: Bearer`): no credentials, or an access token \
+or API key that is invalid, expired, revoked, or whose session ended.
+- `invalid_credentials` (401): the user name, password or code is wrong.
+- `mfa_required` (401): the account uses a second factor; send `totp_code` or `recovery_code`.
+- `forbidden` (403): the caller's roles or key scopes do not allow this.
+- `password_change_required` (403): the session may only change its password first.
+- `mfa_enrolment_required` (403): the session may only enrol TOTP first.
+- `account_locked` (403, with `Retry-After`): too many failed logins; `retry_after_seconds` says \
+how long.
+- `network_forbidden` (403): the API key may not be used from the client's address.
+- `export_disabled` (403): governance allows exports only to object storage for this project.
+- `conflict` (409): the change conflicts with what exists (a taken name, the last administrator).
+- `rate_limited` (429, with `Retry-After`): too many authentication attempts from this address.
 - `not_found` (404): no such event, tile or endpoint.
 - `purged` (410): retention purged the event; `purged` in the error holds its seq, when its segment was purged, its leaf hash and an inclusion proof that it existed.
 - `not_yet_published` (409): the event is not in a published checkpoint yet; retry in a second.
@@ -140,6 +156,11 @@ impl IntoResponse for ApiError {
         let mut response = (self.status, axum::Json(self.body())).into_response();
         if self.status == StatusCode::SERVICE_UNAVAILABLE {
             response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        if let Some(("retry_after_seconds", seconds)) = &self.extra
+            && let Ok(v) = HeaderValue::from_str(&seconds.to_string())
+        {
+            response.headers_mut().insert(header::RETRY_AFTER, v);
         }
         response
     }

@@ -5,6 +5,7 @@
 //! Async stays at this edge: the store and the index are synchronous and are called from
 //! blocking tasks.
 
+pub mod auth;
 pub mod backup;
 pub mod config;
 pub mod error;
@@ -109,6 +110,9 @@ pub struct AppState {
     pub forwarding: auditrail_forward::Forwarding,
     /// Scheduled backup's progress, when `archive_url` is set.
     pub backup: Option<Arc<backup::BackupMonitor>>,
+    /// Accounts, sessions and the repository's record of its own use.
+    pub auth: auth::Auth,
+    pub login_limiter: auth::http::RateLimiter,
 }
 
 pub type SharedState = Arc<AppState>;
@@ -190,6 +194,33 @@ pub(crate) fn routes() -> Vec<(&'static str, MethodRouter<SharedState>)> {
         ("/api/v1/retention/purge", post(retention::post_purge)),
         ("/api/v1/retention/holds", post(retention::create_hold)),
         ("/api/v1/retention/holds/{id}", axum::routing::delete(retention::release_hold)),
+        ("/api/v1/auth/login", post(auth::http::login)),
+        ("/api/v1/auth/refresh", post(auth::http::refresh)),
+        ("/api/v1/auth/logout", post(auth::http::logout)),
+        ("/api/v1/auth/me", get(auth::http::me)),
+        ("/api/v1/auth/password", post(auth::http::change_password)),
+        ("/api/v1/auth/mfa/totp", post(auth::http::totp_begin).delete(auth::http::totp_remove)),
+        ("/api/v1/auth/mfa/totp/confirm", post(auth::http::totp_confirm)),
+        ("/api/v1/auth/break-glass", post(auth::http::break_glass)),
+        ("/api/v1/users", get(auth::http::list_users).post(auth::http::create_user)),
+        ("/api/v1/users/{id}", get(auth::http::get_user).patch(auth::http::update_user)),
+        ("/api/v1/users/{id}/password-reset", post(auth::http::reset_password)),
+        ("/api/v1/users/{id}/mfa-reset", post(auth::http::reset_mfa)),
+        ("/api/v1/users/{id}/unlock", post(auth::http::unlock)),
+        ("/api/v1/sessions", get(auth::http::list_sessions)),
+        ("/api/v1/sessions/{id}", axum::routing::delete(auth::http::revoke_session)),
+        ("/api/v1/roles", get(auth::http::list_roles)),
+        (
+            "/api/v1/roles/{name}",
+            axum::routing::put(auth::http::put_role).delete(auth::http::delete_role),
+        ),
+        ("/api/v1/api-keys", get(auth::http::list_keys).post(auth::http::create_key)),
+        ("/api/v1/api-keys/{id}", axum::routing::delete(auth::http::revoke_key)),
+        ("/api/v1/projects", get(auth::http::list_projects).post(auth::http::create_project)),
+        (
+            "/api/v1/settings/governance",
+            get(auth::http::get_governance).put(auth::http::put_governance),
+        ),
         ("/log/checkpoint", get(logapi::checkpoint)),
         ("/log/tile/{*path}", get(logapi::tile)),
     ]
@@ -199,6 +230,8 @@ pub fn app(state: SharedState) -> Router {
     routes()
         .into_iter()
         .fold(Router::new(), |router, (path, methods)| router.route(path, methods))
+        // Every matched route passes the access rules; unmatched paths fall through to 404.
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::http::authorize))
         .fallback(not_found)
         .layer(axum::extract::DefaultBodyLimit::disable())
         .with_state(state)
@@ -421,7 +454,24 @@ pub fn start(config: Config) -> Result<Service, String> {
     let backup = (!config.archive_url.is_empty()).then(|| {
         Arc::new(backup::BackupMonitor::new(&config.archive_url, config.archive_interval_ms))
     });
+    let (auth, bootstrap) = auth::Auth::open(
+        &data,
+        store.clone(),
+        config.auth_settings(),
+        Arc::new(auth::SystemClock),
+    )?;
+    if let Some(path) = bootstrap {
+        // The password itself never goes to a log: only where to find it.
+        eprintln!(
+            "auditrail: created the first administrator, user 'admin'; its one-time password is in {} \
+             (readable only by this user). Log in with POST /api/v1/auth/login, then change the \
+             password and enrol TOTP (README).",
+            path.display()
+        );
+    }
     let state = Arc::new(AppState {
+        auth,
+        login_limiter: auth::http::RateLimiter::default(),
         forwarding,
         blocks: BlockCache::new(store.block_reader(), config.block_cache_bytes_max),
         ingest_budget: Arc::new(tokio::sync::Semaphore::new(config.ingest_bytes_in_flight_max)),
@@ -496,7 +546,11 @@ impl Service {
         let Service { state, .. } = self;
         let state = Arc::try_unwrap(state)
             .map_err(|_| "requests still hold the state at shutdown".to_string())?;
-        let store = Arc::try_unwrap(state.store)
+        // Accounts hold the store for their records; the last API-key use times are saved.
+        state.auth.flush();
+        let AppState { store, auth, .. } = state;
+        drop(auth);
+        let store = Arc::try_unwrap(store)
             .map_err(|_| "the store is still shared at shutdown".to_string())?;
         store.close().map_err(|e| e.to_string())?;
         Ok(())
@@ -529,10 +583,13 @@ pub async fn run(
     eprintln!("auditrail: listening on http://{addr}");
     // Tests and scripts read this line to learn the port when listening on :0.
     println!("listening on http://{addr}");
-    axum::serve(listener, app(service.state.clone()))
-        .with_graceful_shutdown(shutdown)
-        .await
-        .map_err(|e| e.to_string())?;
+    axum::serve(
+        listener,
+        app(service.state.clone()).into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
+    .map_err(|e| e.to_string())?;
     if let Some(task) = archiver {
         // Each run is idempotent and its state file is replaced atomically: stopping mid-run
         // loses nothing, the next start resumes.

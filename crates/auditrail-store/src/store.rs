@@ -388,6 +388,25 @@ impl Store {
         }
     }
 
+    /// Queues a batch without waiting for it to be durable: it becomes durable with the next
+    /// group commit (milliseconds), unless the process dies first. For records whose loss in a
+    /// crash is tolerable but whose absence in normal operation is not (the server's trace of
+    /// each read). Answers `Backpressure` at once when the queue is full, and refuses when the
+    /// store is poisoned, so a caller that must leave a trace can refuse its own work instead.
+    pub fn submit(&self, events: Vec<PreparedEvent>) -> Result<(), StoreError> {
+        self.check_batch(&events)?;
+        if events.is_empty() {
+            return Ok(());
+        }
+        // The writer's answer goes nowhere: its send to a dropped receiver is ignored.
+        let (tx, _rx) = mpsc::sync_channel(1);
+        match self.requests.try_send(Request::Append { events, reply: tx }) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(_)) => Err(StoreError::Backpressure),
+            Err(TrySendError::Disconnected(_)) => Err(self.closed()),
+        }
+    }
+
     /// Integrates everything sequenced so far and publishes a checkpoint for it now.
     pub fn publish(&self) -> Result<Stages, StoreError> {
         let (tx, rx) = mpsc::sync_channel(1);
