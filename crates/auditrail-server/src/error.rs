@@ -41,7 +41,6 @@ or API key that is invalid, expired, revoked, or whose session ended.
 - `account_locked` (403, with `Retry-After`): too many failed logins; `retry_after_seconds` says \
 how long.
 - `network_forbidden` (403): the API key may not be used from the client's address.
-- `export_disabled` (403): governance allows exports only to object storage for this project.
 - `conflict` (409): the change conflicts with what exists (a taken name, the last administrator).
 - `rate_limited` (429, with `Retry-After`): too many authentication attempts from this address.
 - `not_found` (404): no such event, tile or endpoint.

@@ -102,9 +102,15 @@ fn parse_resource(bytes: &[u8]) -> Result<Value, FhirError> {
 type Mapped = (auditrail_core::event::PreparedEvent, Map<String, Value>, Vec<Issue>);
 
 /// Maps one received AuditEvent to a prepared native event plus its warnings.
-fn map_audit_event(resource: &Value, at: &str) -> Result<Mapped, Vec<Issue>> {
+fn map_audit_event(
+    resource: &Value,
+    at: &str,
+    writable: &crate::auth::Scope,
+) -> Result<Mapped, Vec<Issue>> {
     let (map, warnings) = fhir::to_canonical(resource).map_err(|issues| prefix(issues, at))?;
-    let prepared = ClientEvent::validate(Value::Object(map.clone()))
+    let prepared = crate::ingest::check_project(&map, writable)
+        .map_err(auditrail_core::event::InvalidEvent)
+        .and_then(|_| ClientEvent::validate(Value::Object(map.clone())))
         .and_then(ClientEvent::prepare)
         .map_err(|e| {
             e.0.iter()
@@ -195,13 +201,15 @@ is durable.",
 )]
 pub async fn create(
     State(state): State<SharedState>,
+    axum::Extension(principal): axum::Extension<crate::auth::Principal>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, FhirError> {
     require_fhir_json(&headers)?;
     let bytes = read_body(body, state.config.body_bytes_max).await?;
     let resource = parse_resource(&bytes)?;
-    let (prepared, map, warnings) = map_audit_event(&resource, "")
+    let writable = principal.scope(crate::auth::roles::Permission::EventsWrite);
+    let (prepared, map, warnings) = map_audit_event(&resource, "", &writable)
         .map_err(|issues| FhirError { status: StatusCode::BAD_REQUEST, issues })?;
     let receipts = append(&state, vec![prepared], bytes.len()).await?;
     let r = &receipts[0];
@@ -252,9 +260,11 @@ they are durable.",
 )]
 pub async fn bundle(
     State(state): State<SharedState>,
+    axum::Extension(principal): axum::Extension<crate::auth::Principal>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, FhirError> {
+    let writable = principal.scope(crate::auth::roles::Permission::EventsWrite);
     require_fhir_json(&headers)?;
     let bytes = read_body(body, state.config.body_bytes_max).await?;
     let bundle = parse_resource(&bytes)?;
@@ -317,7 +327,7 @@ pub async fn bundle(
                 continue;
             }
         }
-        match map_audit_event(resource, &format!("{at}.resource")) {
+        match map_audit_event(resource, &format!("{at}.resource"), &writable) {
             Ok((p, m, w)) => {
                 prepared.push(p);
                 maps.push(m);
@@ -380,10 +390,16 @@ pub async fn bundle(
 )]
 pub async fn read(
     State(state): State<SharedState>,
+    axum::Extension(principal): axum::Extension<crate::auth::Principal>,
     Path(id): Path<String>,
 ) -> Result<Response, FhirError> {
     let s = state.clone();
-    let found = blocking(move || find_by_id(&s, &id).map(|e| e.ok_or(id))).await?;
+    let view = crate::auth::EventView::of(&principal);
+    // An event outside the caller's projects is answered as unknown.
+    let found = blocking(move || {
+        find_by_id(&s, &id).map(|e| e.and_then(|mut e| view.apply(&mut e).then_some(e)).ok_or(id))
+    })
+    .await?;
     match found {
         Ok(event) => {
             let mut r = fhir_json(StatusCode::OK, &fhir::to_audit_event(&event));
@@ -527,19 +543,24 @@ answer is a `searchset` Bundle with `total` and `self`/`next` links. Semantics: 
 )]
 pub async fn search(
     State(state): State<SharedState>,
+    axum::Extension(principal): axum::Extension<crate::auth::Principal>,
     headers: HeaderMap,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, FhirError> {
     let params = pairs(raw.as_deref())?;
+    let view = crate::auth::EventView::of(&principal);
+    let projects = view.project_filter(None)?;
     let search = fhir::parse_search(&params)
         .map_err(|issues| FhirError { status: StatusCode::BAD_REQUEST, issues })?;
     let base = base_url(&state, &headers);
     state.metrics.searches.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let s = state.clone();
     // Run off the async workers, keeping the OperationOutcome (and its status) of a failure.
-    let body = tokio::task::spawn_blocking(move || search_bundle(&s, &search, &params, &base))
-        .await
-        .map_err(|e| FhirError::from(ApiError::internal(e)))??;
+    let body = tokio::task::spawn_blocking(move || {
+        search_bundle(&s, &search, &params, &base, &view, projects)
+    })
+    .await
+    .map_err(|e| FhirError::from(ApiError::internal(e)))??;
     Ok(fhir_json(StatusCode::OK, &body))
 }
 
@@ -548,8 +569,18 @@ fn search_bundle(
     search: &Search,
     params: &[(String, String)],
     base: &str,
+    view: &crate::auth::EventView,
+    projects: Option<Vec<String>>,
 ) -> Result<Value, FhirError> {
     let mut q = to_query(state, search)?;
+    if let Some(projects) = projects {
+        q.all_of.push(
+            projects
+                .iter()
+                .map(|p| auditrail_index::doc::term(auditrail_index::doc::Field::Project, p))
+                .collect(),
+        );
+    }
     let total = state.index.count(&q);
     let by_date = matches!(search.sort, Sort::DateAsc | Sort::DateDesc);
     let cursor = match &search.cursor {
@@ -616,7 +647,8 @@ fn search_bundle(
     };
     let mut entries = Vec::with_capacity(seqs.len());
     for seq in seqs {
-        let event = state.read_event(seq).map_err(FhirError::from)?;
+        let mut event = state.read_event(seq).map_err(FhirError::from)?;
+        view.apply(&mut event);
         let resource = fhir::to_audit_event(&event);
         let id = resource.get("id").and_then(Value::as_str).unwrap_or("").to_string();
         entries.push(json!({

@@ -76,8 +76,41 @@ fn prefix_fields(errors: Vec<FieldError>, prefix: &str) -> Vec<FieldError> {
         .collect()
 }
 
-/// Validates and prepares one event given as JSON.
-pub fn prepare(v: Value) -> Result<PreparedEvent, Vec<FieldError>> {
+/// Refuses an event whose project the writer's key or grants do not cover.
+pub fn check_project(
+    v: &serde_json::Map<String, Value>,
+    writable: &crate::auth::Scope,
+) -> Result<(), Vec<FieldError>> {
+    let project = v.get("project").and_then(Value::as_str);
+    let allowed = match writable {
+        crate::auth::Scope::Everywhere => true,
+        crate::auth::Scope::Projects(set) => project.is_some_and(|p| set.contains(p)),
+        crate::auth::Scope::Nowhere => false,
+    };
+    if allowed {
+        return Ok(());
+    }
+    // A field code of `invalid_event` (listed there), not an error code of its own.
+    const NOT_PERMITTED: &str = "not_permitted";
+    Err(vec![FieldError {
+        field: "project".into(),
+        code: NOT_PERMITTED,
+        message: match writable {
+            crate::auth::Scope::Projects(set) => format!(
+                "this caller may write only events of the projects {}",
+                set.iter().cloned().collect::<Vec<_>>().join(", ")
+            ),
+            _ => "this caller may not write events".into(),
+        },
+    }])
+}
+
+/// Validates and prepares one event given as JSON, written by a caller who may write to
+/// `writable` projects.
+pub fn prepare(v: Value, writable: &crate::auth::Scope) -> Result<PreparedEvent, Vec<FieldError>> {
+    if let Value::Object(m) = &v {
+        check_project(m, writable)?;
+    }
     // The repository's own events (purges, holds, and later logins and reads) cannot be
     // forged by a client: the audit trusts the newest `retention.purge` event it finds.
     if v.get("category").and_then(Value::as_str)
@@ -166,16 +199,19 @@ with `duplicate: true`.",
 )]
 pub async fn post_events(
     State(state): State<SharedState>,
+    axum::Extension(principal): axum::Extension<crate::auth::Principal>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    post_events_inner(&state, &headers, body).await.map_err(|e| rejected(&state, e))
+    let writable = principal.scope(crate::auth::roles::Permission::EventsWrite);
+    post_events_inner(&state, &headers, body, &writable).await.map_err(|e| rejected(&state, e))
 }
 
 async fn post_events_inner(
     state: &SharedState,
     headers: &HeaderMap,
     body: Body,
+    writable: &crate::auth::Scope,
 ) -> Result<Response, ApiError> {
     require_content_type(headers, &["application/json"])?;
     let bytes = read_body(body, state.config.body_bytes_max).await?;
@@ -196,7 +232,7 @@ async fn post_events_inner(
             let mut prepared = Vec::with_capacity(items.len());
             let mut errors = Vec::new();
             for (i, item) in items.into_iter().enumerate() {
-                match prepare(item) {
+                match prepare(item, writable) {
                     Ok(p) => prepared.push(p),
                     Err(e) => errors.extend(prefix_fields(e, &format!("[{i}]."))),
                 }
@@ -211,7 +247,7 @@ async fn post_events_inner(
             Ok((status, axum::Json(body)).into_response())
         }
         Value::Object(_) => {
-            let prepared = prepare(value).map_err(ApiError::invalid_event)?;
+            let prepared = prepare(value, writable).map_err(ApiError::invalid_event)?;
             let receipts = append(state, vec![prepared], bytes.len()).await?;
             let r = &receipts[0];
             let status = if r.duplicate { StatusCode::OK } else { StatusCode::CREATED };
@@ -231,6 +267,7 @@ enum Line {
 }
 
 struct Bulk {
+    writable: crate::auth::Scope,
     lines: Vec<Line>,
     chunk: Vec<PreparedEvent>,
     chunk_bytes: usize,
@@ -248,7 +285,7 @@ impl Bulk {
                 .map_err(|e| ApiError::bad_request("invalid_json", format!("not JSON: {e}")))
                 .and_then(|v| {
                     if v.is_object() {
-                        prepare(v).map_err(ApiError::invalid_event)
+                        prepare(v, &self.writable).map_err(ApiError::invalid_event)
                     } else {
                         Err(ApiError::bad_request("wrong_type", "each line must be a JSON object"))
                     }
@@ -308,16 +345,19 @@ durable.",
 )]
 pub async fn post_bulk(
     State(state): State<SharedState>,
+    axum::Extension(principal): axum::Extension<crate::auth::Principal>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    bulk_inner(&state, &headers, body).await.map_err(|e| rejected(&state, e))
+    let writable = principal.scope(crate::auth::roles::Permission::EventsWrite);
+    bulk_inner(&state, &headers, body, writable).await.map_err(|e| rejected(&state, e))
 }
 
 async fn bulk_inner(
     state: &SharedState,
     headers: &HeaderMap,
     body: Body,
+    writable: crate::auth::Scope,
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
     require_content_type(headers, &["application/x-ndjson", "application/ndjson", "text/plain"])?;
@@ -332,6 +372,7 @@ async fn bulk_inner(
         )));
     }
     let mut bulk = Bulk {
+        writable,
         lines: Vec::new(),
         chunk: Vec::new(),
         chunk_bytes: 0,

@@ -56,9 +56,37 @@ The prose reference is docs/api.md; the event schema is schema/event.schema.json
         crate::retention::post_purge,
         crate::retention::create_hold,
         crate::retention::release_hold,
+        crate::auth::http::login,
+        crate::auth::http::refresh,
+        crate::auth::http::logout,
+        crate::auth::http::me,
+        crate::auth::http::change_password,
+        crate::auth::http::totp_begin,
+        crate::auth::http::totp_confirm,
+        crate::auth::http::totp_remove,
+        crate::auth::http::break_glass,
+        crate::auth::http::list_users,
+        crate::auth::http::create_user,
+        crate::auth::http::get_user,
+        crate::auth::http::update_user,
+        crate::auth::http::reset_password,
+        crate::auth::http::reset_mfa,
+        crate::auth::http::unlock,
+        crate::auth::http::list_sessions,
+        crate::auth::http::revoke_session,
+        crate::auth::http::list_roles,
+        crate::auth::http::put_role,
+        crate::auth::http::delete_role,
+        crate::auth::http::list_keys,
+        crate::auth::http::create_key,
+        crate::auth::http::revoke_key,
+        crate::auth::http::list_projects,
+        crate::auth::http::create_project,
+        crate::auth::http::get_governance,
+        crate::auth::http::put_governance,
     ),
     components(schemas(ErrorBody, Event, StoredEvent)),
-    modifiers(&FhirSearchParameters, &ImmutableAuditEvents),
+    modifiers(&FhirSearchParameters, &ImmutableAuditEvents, &AccessRules),
     tags(
         (name = "events", description = "Native ingest and search of audit events."),
         (name = "log", description = "The verifiable log: signed checkpoints, tiles (C2SP \
@@ -66,6 +94,10 @@ tlog-tiles) and Merkle proofs."),
         (name = "fhir", description = "FHIR R4 Audit Record Repository (IHE ITI-20, ITI-81). \
 Every error is an OperationOutcome; any other path under /fhir answers 404 with one."),
         (name = "operations", description = "Health, readiness, metrics and this document."),
+        (name = "access", description = "Logins, sessions, MFA, break-glass, and the \
+administration of users, roles, API keys, projects and governance settings. Every other \
+operation states the permission it needs; send `Authorization: Bearer` with an access token \
+(from login) or an API key (`atk_…`)."),
         (name = "retention", description = "Retention, legal holds and purging (crypto-erasure \
 of whole log segments; the tree and every proof stay)."),
     )
@@ -542,6 +574,90 @@ fn query_parameter(name: &str, description: &str) -> Parameter {
 /// The methods that would change a stored AuditEvent, answered 405 (`fhir_api::not_allowed`):
 /// one handler serves seven operations, so they are written here rather than annotated.
 struct ImmutableAuditEvents;
+
+/// Writes each operation's access rule (`auth::rules`) into the document: its security
+/// requirement (none for public operations) and the permission it needs.
+struct AccessRules;
+
+impl Modify for AccessRules {
+    fn modify(&self, doc: &mut Document) {
+        use crate::auth::rules::Rule;
+        use utoipa::openapi::security::{
+            HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme,
+        };
+        let components = doc.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .bearer_format("an EdDSA JWT access token, or an API key atk_…")
+                    .description(Some("From POST /api/v1/auth/login, or an API key."))
+                    .build(),
+            ),
+        );
+        for (path, item) in doc.paths.paths.iter_mut() {
+            let slots = [
+                ("GET", &mut item.get),
+                ("POST", &mut item.post),
+                ("PUT", &mut item.put),
+                ("PATCH", &mut item.patch),
+                ("DELETE", &mut item.delete),
+            ];
+            for (method, slot) in slots {
+                let Some(op) = slot.as_mut() else { continue };
+                let method = axum::http::Method::from_bytes(method.as_bytes()).expect("a method");
+                let Some(rule) = crate::auth::rules::rule(&method, path) else { continue };
+                let (requirement, note) = match rule {
+                    Rule::Public => (SecurityRequirement::default(), "Public: no credentials.".to_string()),
+                    Rule::SelfService => (
+                        SecurityRequirement::new("bearer", Vec::<String>::new()),
+                        "Any authenticated caller, even one that must first change its password or enrol MFA.".into(),
+                    ),
+                    Rule::Authenticated => (
+                        SecurityRequirement::new("bearer", Vec::<String>::new()),
+                        "Any authenticated caller.".into(),
+                    ),
+                    Rule::Needs(p) => (
+                        SecurityRequirement::new("bearer", Vec::<String>::new()),
+                        format!("Needs the `{}` permission.", p.as_str()),
+                    ),
+                    Rule::NeedsAny(ps) => (
+                        SecurityRequirement::new("bearer", Vec::<String>::new()),
+                        format!(
+                            "Needs one of the permissions {}.",
+                            ps.iter().map(|p| format!("`{}`", p.as_str())).collect::<Vec<_>>().join(", ")
+                        ),
+                    ),
+                };
+                op.security = Some(vec![requirement]);
+                if rule != Rule::Public {
+                    let error = |text: &str| {
+                        ResponseBuilder::new()
+                            .description(text)
+                            .content(
+                                "application/json",
+                                Content::new(Some(Ref::from_schema_name("ErrorBody"))),
+                            )
+                            .build()
+                    };
+                    let responses = &mut op.responses.responses;
+                    responses.entry("401".into()).or_insert_with(|| {
+                        error("`unauthenticated`: no valid access token or API key (`WWW-Authenticate: Bearer`).").into()
+                    });
+                    responses.entry("403".into()).or_insert_with(|| {
+                        error("`forbidden`, `password_change_required`, `mfa_enrolment_required` or `network_forbidden`.").into()
+                    });
+                }
+                let description = op.description.get_or_insert_with(String::new);
+                if !description.is_empty() {
+                    description.push_str("\n\n");
+                }
+                description.push_str(&note);
+            }
+        }
+    }
+}
 
 impl Modify for ImmutableAuditEvents {
     fn modify(&self, doc: &mut Document) {

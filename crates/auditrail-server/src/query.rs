@@ -111,9 +111,13 @@ newest first (or oldest first with `order=asc`), a page at a time: pass `next_cu
 )]
 pub async fn search(
     State(state): State<SharedState>,
+    axum::Extension(principal): axum::Extension<crate::auth::Principal>,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
     let params = pairs(raw.as_deref())?;
+    let view = crate::auth::EventView::of(&principal);
+    let requested = params.iter().find(|(k, _)| k == "project").map(|(_, v)| v.as_str());
+    let project_filter = view.project_filter(requested)?;
     let index = &state.index;
     let mut q = Query { limit: 50, ..Query::default() };
     let mut cursor = None;
@@ -195,6 +199,9 @@ pub async fn search(
     if q.occurred.0 >= q.occurred.1 {
         return Err(bad("from", "must be before to"));
     }
+    if let Some(projects) = project_filter {
+        q.all_of.push(projects.iter().map(|p| term(Field::Project, p)).collect());
+    }
     if let Some((seq, newest_first)) = cursor {
         if newest_first != q.newest_first {
             return Err(bad("cursor", "belongs to a search in the other order"));
@@ -219,7 +226,15 @@ pub async fn search(
                 body.push(b',');
             }
             s.with_stored(seq, |stored| {
-                body.extend_from_slice(stored);
+                if view.is_unrestricted() {
+                    body.extend_from_slice(stored);
+                } else {
+                    // The search was limited to the caller's projects; this masks identifiers.
+                    let mut event: Value =
+                        serde_json::from_slice(stored).map_err(ApiError::internal)?;
+                    view.apply(&mut event);
+                    serde_json::to_writer(&mut body, &event).map_err(ApiError::internal)?;
+                }
                 Ok(())
             })?;
         }
@@ -329,6 +344,7 @@ answered 409 until it is published.",
 )]
 pub async fn get_event(
     State(state): State<SharedState>,
+    axum::Extension(principal): axum::Extension<crate::auth::Principal>,
     Path(id): Path<String>,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
@@ -345,7 +361,10 @@ pub async fn get_event(
     let s = state.clone();
     blocking(move || {
         let indexed_through = s.index.indexed_through();
-        let event = find_by_id(&s, &id)?.ok_or_else(|| {
+        let view = crate::auth::EventView::of(&principal);
+        // An event outside the caller's projects is answered as if it did not exist.
+        let event = find_by_id(&s, &id)?.and_then(|mut e| view.apply(&mut e).then_some(e));
+        let event = event.ok_or_else(|| {
             ApiError::not_found(format!(
                 "no event with id {id:?} among the {indexed_through} indexed"
             ))
@@ -413,13 +432,20 @@ within a range of `occurred_at`.",
     responses(
         (status = 200, description = "The counts.", body = Stats),
         (status = 400, description = "`bad_query`, `invalid_parameter` or `unknown_parameter`.", body = ErrorBody),
+        (status = 403, description = "`forbidden`: the caller may read only some projects.", body = ErrorBody),
         (status = 500, description = "`internal`.", body = ErrorBody),
     )
 )]
 pub async fn stats(
     State(state): State<SharedState>,
+    axum::Extension(principal): axum::Extension<crate::auth::Principal>,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
+    if !crate::auth::EventView::of(&principal).reads_everywhere() {
+        return Err(crate::auth::forbidden(
+            "counts cover every project: they need events:read in every project",
+        ));
+    }
     let mut group = None;
     let (mut from, mut to) = (i64::MIN, i64::MAX);
     for (k, v) in pairs(raw.as_deref())? {

@@ -167,6 +167,7 @@ recorded in the log as a `retention.purge` event. The server also runs this ever
 )]
 pub async fn post_purge(
     State(state): State<SharedState>,
+    axum::Extension(principal): axum::Extension<crate::auth::Principal>,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
     let mut dry_run = false;
@@ -205,7 +206,7 @@ pub async fn post_purge(
                 .collect();
             return Ok(Json(json!({"dry_run": true, "segments": segments})).into_response());
         }
-        let gone = purge_now(&s, "anonymous")?;
+        let gone = purge_now(&s, &principal.id)?;
         Ok(Json(json!({
             "dry_run": false,
             "purged": gone.iter().map(purged_json).collect::<Vec<_>>(),
@@ -246,6 +247,7 @@ and shown only as a keyed token), and a time range `from`/`to` (RFC 3339) of `oc
 )]
 pub async fn create_hold(
     State(state): State<SharedState>,
+    axum::Extension(principal): axum::Extension<crate::auth::Principal>,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
     let new: NewHold = serde_json::from_slice(&body)
@@ -282,7 +284,7 @@ pub async fn create_hold(
             vec![json!({
                 "action": "retention.hold.create",
                 "outcome": "success",
-                "actor": {"user_id": "anonymous"},
+                "actor": principal.actor(),
                 "entities": [{"type": "legal-hold", "id": hold.id, "name": hold.reason}],
                 "changes": [{"field": "hold", "before": null, "after": shown}],
             })],
@@ -309,6 +311,7 @@ pub async fn create_hold(
 )]
 pub async fn release_hold(
     State(state): State<SharedState>,
+    axum::Extension(principal): axum::Extension<crate::auth::Principal>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let s = state.clone();
@@ -323,7 +326,7 @@ pub async fn release_hold(
             vec![json!({
                 "action": "retention.hold.release",
                 "outcome": "success",
-                "actor": {"user_id": "anonymous"},
+                "actor": principal.actor(),
                 "entities": [{"type": "legal-hold", "id": hold.id, "name": hold.reason}],
                 "changes": [{"field": "hold", "before": shown, "after": null}],
             })],

@@ -409,6 +409,9 @@ fn read_baseline(arg: &str) -> Result<Value> {
         .context("the baseline is not the JSON line postgres-baseline.sh prints")
 }
 
+/// The API key every benchmark connection sends (provisioned before the server starts).
+static TOKEN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
 /// One HTTP/1.1 keep-alive connection.
 struct Conn {
     sender: SendRequest<Full<Bytes>>,
@@ -433,6 +436,9 @@ impl Conn {
     ) -> Result<(u16, Bytes)> {
         let mut request =
             hyper::Request::builder().method(method).uri(path).header("host", "bench");
+        if let Some(token) = TOKEN.get() {
+            request = request.header("authorization", format!("Bearer {token}"));
+        }
         if !content_type.is_empty() {
             request = request.header("content-type", content_type);
         }
@@ -472,6 +478,13 @@ struct ServerProcess {
 
 impl ServerProcess {
     fn spawn(dir: &Path) -> Result<ServerProcess> {
+        if !dir.join("keys").exists() {
+            auditrail_store::init(dir, "bench.auditrail.local/log")?;
+        }
+        let scopes = ["events:write", "events:read", "events:patient_identifiers", "security:read"]
+            .map(String::from);
+        let token = crate::create_api_key(dir, "bench", &scopes, Vec::new(), Vec::new())?;
+        let _ = TOKEN.set(token);
         let log_path = dir.with_extension("server.log");
         let log = std::fs::File::create(&log_path)
             .with_context(|| format!("cannot create {}", log_path.display()))?;

@@ -60,6 +60,12 @@ enum Command {
         #[arg(long, default_value = "auditrail.local/log")]
         origin: String,
     },
+    /// Provision API keys for systems (the server must be stopped; while it runs, use
+    /// POST /api/v1/api-keys).
+    ApiKey {
+        #[command(subcommand)]
+        command: ApiKeyCommand,
+    },
     /// Show keys.
     Key {
         #[command(subcommand)]
@@ -130,6 +136,28 @@ enum Command {
 }
 
 #[derive(Subcommand)]
+enum ApiKeyCommand {
+    /// Create an API key and print it (once; it is stored only as a digest). Recorded in the
+    /// log as an `api_key.create` event.
+    Create {
+        #[arg(long)]
+        data: PathBuf,
+        /// A name saying which system uses it.
+        #[arg(long)]
+        name: String,
+        /// A permission the key holds, e.g. events:write (repeat for more).
+        #[arg(long = "scope", required = true)]
+        scopes: Vec<String>,
+        /// Limit the key to this project (repeat for more).
+        #[arg(long = "project")]
+        projects: Vec<String>,
+        /// Limit the key to this source network, CIDR (repeat for more).
+        #[arg(long = "network")]
+        networks: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
 enum KeyCommand {
     /// Print the log's public verifier key as one C2SP vkey line.
     Show {
@@ -161,6 +189,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 data.display()
             );
         }
+        Command::ApiKey {
+            command: ApiKeyCommand::Create { data, name, scopes, projects, networks },
+        } => println!("{}", create_api_key(&data, &name, &scopes, projects, networks)?),
         Command::Key { command: KeyCommand::Show { data } } => {
             let keys = load_keys(&data)?;
             println!("{}", keys.signer.verifier().to_vkey());
@@ -181,6 +212,43 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Bench { command } => bench::run(command)?,
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn create_api_key(
+    data: &Path,
+    name: &str,
+    scopes: &[String],
+    projects: Vec<String>,
+    networks: Vec<String>,
+) -> Result<String> {
+    use auditrail_server::auth::{Auth, SystemClock, roles::Permission};
+    let scopes = scopes
+        .iter()
+        .map(|s| Permission::parse(s).with_context(|| format!("--scope {s}: no such permission")))
+        .collect::<Result<_>>()?;
+    let store = std::sync::Arc::new(
+        Store::open(data, Options::default())
+            .with_context(|| format!("cannot open {} (is the server running?)", data.display()))?,
+    );
+    let config = auditrail_server::Config::load(None, std::env::vars())?;
+    let (auth, bootstrap) =
+        Auth::open(data, store.clone(), config.auth_settings(), std::sync::Arc::new(SystemClock))
+            .map_err(anyhow::Error::msg)?;
+    if let Some(path) = bootstrap {
+        eprintln!(
+            "created the first administrator 'admin'; its one-time password is in {}",
+            path.display()
+        );
+    }
+    let projects = (!projects.is_empty()).then(|| projects.into_iter().collect());
+    let (_, key) = auth
+        .create_api_key(&Auth::system(), name, scopes, projects, networks)
+        .map_err(|e| anyhow::anyhow!("{} ({})", e.message, e.code))?;
+    drop(auth);
+    std::sync::Arc::try_unwrap(store)
+        .map_err(|_| anyhow::anyhow!("the store is still shared"))?
+        .close()?;
+    Ok(key)
 }
 
 fn serve(data: Option<PathBuf>, listen: Option<String>, file: Option<PathBuf>) -> Result<()> {

@@ -77,7 +77,9 @@ pub async fn authorize(State(state): State<SharedState>, mut req: Request, next:
     };
     let method = req.method().clone();
     let Some(rule) = rules::rule(&method, &path) else {
-        return fail(super::forbidden("no access rule is declared for this route"));
+        // A method the route does not answer (what the router would say), or a handler nobody
+        // declared a rule for: either way it does not run.
+        return StatusCode::METHOD_NOT_ALLOWED.into_response();
     };
     let ip = client_ip(req.extensions());
     req.extensions_mut().insert(ClientIp(ip));
@@ -347,6 +349,7 @@ pub async fn totp_begin(
     request_body(content = inline(CodeDoc), content_type = "application/json"),
     responses(
         (status = 200, description = "Enrolled; `recovery_codes`.", body = Object),
+        (status = 400, description = "`invalid_json`.", body = ErrorBody),
         (status = 401, description = "`invalid_credentials`: wrong code.", body = ErrorBody),
         (status = 409, description = "`conflict`: no enrolment pending.", body = ErrorBody),
     ))]
@@ -364,7 +367,7 @@ pub async fn totp_confirm(
 #[utoipa::path(delete, path = "/api/v1/auth/mfa/totp", tag = "access", operation_id = "auth_totp_remove",
     summary = "Remove one's TOTP", description = "Proven with a current code; refused while the account's roles require MFA.",
     request_body(content = inline(CodeDoc), content_type = "application/json"),
-    responses((status = 204, description = "Removed."), (status = 401, description = "`invalid_credentials`.", body = ErrorBody), (status = 403, description = "`forbidden`: MFA is required.", body = ErrorBody)))]
+    responses((status = 204, description = "Removed."), (status = 400, description = "`invalid_json`.", body = ErrorBody), (status = 401, description = "`invalid_credentials`.", body = ErrorBody), (status = 403, description = "`forbidden`: MFA is required.", body = ErrorBody), (status = 409, description = "`conflict`: none enrolled.", body = ErrorBody)))]
 pub async fn totp_remove(
     State(state): State<SharedState>,
     Extension(p): Extension<Principal>,

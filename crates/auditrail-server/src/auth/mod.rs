@@ -923,10 +923,13 @@ impl Auth {
             return Err(invalid_credentials());
         }
         if current == new {
-            return Err(bad("weak_password", "the new password must differ from the current one"));
+            return Err(ApiError::bad_request(
+                "weak_password",
+                "the new password must differ from the current one",
+            ));
         }
         secrets::check_password_policy(new, &[&user.username, &user.display_name])
-            .map_err(|m| bad("weak_password", m))?;
+            .map_err(|m| ApiError::bad_request("weak_password", m))?;
         let hash = secrets::hash_password(new);
         let now = self.now_ms();
         self.update(|a| {
@@ -1605,4 +1608,58 @@ pub fn repository_event(
         e["changes"] = Value::Array(changes);
     }
     e
+}
+
+/// How a principal may see events: in which projects, and where patient identifiers unmasked.
+#[derive(Debug, Clone)]
+pub struct EventView {
+    read: Scope,
+    identifiers: Scope,
+}
+
+impl EventView {
+    pub fn of(p: &Principal) -> EventView {
+        EventView {
+            read: p.scope(Permission::EventsRead),
+            identifiers: p.scope(Permission::PatientIdentifiers),
+        }
+    }
+
+    /// Everything, unmasked: answers can be copied from the log as they are.
+    pub fn is_unrestricted(&self) -> bool {
+        self.read == Scope::Everywhere && self.identifiers == Scope::Everywhere
+    }
+
+    pub fn reads_everywhere(&self) -> bool {
+        self.read == Scope::Everywhere
+    }
+
+    /// The projects a search must be limited to (`None`: no limit). Asking for a project
+    /// outside the caller's is refused rather than silently answered empty.
+    pub fn project_filter(&self, requested: Option<&str>) -> Result<Option<Vec<String>>, ApiError> {
+        match (&self.read, requested) {
+            (Scope::Everywhere, _) => Ok(None),
+            (Scope::Projects(set), Some(p)) if set.contains(p) => Ok(None),
+            (Scope::Projects(set), None) => Ok(Some(set.iter().cloned().collect())),
+            _ => Err(forbidden("you may not read events of this project")),
+        }
+    }
+
+    /// Whether `event` may be shown; masks its patient identifiers when the caller may not see
+    /// them in its project.
+    pub fn apply(&self, event: &mut Value) -> bool {
+        let project = event.get("project").and_then(Value::as_str).map(str::to_string);
+        let within = |scope: &Scope| match scope {
+            Scope::Everywhere => true,
+            Scope::Projects(set) => project.as_ref().is_some_and(|p| set.contains(p)),
+            Scope::Nowhere => false,
+        };
+        if !within(&self.read) {
+            return false;
+        }
+        if !within(&self.identifiers) {
+            auditrail_core::fhir::mask_patient(event);
+        }
+        true
+    }
 }

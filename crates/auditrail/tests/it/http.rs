@@ -9,6 +9,46 @@ use std::process::{Child, Stdio};
 pub struct Server {
     pub child: Child,
     pub addr: String,
+    /// An API key with every permission a key can hold, sent with each request.
+    pub token: String,
+}
+
+/// Every permission an API key can hold (all but `emergency:access`, which is for people).
+pub const ALL_SCOPES: &[&str] = &[
+    "events:write",
+    "events:read",
+    "events:patient_identifiers",
+    "events:export",
+    "reports:run",
+    "alerts:manage",
+    "integrity:verify",
+    "security:read",
+    "retention:manage",
+    "users:manage",
+    "keys:manage",
+    "settings:manage",
+    "projects:create",
+];
+
+/// Provisions an API key in a stopped server's data directory (initialising it if new).
+pub fn provision_key(data: &Path, scopes: &[&str]) -> String {
+    if !data.join("keys").exists() {
+        let o = crate::run(&[
+            "init",
+            "--data",
+            data.to_str().unwrap(),
+            "--origin",
+            "test.auditrail.local/log",
+        ]);
+        assert!(o.status.success(), "init: {}", crate::stderr(&o));
+    }
+    let mut args = vec!["api-key", "create", "--data", data.to_str().unwrap(), "--name", "tests"];
+    for s in scopes {
+        args.extend(["--scope", s]);
+    }
+    let o = crate::run(&args);
+    assert!(o.status.success(), "api-key create: {}", crate::stderr(&o));
+    crate::stdout(&o).trim().to_string()
 }
 
 impl Server {
@@ -17,6 +57,7 @@ impl Server {
     }
 
     pub fn start_with(data: &Path, env: &[(&str, &str)]) -> Server {
+        let token = provision_key(data, ALL_SCOPES);
         let mut cmd = crate::bin();
         cmd.args(["serve", "--listen", "127.0.0.1:0", "--data"]).arg(data);
         for (k, v) in env {
@@ -30,7 +71,7 @@ impl Server {
             .strip_prefix("listening on http://")
             .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
             .to_string();
-        let server = Server { child, addr };
+        let server = Server { child, addr, token };
         // Ready once the index has caught up with the log.
         for _ in 0..600 {
             if server.get("/readyz").status == 200 {
@@ -42,7 +83,19 @@ impl Server {
     }
 
     pub fn request(&self, method: &str, path: &str, content_type: &str, body: &[u8]) -> Response {
-        request(&self.addr, method, path, content_type, body)
+        request_as(&self.addr, Some(&self.token), method, path, content_type, body)
+    }
+
+    /// A request with these credentials (`None`: anonymous).
+    pub fn request_as(
+        &self,
+        token: Option<&str>,
+        method: &str,
+        path: &str,
+        content_type: &str,
+        body: &[u8],
+    ) -> Response {
+        request_as(&self.addr, token, method, path, content_type, body)
     }
 
     pub fn get(&self, path: &str) -> Response {
@@ -97,9 +150,19 @@ impl Response {
     }
 }
 
-pub fn request(addr: &str, method: &str, path: &str, content_type: &str, body: &[u8]) -> Response {
+pub fn request_as(
+    addr: &str,
+    token: Option<&str>,
+    method: &str,
+    path: &str,
+    content_type: &str,
+    body: &[u8],
+) -> Response {
     let mut s = TcpStream::connect(addr).unwrap();
     let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    if let Some(t) = token {
+        head.push_str(&format!("Authorization: Bearer {t}\r\n"));
+    }
     if !content_type.is_empty() {
         head.push_str(&format!("Content-Type: {content_type}\r\n"));
     }

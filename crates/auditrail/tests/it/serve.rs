@@ -1,6 +1,6 @@
 //! Black-box tests of `auditrail serve`: a real server process on 127.0.0.1:0.
 
-use crate::http::{Server, request};
+use crate::http::{Server, request_as};
 use crate::*;
 use auditrail_store::sim::Rng;
 use serde_json::{Value, json};
@@ -408,10 +408,12 @@ fn sigkill_during_concurrent_ingest_loses_no_acknowledged_event() {
     for round in 0..4 {
         let server = Server::start(&data);
         let addr = server.addr.clone();
+        let token = server.token.clone();
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let workers: Vec<_> = (0..6)
             .map(|w| {
                 let addr = addr.clone();
+                let token = token.clone();
                 let stop = stop.clone();
                 std::thread::spawn(move || {
                     let mut acked = Vec::new();
@@ -429,8 +431,9 @@ fn sigkill_during_concurrent_ingest_loses_no_acknowledged_event() {
                             .collect();
                         let r = std::panic::catch_unwind(|| {
                             if w % 2 == 0 {
-                                request(
+                                request_as(
                                     &addr,
+                                    Some(&token),
                                     "POST",
                                     "/api/v1/events",
                                     "application/json",
@@ -439,8 +442,9 @@ fn sigkill_during_concurrent_ingest_loses_no_acknowledged_event() {
                             } else {
                                 let nd: String =
                                     body.iter().map(|e| e.to_string() + "\n").collect();
-                                request(
+                                request_as(
                                     &addr,
+                                    Some(&token),
                                     "POST",
                                     "/api/v1/events/bulk",
                                     "application/x-ndjson",
