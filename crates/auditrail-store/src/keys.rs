@@ -84,9 +84,9 @@ impl MasterKeys {
         let version = u32::from_be_bytes(rest[..4].try_into().expect("4 bytes"));
         let nonce: [u8; crypto::NONCE_BYTES] =
             rest[4..4 + crypto::NONCE_BYTES].try_into().expect("nonce bytes");
-        let sealer = self
-            .get(version)
-            .ok_or_else(|| format!("sealed under master key version {version}, which is missing"))?;
+        let sealer = self.get(version).ok_or_else(|| {
+            format!("sealed under master key version {version}, which is missing")
+        })?;
         sealer
             .open(&nonce, purpose.as_bytes(), &rest[4 + crypto::NONCE_BYTES..])
             .map_err(|e| format!("cannot open sealed {purpose}: {e}"))
