@@ -641,4 +641,126 @@ mod tests {
             "max-age=63072000; includeSubDomains"
         );
     }
+
+    /// A CA, and certificates it issues, written as PEM files into `dir`.
+    struct Pki {
+        ca: rcgen::Certificate,
+        ca_key: rcgen::KeyPair,
+    }
+
+    impl Pki {
+        fn new(name: &str) -> Pki {
+            let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+            params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            params.distinguished_name.push(rcgen::DnType::CommonName, name);
+            let ca_key = rcgen::KeyPair::generate().unwrap();
+            Pki { ca: params.self_signed(&ca_key).unwrap(), ca_key }
+        }
+
+        fn issue(&self, name: &str, client: bool) -> (rcgen::Certificate, rcgen::KeyPair) {
+            let mut params = rcgen::CertificateParams::new(vec![name.to_string()]).unwrap();
+            params.distinguished_name = rcgen::DistinguishedName::new();
+            params.distinguished_name.push(rcgen::DnType::CommonName, name);
+            params.extended_key_usages = vec![if client {
+                rcgen::ExtendedKeyUsagePurpose::ClientAuth
+            } else {
+                rcgen::ExtendedKeyUsagePurpose::ServerAuth
+            }];
+            let key = rcgen::KeyPair::generate().unwrap();
+            (params.signed_by(&key, &self.ca, &self.ca_key).unwrap(), key)
+        }
+    }
+
+    /// One request over TLS as a client trusting `ca`, optionally with a client certificate;
+    /// the response body, or the error that ended it.
+    async fn fetch(
+        addr: SocketAddr,
+        ca: &rcgen::Certificate,
+        client: Option<&(rcgen::Certificate, rcgen::KeyPair)>,
+    ) -> Result<String, String> {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca.der().clone()).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots);
+        let config = match client {
+            None => builder.with_no_client_auth(),
+            Some((cert, key)) => builder
+                .with_client_auth_cert(
+                    vec![cert.der().clone()],
+                    PrivateKeyDer::try_from(key.serialize_der()).unwrap(),
+                )
+                .unwrap(),
+        };
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+        let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+        let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+        let mut tls = connector.connect(name, tcp).await.map_err(|e| e.to_string())?;
+        tls.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut raw = Vec::new();
+        tls.read_to_end(&mut raw).await.map_err(|e| e.to_string())?;
+        let raw = String::from_utf8_lossy(&raw).into_owned();
+        raw.split_once("\r\n\r\n").map(|(_, body)| body.to_string()).ok_or(raw)
+    }
+
+    /// The listener end to end: handshakes in their own tasks (a client that never finishes
+    /// one does not hold up the next), the verified client certificate in `Peer`, and
+    /// `ingest` letting clients without a certificate through but not ones with a foreign one.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn listener_hands_handlers_the_peer() {
+        use tokio::io::AsyncWriteExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let pki = Pki::new("test CA");
+        let (server, server_key) = pki.issue("localhost", false);
+        let client = pki.issue("ehr client", true);
+        let stranger = Pki::new("other CA").issue("stranger", true);
+        let write = |name: &str, pem: String| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, pem).unwrap();
+            path
+        };
+        let config = Config {
+            tls_cert_file: Some(write("server.crt", server.pem())),
+            tls_key_file: Some(write("server.key", server_key.serialize_pem())),
+            tls_client_ca_file: Some(write("ca.crt", pki.ca.pem())),
+            tls_client_auth: ClientAuth::Ingest,
+            ..Config::default()
+        };
+        let tls = Tls::from_config(&config).unwrap().unwrap();
+        let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = tcp.local_addr().unwrap();
+        let app = axum::Router::new()
+            .route(
+                "/",
+                axum::routing::get(|req: axum::extract::Request| async move {
+                    match peer(req.extensions()).and_then(|p| p.client_cert.as_ref()) {
+                        Some(c) => format!("{} {}", c.subject, c.sha256),
+                        None => "anonymous".to_string(),
+                    }
+                }),
+            )
+            .into_make_service_with_connect_info::<Peer>();
+        let serving = tokio::spawn(axum::serve(tls.listener(tcp), app).into_future());
+
+        // Clients that stall or speak plain HTTP must not hold up or break accepting.
+        let _stalled = TcpStream::connect(addr).await.unwrap();
+        let mut plain = TcpStream::connect(addr).await.unwrap();
+        plain.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+        let deadline = Duration::from_millis(HANDSHAKE_TIMEOUT_MS / 2);
+        let within = |f| async move { tokio::time::timeout(deadline, f).await.unwrap() };
+        let expected = ClientCert::from_der(client.0.der());
+        assert_eq!(expected.subject, "CN=ehr client");
+        assert_eq!(
+            within(fetch(addr, &pki.ca, Some(&client))).await.unwrap(),
+            format!("CN=ehr client {}", expected.sha256)
+        );
+        assert_eq!(within(fetch(addr, &pki.ca, None)).await.unwrap(), "anonymous");
+        assert!(within(fetch(addr, &pki.ca, Some(&stranger))).await.is_err());
+        serving.abort();
+    }
 }
