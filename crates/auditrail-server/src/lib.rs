@@ -520,7 +520,12 @@ pub async fn run(
         .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?
         .collect();
     tls::check_listen(&config, &addrs)?;
-    let tls = tls::Tls::from_config(&config)?;
+    let tls = {
+        let config = config.clone();
+        tokio::task::spawn_blocking(move || tls::Tls::from_config(&config))
+            .await
+            .map_err(|e| e.to_string())??
+    };
     let listener = tokio::net::TcpListener::bind(&addrs[..])
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;

@@ -252,7 +252,9 @@ impl Files {
             .with_protocol_versions(versions)
             .map_err(|e| format!("TLS setup: {e}"))?;
         let builder = match (self.client_auth, &self.client_ca_file) {
-            (ClientAuth::Ingest | ClientAuth::All, Some(ca_file)) => {
+            (ClientAuth::Off, _) => builder.with_no_client_auth(),
+            (_, None) => return Err("tls_client_auth needs tls_client_ca_file".into()),
+            (_, Some(ca_file)) => {
                 let mut roots = rustls::RootCertStore::empty();
                 for cert in certificates(ca_file)? {
                     roots.add(cert).map_err(|e| format!("{}: {e}", ca_file.display()))?;
@@ -267,7 +269,6 @@ impl Files {
                     verifier.build().map_err(|e| format!("{}: {e}", ca_file.display()))?,
                 )
             }
-            _ => builder.with_no_client_auth(),
         };
         let mut config = builder.with_single_cert(chain, key).map_err(|e| {
             format!("{} and {}: {e}", self.cert_file.display(), self.key_file.display())
@@ -306,6 +307,22 @@ pub struct TlsListener {
     handshakes: JoinSet<Option<(TlsStream<TcpStream>, SocketAddr)>>,
 }
 
+impl TlsListener {
+    /// Starts a handshake with the configuration current now, in its own task.
+    fn handshake(&mut self, stream: TcpStream, addr: SocketAddr) {
+        let acceptor = tokio_rustls::TlsAcceptor::from(self.tls.current());
+        self.handshakes.spawn(async move {
+            let deadline = Duration::from_millis(HANDSHAKE_TIMEOUT_MS);
+            match tokio::time::timeout(deadline, acceptor.accept(stream)).await {
+                Ok(Ok(stream)) => Some((stream, addr)),
+                // Failed handshakes are the client's problem (scanners, a wrong CA, old TLS)
+                // and go unreported, so that they cannot flood stderr.
+                _ => None,
+            }
+        });
+    }
+}
+
 impl Listener for TlsListener {
     type Io = TlsStream<TcpStream>;
     type Addr = SocketAddr;
@@ -313,24 +330,12 @@ impl Listener for TlsListener {
     /// Cancel-safe, as axum needs on shutdown: both branches only take what is ready.
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
         loop {
+            let room = self.handshakes.len() < HANDSHAKES_IN_FLIGHT_MAX;
             tokio::select! {
-                accepted = self.tcp.accept(), if self.handshakes.len() < HANDSHAKES_IN_FLIGHT_MAX => {
-                    match accepted {
-                        Ok((stream, addr)) => {
-                            let acceptor = tokio_rustls::TlsAcceptor::from(self.tls.current());
-                            self.handshakes.spawn(async move {
-                                let deadline = Duration::from_millis(HANDSHAKE_TIMEOUT_MS);
-                                match tokio::time::timeout(deadline, acceptor.accept(stream)).await {
-                                    Ok(Ok(stream)) => Some((stream, addr)),
-                                    // Failed handshakes are the client's problem (scanners, wrong
-                                    // CA, old TLS) and go unreported, so they cannot flood stderr.
-                                    _ => None,
-                                }
-                            });
-                        }
-                        Err(e) => accept_error(e).await,
-                    }
-                }
+                accepted = self.tcp.accept(), if room => match accepted {
+                    Ok((stream, addr)) => self.handshake(stream, addr),
+                    Err(e) => accept_error(e).await,
+                },
                 Some(done) = self.handshakes.join_next(), if !self.handshakes.is_empty() => {
                     if let Ok(Some(connection)) = done {
                         return connection;
