@@ -72,6 +72,22 @@ pub struct Config {
     pub break_glass_duration_max_ms: u64,
     /// Login and refresh attempts per client address per minute.
     pub auth_attempts_per_minute_max: u32,
+    /// The server's certificate chain (PEM, leaf first); with `tls_key_file`, serve HTTPS.
+    pub tls_cert_file: Option<PathBuf>,
+    /// The private key of `tls_cert_file` (PEM: PKCS#8, PKCS#1 or SEC1).
+    pub tls_key_file: Option<PathBuf>,
+    /// The oldest TLS version accepted: 1.3, or 1.2 for old clients. Never older.
+    pub tls_min_version: crate::tls::TlsVersion,
+    /// CA certificates (PEM) client certificates must chain to, for `tls_client_auth`.
+    pub tls_client_ca_file: Option<PathBuf>,
+    /// Which connections must present a client certificate: off, ingest (asked, required by
+    /// the ingest routes), all (required in the handshake).
+    pub tls_client_auth: crate::tls::ClientAuth,
+    /// Development: serve HTTPS with a self-signed certificate for localhost kept in
+    /// `<data>/tls/`.
+    pub tls_self_signed: bool,
+    /// Allows plain HTTP on a non-loopback address, for a TLS-terminating proxy in front.
+    pub tls_plaintext_allowed: bool,
 }
 
 /// Bounds of `segment_bytes_max`.
@@ -115,6 +131,13 @@ impl Default for Config {
             mfa_required_roles: vec!["admin".into()],
             break_glass_duration_max_ms: 4 * 3_600_000,
             auth_attempts_per_minute_max: 20,
+            tls_cert_file: None,
+            tls_key_file: None,
+            tls_min_version: crate::tls::TlsVersion::V1_3,
+            tls_client_ca_file: None,
+            tls_client_auth: crate::tls::ClientAuth::Off,
+            tls_self_signed: false,
+            tls_plaintext_allowed: false,
         }
     }
 }
@@ -230,13 +253,29 @@ impl Config {
         }
         crate::retention::policy(self).check(self.retention_force)?;
         self.forward.check().map_err(|e| e.to_string())?;
+        crate::tls::check(self)?;
         Ok(())
+    }
+
+    /// HTTPS is on: a certificate is configured or the self-signed one is asked for.
+    pub fn tls_enabled(&self) -> bool {
+        self.tls_cert_file.is_some() || self.tls_self_signed
     }
 
     /// Sets one setting from text; unknown names are errors.
     pub fn set(&mut self, key: &str, value: &str) -> Result<(), String> {
         fn num<T: std::str::FromStr>(v: &str) -> Result<T, String> {
             v.parse().map_err(|_| format!("{v:?} is not a valid number"))
+        }
+        fn flag(v: &str) -> Result<bool, String> {
+            match v {
+                "true" | "1" => Ok(true),
+                "false" | "0" => Ok(false),
+                _ => Err(format!("{v:?} is not true or false")),
+            }
+        }
+        fn path(v: &str) -> Option<PathBuf> {
+            (!v.is_empty()).then(|| PathBuf::from(v))
         }
         if self.forward.set(key, value)? {
             return Ok(());
@@ -297,6 +336,13 @@ impl Config {
             }
             "break_glass_duration_max_ms" => self.break_glass_duration_max_ms = num(value)?,
             "auth_attempts_per_minute_max" => self.auth_attempts_per_minute_max = num(value)?,
+            "tls_cert_file" => self.tls_cert_file = path(value),
+            "tls_key_file" => self.tls_key_file = path(value),
+            "tls_min_version" => self.tls_min_version = value.parse()?,
+            "tls_client_ca_file" => self.tls_client_ca_file = path(value),
+            "tls_client_auth" => self.tls_client_auth = value.parse()?,
+            "tls_self_signed" => self.tls_self_signed = flag(value)?,
+            "tls_plaintext_allowed" => self.tls_plaintext_allowed = flag(value)?,
             // Variables the binary reads itself.
             "config" => {}
             _ => return Err(format!("unknown setting {key:?}")),

@@ -33,6 +33,8 @@ message names it.
 message says why.
 - `unauthenticated` (401, with `WWW-Authenticate: Bearer`): no credentials, or an access token \
 or API key that is invalid, expired, revoked, or whose session ended.
+- `client_certificate_required` (401): `tls_client_auth` is `ingest` and the connection \
+showed no client certificate.
 - `invalid_credentials` (401): the user name, password or code is wrong.
 - `mfa_required` (401): the account uses a second factor; send `totp_code` or `recovery_code`.
 - `forbidden` (403): the caller's roles or key scopes do not allow this.

@@ -76,14 +76,15 @@ fn fhir_json(status: StatusCode, body: &Value) -> Response {
 }
 
 /// The base URL clients used, for `Location`, `fullUrl` and links.
-/// The FHIR base URL: the configured `public_url` (right behind a TLS proxy), else `http://`
-/// plus the request's `Host`.
+/// The FHIR base URL: the configured `public_url` (right behind a TLS proxy), else `https://`
+/// (`http://` without TLS) plus the request's `Host`.
 fn base_url(state: &SharedState, headers: &HeaderMap) -> String {
     if !state.config.public_url.is_empty() {
         return format!("{}/fhir", state.config.public_url.trim_end_matches('/'));
     }
     let host = headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("localhost");
-    format!("http://{host}/fhir")
+    let scheme = if state.config.tls_enabled() { "https" } else { "http" };
+    format!("{scheme}://{host}/fhir")
 }
 
 fn require_fhir_json(headers: &HeaderMap) -> Result<(), FhirError> {

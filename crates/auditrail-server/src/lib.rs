@@ -16,6 +16,7 @@ pub mod openapi;
 pub mod query;
 pub mod retention;
 pub mod security;
+pub mod tls;
 
 use auditrail_index::{Follower, Index, IndexOptions};
 use auditrail_store::Store;
@@ -30,6 +31,7 @@ pub use error::ApiError;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+pub use tls::{ClientCert, Peer, peer};
 
 /// Counters for `/metrics`.
 #[derive(Debug, Default)]
@@ -227,6 +229,7 @@ pub(crate) fn routes() -> Vec<(&'static str, MethodRouter<SharedState>)> {
 }
 
 pub fn app(state: SharedState) -> Router {
+    let tls = state.config.tls_enabled();
     routes()
         .into_iter()
         .fold(Router::new(), |router, (path, methods)| router.route(path, methods))
@@ -234,6 +237,9 @@ pub fn app(state: SharedState) -> Router {
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::http::authorize))
         .fallback(not_found)
         .layer(axum::extract::DefaultBodyLimit::disable())
+        .layer(axum::middleware::map_response(
+            move |res| async move { tls::security_headers(res, tls) },
+        ))
         .with_state(state)
 }
 
@@ -562,7 +568,19 @@ pub async fn run(
     config: Config,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), String> {
-    let listener = tokio::net::TcpListener::bind(&config.listen)
+    config.check()?;
+    let addrs: Vec<std::net::SocketAddr> = tokio::net::lookup_host(&config.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?
+        .collect();
+    tls::check_listen(&config, &addrs)?;
+    let tls = {
+        let config = config.clone();
+        tokio::task::spawn_blocking(move || tls::Tls::from_config(&config))
+            .await
+            .map_err(|e| e.to_string())??
+    };
+    let listener = tokio::net::TcpListener::bind(&addrs[..])
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
     // A bad archive URL stops the start, before anything is opened.
@@ -579,17 +597,31 @@ pub async fn run(
         }
         _ => None,
     };
+    // Installed before the first line is printed, so a SIGHUP from then on never kills us.
+    let reloader = match &tls {
+        Some(tls) => {
+            let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+                .map_err(|e| format!("cannot handle SIGHUP: {e}"))?;
+            Some(tokio::spawn(tls::reload_on_sighup(tls.clone(), hangup)))
+        }
+        None => None,
+    };
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
-    eprintln!("auditrail: listening on http://{addr}");
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    eprintln!("auditrail: listening on {scheme}://{addr}");
     // Tests and scripts read this line to learn the port when listening on :0.
-    println!("listening on http://{addr}");
-    axum::serve(
-        listener,
-        app(service.state.clone()).into_make_service_with_connect_info::<std::net::SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await
-    .map_err(|e| e.to_string())?;
+    println!("listening on {scheme}://{addr}");
+    let app = app(service.state.clone()).into_make_service_with_connect_info::<Peer>();
+    let served = match tls {
+        Some(tls) => {
+            axum::serve(tls.listener(listener), app).with_graceful_shutdown(shutdown).await
+        }
+        None => axum::serve(listener, app).with_graceful_shutdown(shutdown).await,
+    };
+    served.map_err(|e| e.to_string())?;
+    if let Some(task) = reloader {
+        task.abort();
+    }
     if let Some(task) = archiver {
         // Each run is idempotent and its state file is replaced atomically: stopping mid-run
         // loses nothing, the next start resumes.

@@ -46,6 +46,10 @@ enum Command {
         /// A TOML file of settings (see docs/operations.md) [AUDITRAIL_CONFIG].
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Development only: HTTPS with a self-signed certificate for localhost, created once
+        /// in <data>/tls/ [AUDITRAIL_TLS_SELF_SIGNED].
+        #[arg(long)]
+        tls_self_signed: bool,
     },
     /// Delete the search index and rebuild it from the log (run while the server is stopped).
     Reindex {
@@ -179,7 +183,9 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
-        Command::Serve { data, listen, config } => serve(data, listen, config)?,
+        Command::Serve { data, listen, config, tls_self_signed } => {
+            serve(data, listen, config, tls_self_signed)?
+        }
         Command::Reindex { data } => println!("{}", reindex(&data)?),
         Command::Init { data, origin } => {
             let verifier = auditrail_store::init(&data, &origin)?;
@@ -251,9 +257,17 @@ fn create_api_key(
     Ok(key)
 }
 
-fn serve(data: Option<PathBuf>, listen: Option<String>, file: Option<PathBuf>) -> Result<()> {
+fn serve(
+    data: Option<PathBuf>,
+    listen: Option<String>,
+    file: Option<PathBuf>,
+    tls_self_signed: bool,
+) -> Result<()> {
     let file = file.or_else(|| std::env::var_os("AUDITRAIL_CONFIG").map(PathBuf::from));
-    let mut config = auditrail_server::Config::load(file.as_deref(), std::env::vars())?;
+    // As the last variable, so the settings are checked together with it.
+    let flags = tls_self_signed.then(|| ("AUDITRAIL_TLS_SELF_SIGNED".into(), "true".into()));
+    let mut config =
+        auditrail_server::Config::load(file.as_deref(), std::env::vars().chain(flags))?;
     if let Some(data) = data {
         config.data = data;
     }

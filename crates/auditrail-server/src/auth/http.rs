@@ -86,6 +86,18 @@ pub async fn authorize(State(state): State<SharedState>, mut req: Request, next:
     if rule == Rule::Public {
         return next.run(req).await;
     }
+    // Mutual TLS for ingest clients: the certificate comes on top of the API key.
+    let ingest = rule == Rule::Needs(Permission::EventsWrite);
+    if ingest
+        && state.config.tls_client_auth == crate::tls::ClientAuth::Ingest
+        && crate::tls::peer(req.extensions()).and_then(|p| p.client_cert.as_ref()).is_none()
+    {
+        return fail(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "client_certificate_required",
+            "sending events needs a TLS client certificate from the configured CA",
+        ));
+    }
     let Some(token) = bearer(req.headers()).map(str::to_string) else {
         return fail(super::unauthenticated(
             "send Authorization: Bearer <access token or API key>; log in at POST /api/v1/auth/login",

@@ -5,12 +5,15 @@ use std::io::{BufRead as _, BufReader, Read as _, Write as _};
 use std::net::TcpStream;
 use std::path::Path;
 use std::process::{Child, Stdio};
+use std::sync::{Arc, Mutex};
 
 pub struct Server {
     pub child: Child,
     pub addr: String,
     /// An API key with every permission a key can hold, sent with each request.
     pub token: String,
+    /// What the server wrote to stderr so far ([`Server::start_tls`] only).
+    log: Arc<Mutex<String>>,
 }
 
 /// Every permission an API key can hold (all but `emergency:access`, which is for people).
@@ -49,6 +52,8 @@ pub fn provision_key(data: &Path, scopes: &[&str]) -> String {
     let o = crate::run(&args);
     assert!(o.status.success(), "api-key create: {}", crate::stderr(&o));
     crate::stdout(&o).trim().to_string()
+    /// What the server wrote to stderr so far ([`Server::start_tls`] only).
+    log: Arc<Mutex<String>>,
 }
 
 impl Server {
@@ -71,7 +76,7 @@ impl Server {
             .strip_prefix("listening on http://")
             .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
             .to_string();
-        let server = Server { child, addr, token };
+        let server = Server { child, addr, token, log: Arc::default() };
         // Ready once the index has caught up with the log.
         for _ in 0..600 {
             if server.get("/readyz").status == 200 {
@@ -80,6 +85,60 @@ impl Server {
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
         panic!("the server did not become ready");
+    }
+
+    /// `serve` over HTTPS on 127.0.0.1:0 with extra `args` and `env`; ready once `/readyz`
+    /// answers 200 to `curl` with `curl_args` (`--cacert CA`, a client certificate if the
+    /// server wants one). Its stderr is kept for [`Server::stderr`] (and copied to the test's).
+    pub fn start_tls(
+        data: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+        curl_args: &[&str],
+    ) -> Server {
+        let token = provision_key(data, ALL_SCOPES);
+        let mut cmd = crate::bin();
+        cmd.args(["serve", "--listen", "127.0.0.1:0", "--data"]).arg(data).args(args);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+        let log = Arc::new(Mutex::new(String::new()));
+        let stderr = BufReader::new(child.stderr.take().unwrap());
+        let copy = log.clone();
+        std::thread::spawn(move || {
+            for line in stderr.lines().map_while(Result::ok) {
+                eprintln!("{line}");
+                copy.lock().unwrap().push_str(&(line + "\n"));
+            }
+        });
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let addr = line
+            .trim()
+            .strip_prefix("listening on https://")
+            .unwrap_or_else(|| {
+                panic!("unexpected first line {line:?}; stderr: {}", log.lock().unwrap())
+            })
+            .to_string();
+        let server = Server { child, addr, token, log };
+        for _ in 0..600 {
+            let o = std::process::Command::new("curl")
+                .args(["-s", "-o", "/dev/null", "-w", "%{http_code}"])
+                .args(curl_args)
+                .arg(format!("https://{}/readyz", server.addr))
+                .output()
+                .unwrap();
+            if o.stdout == b"200" {
+                return server;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        panic!("the server did not become ready over HTTPS");
+    }
+
+    pub fn stderr(&self) -> String {
+        self.log.lock().unwrap().clone()
     }
 
     pub fn request(&self, method: &str, path: &str, content_type: &str, body: &[u8]) -> Response {

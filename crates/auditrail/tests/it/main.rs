@@ -10,6 +10,7 @@ mod kill;
 mod retention;
 mod serve;
 mod tamper;
+mod tls;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
