@@ -52,8 +52,6 @@ pub fn provision_key(data: &Path, scopes: &[&str]) -> String {
     let o = crate::run(&args);
     assert!(o.status.success(), "api-key create: {}", crate::stderr(&o));
     crate::stdout(&o).trim().to_string()
-    /// What the server wrote to stderr so far ([`Server::start_tls`] only).
-    log: Arc<Mutex<String>>,
 }
 
 impl Server {
