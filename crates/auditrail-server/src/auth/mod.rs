@@ -1663,3 +1663,44 @@ impl EventView {
         true
     }
 }
+
+impl Auth {
+    /// A ready session for a new user holding `grants` (no password change or MFA pending),
+    /// for tests that exercise what roles may do rather than how one logs in.
+    #[cfg(test)]
+    pub fn test_session(&self, username: &str, grants: Vec<Grant>) -> String {
+        let now = self.now_ms();
+        let user = self
+            .update(|a| {
+                let existing = a.user_by_name(username).map(|u| u.id.clone());
+                let id = existing.unwrap_or_else(|| new_id("usr_"));
+                if a.user(&id).is_none() {
+                    a.users.push(User {
+                        id: id.clone(),
+                        username: username.into(),
+                        display_name: String::new(),
+                        password_hash: secrets::decoy_hash().to_string(),
+                        must_change_password: false,
+                        grants,
+                        totp: Some(accounts::Totp {
+                            secret: vec![1; 20],
+                            confirmed: true,
+                            last_step: 0,
+                        }),
+                        recovery_codes: Vec::new(),
+                        failed_logins: 0,
+                        locked_until_ms: 0,
+                        disabled: false,
+                        created_ms: now,
+                        password_changed_ms: now,
+                    });
+                }
+                Ok(a.user(&id).cloned().expect("just added"))
+            })
+            .expect("saved");
+        self.new_session(&user, None, now).1.access_token
+    }
+}
+
+#[cfg(test)]
+mod tests;
