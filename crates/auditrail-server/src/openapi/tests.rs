@@ -180,6 +180,8 @@ struct TestServer {
     addr: SocketAddr,
     /// An API key with every permission a key can hold.
     token: String,
+    /// A ready session (access token) for a user holding each built-in role.
+    roles: std::collections::BTreeMap<&'static str, String>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
     _dir: tempfile::TempDir,
@@ -213,7 +215,17 @@ impl TestServer {
                     .auth
                     .create_api_key(&crate::auth::Auth::system(), "tests", scopes, None, vec![])
                     .expect("a key");
-                addr_tx.send((listener.local_addr().unwrap(), token)).unwrap();
+                let roles = crate::auth::roles::BUILTIN_ROLES
+                    .iter()
+                    .map(|r| {
+                        let grants = vec![crate::auth::accounts::Grant {
+                            role: r.to_string(),
+                            projects: None,
+                        }];
+                        (*r, service.state.auth.test_session(&format!("user-{r}"), grants))
+                    })
+                    .collect();
+                addr_tx.send((listener.local_addr().unwrap(), token, roles)).unwrap();
                 axum::serve(listener, crate::app(service.state.clone()))
                     .with_graceful_shutdown(async {
                         let _ = stopped.await;
@@ -226,8 +238,8 @@ impl TestServer {
                     .expect("the service stops cleanly");
             });
         });
-        let (addr, token) = addr_rx.recv().expect("the test server starts");
-        TestServer { addr, token, stop: Some(stop), thread: Some(thread), _dir: dir }
+        let (addr, token, roles) = addr_rx.recv().expect("the test server starts");
+        TestServer { addr, token, roles, stop: Some(stop), thread: Some(thread), _dir: dir }
     }
 
     fn get(&self, target: &str) -> Answer {
@@ -238,7 +250,7 @@ impl TestServer {
         self.request("POST", target, Some(content_type), body)
     }
 
-    /// One HTTP/1.1 request on its own connection.
+    /// One HTTP/1.1 request on its own connection, with the all-scopes API key.
     fn request(
         &self,
         method: &str,
@@ -246,13 +258,27 @@ impl TestServer {
         content_type: Option<&str>,
         body: &[u8],
     ) -> Answer {
+        self.request_as(Some(&self.token), method, target, content_type, body)
+    }
+
+    /// One request with these credentials (`None`: anonymous).
+    fn request_as(
+        &self,
+        token: Option<&str>,
+        method: &str,
+        target: &str,
+        content_type: Option<&str>,
+        body: &[u8],
+    ) -> Answer {
         let mut stream = TcpStream::connect(self.addr).expect("the server accepts");
         let mut head = format!(
-            "{method} {target} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nContent-Length: {}\r\nAuthorization: Bearer {}\r\n",
+            "{method} {target} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nContent-Length: {}\r\n",
             self.addr,
             body.len(),
-            self.token
         );
+        if let Some(token) = token {
+            head.push_str(&format!("Authorization: Bearer {token}\r\n"));
+        }
         if let Some(t) = content_type {
             head.push_str(&format!("Content-Type: {t}\r\n"));
         }
@@ -555,4 +581,132 @@ fn answers_match_the_documented_schemas() {
     let fallback: ErrorBody = answer.json();
     assert_eq!(fallback.error.code, "not_found");
     assert!(fallback.error.message.contains("/api/v1/openapi.json"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// The authorisation matrix
+
+/// Who may call each documented operation: `public` (anyone, without credentials), or the
+/// built-in roles allowed (A admin, S security_officer, P privacy_officer, U auditor, V viewer,
+/// I ingest). Declared here, apart from `auth::rules`, so that a change to either shows.
+const MATRIX: &[(&str, &str, &str)] = &[
+    ("get", "/healthz", "public"),
+    ("get", "/readyz", "public"),
+    ("get", "/api/v1/openapi.json", "public"),
+    ("get", "/fhir/metadata", "public"),
+    ("get", "/log/checkpoint", "public"),
+    ("get", "/log/tile/{path}", "public"),
+    ("get", "/api/v1/log/proof/inclusion", "public"),
+    ("get", "/api/v1/log/proof/consistency", "public"),
+    ("get", "/metrics", "AS"),
+    ("post", "/api/v1/events", "AI"),
+    ("post", "/api/v1/events/bulk", "AI"),
+    ("post", "/fhir", "AI"),
+    ("post", "/fhir/AuditEvent", "AI"),
+    ("get", "/api/v1/events", "ASPUV"),
+    ("get", "/api/v1/events/stats", "ASPUV"),
+    ("get", "/api/v1/events/{id}", "ASPUV"),
+    ("get", "/fhir/AuditEvent", "ASPUV"),
+    ("get", "/fhir/AuditEvent/{id}", "ASPUV"),
+    ("put", "/fhir/AuditEvent", "public"),
+    ("patch", "/fhir/AuditEvent", "public"),
+    ("delete", "/fhir/AuditEvent", "public"),
+    ("post", "/fhir/AuditEvent/{id}", "public"),
+    ("put", "/fhir/AuditEvent/{id}", "public"),
+    ("patch", "/fhir/AuditEvent/{id}", "public"),
+    ("delete", "/fhir/AuditEvent/{id}", "public"),
+    ("get", "/api/v1/security/status", "AS"),
+    ("get", "/api/v1/retention", "ASPU"),
+    ("post", "/api/v1/retention/purge", "AP"),
+    ("post", "/api/v1/retention/holds", "AP"),
+    ("delete", "/api/v1/retention/holds/{id}", "AP"),
+    ("post", "/api/v1/auth/login", "public"),
+    ("post", "/api/v1/auth/refresh", "public"),
+    ("get", "/api/v1/auth/me", "ASPUVI"),
+    ("post", "/api/v1/auth/password", "ASPUVI"),
+    ("post", "/api/v1/auth/mfa/totp", "ASPUVI"),
+    ("delete", "/api/v1/auth/mfa/totp", "ASPUVI"),
+    ("post", "/api/v1/auth/mfa/totp/confirm", "ASPUVI"),
+    ("post", "/api/v1/auth/break-glass", "AV"),
+    ("get", "/api/v1/users", "A"),
+    ("post", "/api/v1/users", "A"),
+    ("get", "/api/v1/users/{id}", "A"),
+    ("patch", "/api/v1/users/{id}", "A"),
+    ("post", "/api/v1/users/{id}/password-reset", "A"),
+    ("post", "/api/v1/users/{id}/mfa-reset", "A"),
+    ("post", "/api/v1/users/{id}/unlock", "A"),
+    ("get", "/api/v1/sessions", "A"),
+    ("delete", "/api/v1/sessions/{id}", "A"),
+    ("get", "/api/v1/roles", "A"),
+    ("put", "/api/v1/roles/{name}", "A"),
+    ("delete", "/api/v1/roles/{name}", "A"),
+    ("get", "/api/v1/api-keys", "A"),
+    ("post", "/api/v1/api-keys", "A"),
+    ("delete", "/api/v1/api-keys/{id}", "A"),
+    ("get", "/api/v1/projects", "ASPUVI"),
+    ("post", "/api/v1/projects", "A"),
+    ("get", "/api/v1/settings/governance", "AS"),
+    ("put", "/api/v1/settings/governance", "A"),
+    // Last: it ends the session it is called with.
+    ("post", "/api/v1/auth/logout", "ASPUVI"),
+];
+
+#[test]
+fn authorisation_matrix_over_every_documented_operation() {
+    let doc = parsed();
+    let mut documented = BTreeSet::new();
+    for (path, item) in doc["paths"].as_object().expect("paths") {
+        for method in item.as_object().expect("a path item").keys() {
+            documented.insert((method.clone(), path.clone()));
+        }
+    }
+    let declared: BTreeSet<(String, String)> =
+        MATRIX.iter().map(|(m, p, _)| (m.to_string(), p.to_string())).collect();
+    assert_eq!(declared.len(), MATRIX.len(), "an operation is declared twice");
+    let undeclared: Vec<_> = documented.difference(&declared).collect();
+    assert!(undeclared.is_empty(), "operations without a declared rule: {undeclared:?}");
+    let gone: Vec<_> = declared.difference(&documented).collect();
+    assert!(gone.is_empty(), "declared operations that do not exist: {gone:?}");
+
+    let server = TestServer::start();
+    let letter = |role: &str| match role {
+        "admin" => 'A',
+        "security_officer" => 'S',
+        "privacy_officer" => 'P',
+        "auditor" => 'U',
+        "viewer" => 'V',
+        "ingest" => 'I',
+        other => panic!("no letter for {other}"),
+    };
+    let mut checked = 0;
+    for (method, path, allowed) in MATRIX {
+        let target = concrete(path).replace("{path}", "0/000");
+        let upper = method.to_ascii_uppercase();
+        let anonymous = server.request_as(None, &upper, &target, None, b"");
+        let public = *allowed == "public";
+        assert_eq!(
+            anonymous.status != 401 && anonymous.status != 403,
+            public,
+            "{method} {path} anonymously answered {}: {}",
+            anonymous.status,
+            anonymous.text()
+        );
+        if !public {
+            assert_eq!(anonymous.header("www-authenticate"), Some("Bearer"), "{method} {path}");
+        }
+        for (role, token) in &server.roles {
+            let answer = server.request_as(Some(token), &upper, &target, None, b"");
+            let may = public || allowed.contains(letter(role));
+            let denied = answer.status == 403 || answer.status == 401;
+            assert_eq!(
+                !denied,
+                may,
+                "{method} {path} as {role} answered {}: {}",
+                answer.status,
+                answer.text()
+            );
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, MATRIX.len() * crate::auth::roles::BUILTIN_ROLES.len());
 }
