@@ -28,7 +28,13 @@ pub enum Field {
     Source = 8,
     /// A keyed HMAC token of the patient identifier; shared with FHIR `patient`.
     Patient = 9,
+    /// Whose trail the event belongs to: `client` (sent by an application) or `repository`
+    /// (auditrail's record of its own use), so searches can leave out the second by default.
+    Stream = 10,
 }
+
+/// The [`Field::Stream`] value of events applications send.
+pub const CLIENT_STREAM: &str = "client";
 
 /// The first tag of the FHIR search parameters that have no native twin: `FHIR_BASE + n` for
 /// the n-th parameter of `auditrail_core::fhir::SearchParam`.
@@ -249,6 +255,8 @@ pub fn extract(
     };
     add(Field::Action, s(&["action"]));
     add(Field::Category, s(&["category"]));
+    let repository = s(&["category"]) == Some(auditrail_store::retention::REPOSITORY_CATEGORY);
+    add(Field::Stream, Some(if repository { "repository" } else { CLIENT_STREAM }));
     add(Field::Outcome, s(&["outcome"]));
     add(Field::Project, s(&["project"]));
     add(Field::User, s(&["actor", "user_id"]));

@@ -574,6 +574,11 @@ fn search_bundle(
     projects: Option<Vec<String>>,
 ) -> Result<Value, FhirError> {
     let mut q = to_query(state, search)?;
+    // The repository's own events are searched natively (`category=repository`).
+    q.all_of.push(vec![auditrail_index::doc::term(
+        auditrail_index::doc::Field::Stream,
+        auditrail_index::doc::CLIENT_STREAM,
+    )]);
     if let Some(projects) = projects {
         q.all_of.push(
             projects

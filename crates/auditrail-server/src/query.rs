@@ -91,7 +91,7 @@ newest first (or oldest first with `order=asc`), a page at a time: pass `next_cu
         ("patient" = Option<String>, Query, description = "The patient's id (`patient.id`), matched exactly; the index keeps it only as a keyed hash."),
         ("user" = Option<String>, Query, description = "The acting user (`actor.user_id`), matched exactly."),
         ("action" = Option<String>, Query, description = "The dotted action, such as `patient.read`, matched exactly."),
-        ("category" = Option<String>, Query, description = "The category, such as `phi_access`, matched exactly."),
+        ("category" = Option<String>, Query, description = "The category, such as `phi_access`, matched exactly. Without it, auditrail's own `repository` events (logins, searches, reads, changes) are left out; `category=repository` searches only them."),
         ("outcome" = Option<String>, Query, description = "`success` or `failure`."),
         ("project" = Option<String>, Query, description = "The project, matched exactly."),
         ("source" = Option<String>, Query, description = "The source system (`source.system`), matched exactly."),
@@ -201,6 +201,10 @@ pub async fn search(
     }
     if let Some(projects) = project_filter {
         q.all_of.push(projects.iter().map(|p| term(Field::Project, p)).collect());
+    }
+    // The repository's record of its own use is searched by asking for its category.
+    if !params.iter().any(|(k, _)| k == "category") {
+        q.all_of.push(vec![term(Field::Stream, auditrail_index::doc::CLIENT_STREAM)]);
     }
     if let Some((seq, newest_first)) = cursor {
         if newest_first != q.newest_first {
