@@ -12,6 +12,9 @@ pub struct Server {
     pub addr: String,
     /// An API key with every permission a key can hold, sent with each request.
     pub token: String,
+    /// Events in the log when the server started (the repository's own record of its first
+    /// administrator and of the test's key included): the seq of the test's first event.
+    pub base: u64,
     /// What the server wrote to stderr so far ([`Server::start_tls`] only).
     log: Arc<Mutex<String>>,
 }
@@ -34,6 +37,13 @@ pub const ALL_SCOPES: &[&str] = &[
 ];
 
 /// Provisions an API key in a stopped server's data directory (initialising it if new).
+/// Events in a stopped server's log.
+pub fn events_in_log(data: &Path) -> u64 {
+    let o = crate::run(&["export", "--data", data.to_str().unwrap()]);
+    assert!(o.status.success(), "export: {}", crate::stderr(&o));
+    crate::stdout(&o).lines().count() as u64
+}
+
 pub fn provision_key(data: &Path, scopes: &[&str]) -> String {
     if !data.join("keys").exists() {
         let o = crate::run(&[
@@ -61,6 +71,7 @@ impl Server {
 
     pub fn start_with(data: &Path, env: &[(&str, &str)]) -> Server {
         let token = provision_key(data, ALL_SCOPES);
+        let base = events_in_log(data);
         let mut cmd = crate::bin();
         cmd.args(["serve", "--listen", "127.0.0.1:0", "--data"]).arg(data);
         for (k, v) in env {
@@ -74,7 +85,7 @@ impl Server {
             .strip_prefix("listening on http://")
             .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
             .to_string();
-        let server = Server { child, addr, token, log: Arc::default() };
+        let server = Server { child, addr, token, base, log: Arc::default() };
         // Ready once the index has caught up with the log.
         for _ in 0..600 {
             if server.get("/readyz").status == 200 {
@@ -95,6 +106,7 @@ impl Server {
         curl_args: &[&str],
     ) -> Server {
         let token = provision_key(data, ALL_SCOPES);
+        let base = events_in_log(data);
         let mut cmd = crate::bin();
         cmd.args(["serve", "--listen", "127.0.0.1:0", "--data"]).arg(data).args(args);
         for (k, v) in env {
@@ -119,7 +131,7 @@ impl Server {
                 panic!("unexpected first line {line:?}; stderr: {}", log.lock().unwrap())
             })
             .to_string();
-        let server = Server { child, addr, token, log };
+        let server = Server { child, addr, token, base, log };
         for _ in 0..600 {
             let o = std::process::Command::new("curl")
                 .args(["-s", "-o", "/dev/null", "-w", "%{http_code}"])
@@ -141,6 +153,25 @@ impl Server {
 
     pub fn request(&self, method: &str, path: &str, content_type: &str, body: &[u8]) -> Response {
         request_as(&self.addr, Some(&self.token), method, path, content_type, body)
+    }
+
+    /// The events applications stored (not the repository's own), once the index has caught
+    /// up with everything durable: how a test checks that a bad request stored nothing.
+    pub fn client_events(&self) -> Vec<serde_json::Value> {
+        let metrics = self.get("/metrics").text();
+        let sequenced: u64 = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("auditrail_log_sequenced "))
+            .and_then(|v| v.parse().ok())
+            .expect("the sequenced gauge");
+        for _ in 0..400 {
+            let r = self.get("/api/v1/events?limit=1000");
+            if r.json()["indexed_through"].as_u64().unwrap() >= sequenced {
+                return r.json()["events"].as_array().unwrap().clone();
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        panic!("the index did not catch up with {sequenced} events");
     }
 
     /// A request with these credentials (`None`: anonymous).

@@ -65,8 +65,10 @@ fn purge_hold_gone_proofs_verify_and_reindex() {
         let batch: Vec<Value> = chunk.iter().map(|&i| event(i)).collect();
         assert_eq!(server.post_json("/api/v1/events", &json!(batch)).status, 201);
     }
-    wait_indexed(&server, EVENTS as u64);
-    wait_published(&server, EVENTS as u64);
+    // Event r-i is at seq i + b: the log opens with the repository's own events.
+    let b = server.base;
+    wait_indexed(&server, EVENTS as u64 + b);
+    wait_published(&server, EVENTS as u64 + b);
 
     let r = server.post_json(
         "/api/v1/retention/holds",
@@ -94,7 +96,7 @@ fn purge_hold_gone_proofs_verify_and_reindex() {
 
     // Held: still readable. Purged: 410 with a proof that verifies against the checkpoint.
     assert_eq!(server.get("/api/v1/events/r-0").status, 200);
-    let gone_id = format!("r-{}", first_purged + 3);
+    let gone_id = format!("r-{}", first_purged + 3 - b);
     let r = server.get(&format!("/api/v1/events/{gone_id}"));
     assert_eq!(r.status, 410, "{}", r.text());
     let info = &r.json()["error"]["purged"];
