@@ -700,7 +700,7 @@ impl Auth {
                 (s, Some(why), None)
             } else {
                 s.last_seen_ms = now;
-                let moved = (ip.is_some() && s.ip != ip).then(|| (s.ip, ip));
+                let moved = (ip.is_some() && s.ip != ip).then_some((s.ip, ip));
                 if moved.is_some() {
                     s.ip = ip;
                 }
@@ -1406,13 +1406,13 @@ impl Auth {
                 "scopes: emergency:access is for people, not keys",
             ));
         }
-        if let Some(p) = &projects {
-            if p.is_empty() || p.iter().any(|n| !roles::valid_name(n)) {
-                return Err(bad(
-                    "invalid_parameter",
-                    "projects: project names, at least one when given",
-                ));
-            }
+        if let Some(p) = &projects
+            && (p.is_empty() || p.iter().any(|n| !roles::valid_name(n)))
+        {
+            return Err(bad(
+                "invalid_parameter",
+                "projects: project names, at least one when given",
+            ));
         }
         if let Some(n) = networks.iter().find(|n| accounts::parse_network(n).is_none()) {
             return Err(bad(
