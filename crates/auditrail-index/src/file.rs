@@ -24,7 +24,9 @@ use crate::postings::{Postings, get_varint, put_varint, unzigzag, zigzag};
 use auditrail_store::tail::BlockLocation;
 
 const MAGIC: &[u8; 8] = b"ATRLIDX1";
-const VERSION: u8 = 2;
+/// 3: every event carries a `Field::Stream` term (client or repository). Files of an older
+/// version fail the check, are dropped, and are rebuilt from the log on start.
+const VERSION: u8 = 3;
 /// Largest payload a file may declare (a damaged length must not allocate without bound).
 const PAYLOAD_MAX: u64 = 1 << 34;
 

@@ -608,27 +608,20 @@ impl Modify for AccessRules {
                 let Some(op) = slot.as_mut() else { continue };
                 let method = axum::http::Method::from_bytes(method.as_bytes()).expect("a method");
                 let Some(rule) = crate::auth::rules::rule(&method, path) else { continue };
-                let (requirement, note) = match rule {
-                    Rule::Public => (SecurityRequirement::default(), "Public: no credentials.".to_string()),
-                    Rule::SelfService => (
-                        SecurityRequirement::new("bearer", Vec::<String>::new()),
-                        "Any authenticated caller, even one that must first change its password or enrol MFA.".into(),
+                let note = match rule {
+                    Rule::Public => "Public: no credentials.".to_string(),
+                    Rule::SelfService => "Any authenticated caller, even one that must first change its password or enrol MFA.".into(),
+                    Rule::Authenticated => "Any authenticated caller.".into(),
+                    Rule::Needs(p) => format!("Needs the `{}` permission.", p.as_str()),
+                    Rule::NeedsAny(ps) => format!(
+                        "Needs one of the permissions {}.",
+                        ps.iter().map(|p| format!("`{}`", p.as_str())).collect::<Vec<_>>().join(", ")
                     ),
-                    Rule::Authenticated => (
-                        SecurityRequirement::new("bearer", Vec::<String>::new()),
-                        "Any authenticated caller.".into(),
-                    ),
-                    Rule::Needs(p) => (
-                        SecurityRequirement::new("bearer", Vec::<String>::new()),
-                        format!("Needs the `{}` permission.", p.as_str()),
-                    ),
-                    Rule::NeedsAny(ps) => (
-                        SecurityRequirement::new("bearer", Vec::<String>::new()),
-                        format!(
-                            "Needs one of the permissions {}.",
-                            ps.iter().map(|p| format!("`{}`", p.as_str())).collect::<Vec<_>>().join(", ")
-                        ),
-                    ),
+                };
+                // An empty requirement object means "no credentials" in OpenAPI.
+                let requirement = match rule {
+                    Rule::Public => SecurityRequirement::default(),
+                    _ => SecurityRequirement::new("bearer", Vec::<String>::new()),
                 };
                 op.security = Some(vec![requirement]);
                 if rule != Rule::Public {

@@ -130,7 +130,9 @@ pub async fn authorize(State(state): State<SharedState>, mut req: Request, next:
         _ => Err(super::forbidden("your roles do not allow this")),
     };
     let request = |status: u16| {
-        let mut r = json!({"method": method.as_str(), "path": req_path(&path), "status": status});
+        // The route pattern, never the concrete path: an id may be a patient's identifier in a
+        // FHIR reference. The query string carries the parameters.
+        let mut r = json!({"method": method.as_str(), "path": path, "status": status});
         if let Some(q) = &query {
             r["query"] = q.chars().take(4000).collect::<String>().into();
         }
@@ -145,7 +147,7 @@ pub async fn authorize(State(state): State<SharedState>, mut req: Request, next:
             vec![],
         );
         event["request"] = request(e.status.as_u16());
-        if let Err(trace_error) = submit(&state, event) {
+        if let Err(trace_error) = state.auth.trace(event) {
             return fail(trace_error);
         }
         return fail(e);
@@ -165,22 +167,11 @@ pub async fn authorize(State(state): State<SharedState>, mut req: Request, next:
             vec![],
         );
         event["request"] = request(status.as_u16());
-        if let Err(e) = submit(&state, event) {
+        if let Err(e) = state.auth.trace(event) {
             return fail(e);
         }
     }
     response
-}
-
-/// The request path as the route pattern (never the concrete id, which may be a patient's
-/// identifier in a FHIR reference): the query string carries the parameters.
-fn req_path(pattern: &str) -> String {
-    pattern.to_string()
-}
-
-fn submit(state: &SharedState, event: Value) -> Result<(), ApiError> {
-    let prepared = auditrail_store::retention::repository_event(event)?;
-    state.store.submit(vec![prepared]).map_err(ApiError::from)
 }
 
 /// A fixed-window limit on login and refresh attempts per client address.
@@ -206,6 +197,15 @@ impl RateLimiter {
         }
         Ok(())
     }
+}
+
+/// Counts a login or refresh attempt against the client address's limit.
+fn count_attempt(state: &SharedState, ip: Option<IpAddr>) -> Result<(), ApiError> {
+    let now = state.auth.now_ms();
+    state
+        .login_limiter
+        .check(ip, now, state.config.auth_attempts_per_minute_max)
+        .map_err(rate_limited)
 }
 
 fn rate_limited(seconds: i64) -> ApiError {
@@ -249,11 +249,7 @@ pub async fn login(
     Extension(ClientIp(ip)): Extension<ClientIp>,
     body: Bytes,
 ) -> Result<Json<Tokens>, ApiError> {
-    let now = state.auth.now_ms();
-    state
-        .login_limiter
-        .check(ip, now, state.config.auth_attempts_per_minute_max)
-        .map_err(rate_limited)?;
+    count_attempt(&state, ip)?;
     let req: LoginRequest = parse(&body)?;
     blocking(move || state.auth.login(&req, ip)).await.map(Json)
 }
@@ -280,11 +276,7 @@ pub async fn refresh(
     Extension(ClientIp(ip)): Extension<ClientIp>,
     body: Bytes,
 ) -> Result<Json<Tokens>, ApiError> {
-    let now = state.auth.now_ms();
-    state
-        .login_limiter
-        .check(ip, now, state.config.auth_attempts_per_minute_max)
-        .map_err(rate_limited)?;
+    count_attempt(&state, ip)?;
     let req: RefreshRequest = parse(&body)?;
     blocking(move || state.auth.refresh(&req.refresh_token, ip)).await.map(Json)
 }
@@ -536,7 +528,7 @@ pub async fn list_sessions(
             _ => return Err(ApiError::unknown_parameter(&k)),
         }
     }
-    Ok(Json(json!({"sessions": state.auth.sessions(user.as_deref())})))
+    Ok(Json(json!({"sessions": state.auth.list_sessions(user.as_deref())})))
 }
 
 #[utoipa::path(delete, path = "/api/v1/sessions/{id}", tag = "access", operation_id = "sessions_revoke",

@@ -150,14 +150,6 @@ impl Principal {
         }
     }
 
-    pub fn can_in(&self, p: Permission, project: Option<&str>) -> bool {
-        match self.scope(p) {
-            Scope::Everywhere => true,
-            Scope::Projects(set) => project.is_some_and(|name| set.contains(name)),
-            Scope::Nowhere => false,
-        }
-    }
-
     pub fn session_id(&self) -> Option<&str> {
         match &self.kind {
             Kind::User { session_id } => Some(session_id),
@@ -340,7 +332,7 @@ impl Auth {
 
     /// Saves what is only in memory (API keys' last use), at shutdown.
     pub fn flush(&self) {
-        let pending = !self.key_last_used.lock().unwrap_or_else(|e| e.into_inner()).0.is_empty();
+        let pending = !lock(&self.key_last_used).0.is_empty();
         if pending && let Err(e) = self.update(|_| Ok(())) {
             eprintln!("auditrail: cannot save API key use times: {}", e.message);
         }
@@ -365,30 +357,38 @@ impl Auth {
         self.accounts.read().unwrap_or_else(|e| e.into_inner())
     }
 
+    fn sessions(&self) -> std::sync::MutexGuard<'_, HashMap<String, Session>> {
+        lock(&self.sessions)
+    }
+
     /// Applies `f` to a copy of the accounts, saves the copy, then makes it current. A failed
     /// save changes nothing.
     fn update<T>(
         &self,
         f: impl FnOnce(&mut Accounts) -> Result<T, ApiError>,
     ) -> Result<T, ApiError> {
-        let _w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let _w = lock(&self.writer);
         let mut next = self.read().clone();
         let out = f(&mut next)?;
-        self.merge_last_used(&mut next);
+        self.merge_last_used(&mut next, true);
         self.file.save(&next).map_err(ApiError::internal)?;
         *self.accounts.write().unwrap_or_else(|e| e.into_inner()) = next;
         Ok(out)
     }
 
-    fn merge_last_used(&self, accounts: &mut Accounts) {
-        let mut used = self.key_last_used.lock().unwrap_or_else(|e| e.into_inner());
+    /// Folds the API keys' last-use times kept in memory into `accounts`; `taken` when they
+    /// are about to be saved (they are then no longer pending).
+    fn merge_last_used(&self, accounts: &mut Accounts, taken: bool) {
+        let mut used = lock(&self.key_last_used);
         for k in &mut accounts.api_keys {
             if let Some(&t) = used.0.get(&k.id) {
                 k.last_used_ms = k.last_used_ms.max(t);
             }
         }
-        used.0.clear();
-        used.1 = self.now_ms();
+        if taken {
+            used.0.clear();
+            used.1 = self.now_ms();
+        }
     }
 
     /// Appends a repository event and waits until it is durable: account changes and logins
@@ -409,13 +409,7 @@ impl Auth {
 
     /// Queues a repository event for the next group commit without waiting (the trace of a
     /// read). If the log cannot take it, the read is refused: no read goes unrecorded.
-    pub fn trace(
-        &self,
-        principal: &Principal,
-        action: &str,
-        context: Value,
-    ) -> Result<(), ApiError> {
-        let event = repository_event(&principal.actor(), action, "success", context, Vec::new());
+    pub fn trace(&self, event: Value) -> Result<(), ApiError> {
         let prepared = auditrail_store::retention::repository_event(event)?;
         self.store.submit(vec![prepared])?;
         Ok(())
@@ -617,7 +611,7 @@ impl Auth {
     ) -> (String, Tokens, Vec<String>) {
         let session_id = new_id("ses_");
         let refresh = secrets::random_token();
-        let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        let mut sessions = self.sessions();
         let mut evicted = Vec::new();
         loop {
             let mine: Vec<(&String, &Session)> =
@@ -644,21 +638,23 @@ impl Auth {
                 emergency: None,
             },
         );
-        let tokens = Tokens {
-            access_token: self.tokens.issue(
-                &user.id,
-                &session_id,
-                now,
-                self.settings.access_token_ttl_ms,
-            ),
+        let tokens = self.tokens_for(user, &session_id, refresh, now);
+        (session_id, tokens, evicted)
+    }
+
+    /// A new access token for the session, with its (new) refresh token and what the user
+    /// must do first.
+    fn tokens_for(&self, user: &User, session_id: &str, refresh: String, now: i64) -> Tokens {
+        let ttl = self.settings.access_token_ttl_ms;
+        Tokens {
+            access_token: self.tokens.issue(&user.id, session_id, now, ttl),
             token_type: "Bearer",
-            expires_in: self.settings.access_token_ttl_ms / 1000,
+            expires_in: ttl / 1000,
             refresh_token: refresh,
-            session_id: session_id.clone(),
+            session_id: session_id.to_string(),
             must_change_password: user.must_change_password,
             must_enrol_mfa: self.mfa_required_for(user) && !user.mfa_enrolled(),
-        };
-        (session_id, tokens, evicted)
+        }
     }
 
     /// Ends a session that is idle too long or past its lifetime; says why.
@@ -688,7 +684,7 @@ impl Auth {
             }
         };
         let (session, ended, moved) = {
-            let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+            let mut sessions = self.sessions();
             let Some(s) = sessions.get_mut(&claims.sid) else {
                 return Err(unauthenticated("the session has ended; log in again"));
             };
@@ -751,7 +747,7 @@ impl Auth {
         }
         let now = self.now_ms();
         let flush = {
-            let mut used = self.key_last_used.lock().unwrap_or_else(|e| e.into_inner());
+            let mut used = lock(&self.key_last_used);
             used.0.insert(key.id.clone(), now);
             now - used.1 > 60_000
         };
@@ -774,14 +770,14 @@ impl Auth {
     }
 
     fn end_session(&self, id: &str) -> bool {
-        self.sessions.lock().unwrap_or_else(|e| e.into_inner()).remove(id).is_some()
+        self.sessions().remove(id).is_some()
     }
 
     pub fn refresh(&self, refresh_token: &str, ip: Option<IpAddr>) -> Result<Tokens, ApiError> {
         let now = self.now_ms();
         let digest = secrets::digest(refresh_token);
         let (session_id, session, ended) = {
-            let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+            let mut sessions = self.sessions();
             let found = sessions
                 .iter()
                 .find(|(_, s)| secrets::same(&s.refresh_digest, &digest))
@@ -809,7 +805,7 @@ impl Auth {
         };
         let refresh = secrets::random_token();
         {
-            let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+            let mut sessions = self.sessions();
             let Some(s) = sessions.get_mut(&session_id) else {
                 return Err(unauthenticated("the session has ended; log in again"));
             };
@@ -818,20 +814,7 @@ impl Auth {
         }
         let principal = self.principal_for_user(&self.read(), &user, &session_id, &session, ip);
         self.record(&principal.actor(), "auth.token.refresh", "success", json!({}), vec![])?;
-        Ok(Tokens {
-            access_token: self.tokens.issue(
-                &user.id,
-                &session_id,
-                now,
-                self.settings.access_token_ttl_ms,
-            ),
-            token_type: "Bearer",
-            expires_in: self.settings.access_token_ttl_ms / 1000,
-            refresh_token: refresh,
-            session_id,
-            must_change_password: principal.restriction == Some(Restriction::MustChangePassword),
-            must_enrol_mfa: principal.restriction == Some(Restriction::MustEnrolMfa),
-        })
+        Ok(self.tokens_for(&user, &session_id, refresh, now))
     }
 
     pub fn logout(&self, p: &Principal) -> Result<(), ApiError> {
@@ -842,9 +825,9 @@ impl Auth {
     }
 
     /// The sessions of one user, or of everyone.
-    pub fn sessions(&self, user_id: Option<&str>) -> Vec<Value> {
+    pub fn list_sessions(&self, user_id: Option<&str>) -> Vec<Value> {
         let now = self.now_ms();
-        let sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        let sessions = self.sessions();
         let mut out: Vec<(i64, Value)> = sessions
             .iter()
             .filter(|(_, s)| user_id.is_none_or(|u| s.user_id == u) && self.expired(s, now).is_none())
@@ -868,7 +851,7 @@ impl Auth {
 
     pub fn revoke_session(&self, by: &Principal, id: &str) -> Result<(), ApiError> {
         let owner = {
-            let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+            let mut sessions = self.sessions();
             sessions.remove(id).map(|s| s.user_id)
         };
         let Some(owner) = owner else {
@@ -933,7 +916,7 @@ impl Auth {
         let hash = secrets::hash_password(new);
         let now = self.now_ms();
         self.update(|a| {
-            let u = a.user_mut(&user.id).ok_or_else(|| unauthenticated("the account is gone"))?;
+            let u = user_mut(a, &user.id)?;
             u.password_hash = hash;
             u.must_change_password = false;
             u.password_changed_ms = now;
@@ -963,7 +946,7 @@ impl Auth {
         let uri = totp.to_url().map_err(ApiError::internal)?;
         let b32 = totp.secret().to_base32();
         self.update(|a| {
-            let u = a.user_mut(&user.id).ok_or_else(|| unauthenticated("the account is gone"))?;
+            let u = user_mut(a, &user.id)?;
             u.totp = Some(accounts::Totp { secret, confirmed: false, last_step: 0 });
             Ok(())
         })?;
@@ -993,7 +976,7 @@ impl Auth {
         let digests: Vec<String> =
             codes.iter().map(|c| secrets::digest(&secrets::normalise_recovery_code(c))).collect();
         self.update(|a| {
-            let u = a.user_mut(&user.id).ok_or_else(|| unauthenticated("the account is gone"))?;
+            let u = user_mut(a, &user.id)?;
             if let Some(t) = u.totp.as_mut() {
                 t.confirmed = true;
                 t.last_step = step;
@@ -1024,7 +1007,7 @@ impl Auth {
             return Err(invalid_credentials());
         }
         self.update(|a| {
-            let u = a.user_mut(&user.id).ok_or_else(|| unauthenticated("the account is gone"))?;
+            let u = user_mut(a, &user.id)?;
             u.totp = None;
             u.recovery_codes.clear();
             Ok(())
@@ -1067,7 +1050,7 @@ impl Auth {
         }
         let until = self.now_ms() + duration;
         {
-            let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+            let mut sessions = self.sessions();
             let s =
                 sessions.get_mut(sid).ok_or_else(|| unauthenticated("the session has ended"))?;
             s.emergency = Some((until, reason.to_string()));
@@ -1191,7 +1174,7 @@ impl Auth {
             if let Some(g) = &grants {
                 Self::check_grants(a, g)?;
             }
-            let u = a.user_mut(id).ok_or_else(|| ApiError::not_found(format!("no user {id:?}")))?;
+            let u = user_mut(a, id)?;
             let before = u.public();
             if let Some(d) = display_name {
                 if d.len() > 256 {
@@ -1220,7 +1203,7 @@ impl Auth {
             Ok((before, after))
         })?;
         if disabled == Some(true) {
-            self.sessions.lock().unwrap_or_else(|e| e.into_inner()).retain(|_, s| s.user_id != id);
+            self.sessions().retain(|_, s| s.user_id != id);
         }
         self.record(
             &by.actor(),
@@ -1238,14 +1221,14 @@ impl Auth {
         let password = secrets::generated_password();
         let hash = secrets::hash_password(&password);
         self.update(|a| {
-            let u = a.user_mut(id).ok_or_else(|| ApiError::not_found(format!("no user {id:?}")))?;
+            let u = user_mut(a, id)?;
             u.password_hash = hash;
             u.must_change_password = true;
             u.failed_logins = 0;
             u.locked_until_ms = 0;
             Ok(())
         })?;
-        self.sessions.lock().unwrap_or_else(|e| e.into_inner()).retain(|_, s| s.user_id != id);
+        self.sessions().retain(|_, s| s.user_id != id);
         self.record(
             &by.actor(),
             "user.password.reset",
@@ -1259,12 +1242,12 @@ impl Auth {
     /// Removes a user's second factor (a lost device); they must enrol again if required.
     pub fn reset_mfa(&self, by: &Principal, id: &str) -> Result<(), ApiError> {
         self.update(|a| {
-            let u = a.user_mut(id).ok_or_else(|| ApiError::not_found(format!("no user {id:?}")))?;
+            let u = user_mut(a, id)?;
             u.totp = None;
             u.recovery_codes.clear();
             Ok(())
         })?;
-        self.sessions.lock().unwrap_or_else(|e| e.into_inner()).retain(|_, s| s.user_id != id);
+        self.sessions().retain(|_, s| s.user_id != id);
         self.record(
             &by.actor(),
             "user.mfa.reset",
@@ -1276,7 +1259,7 @@ impl Auth {
 
     pub fn unlock(&self, by: &Principal, id: &str) -> Result<(), ApiError> {
         let before = self.update(|a| {
-            let u = a.user_mut(id).ok_or_else(|| ApiError::not_found(format!("no user {id:?}")))?;
+            let u = user_mut(a, id)?;
             let before = u.locked_until_ms;
             u.locked_until_ms = 0;
             u.failed_logins = 0;
@@ -1372,17 +1355,8 @@ impl Auth {
 
     pub fn api_keys(&self) -> Vec<Value> {
         let mut a = self.read().clone();
-        self.merge_last_used_view(&mut a);
+        self.merge_last_used(&mut a, false);
         a.api_keys.iter().map(ApiKey::public).collect()
-    }
-
-    fn merge_last_used_view(&self, accounts: &mut Accounts) {
-        let used = self.key_last_used.lock().unwrap_or_else(|e| e.into_inner());
-        for k in &mut accounts.api_keys {
-            if let Some(&t) = used.0.get(&k.id) {
-                k.last_used_ms = k.last_used_ms.max(t);
-            }
-        }
     }
 
     /// Creates an API key; the secret is in the answer only.
@@ -1537,6 +1511,17 @@ impl Auth {
 enum SecondFactor {
     Totp(u64),
     Recovery(usize),
+}
+
+/// A stored user to change, or 404.
+fn user_mut<'a>(accounts: &'a mut Accounts, id: &str) -> Result<&'a mut User, ApiError> {
+    accounts.user_mut(id).ok_or_else(|| ApiError::not_found(format!("no user {id:?}")))
+}
+
+/// Locks a mutex; a panic elsewhere while holding it leaves data that is still consistent
+/// here (each critical section is a single map update), so poisoning is ignored.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn locked(remaining_ms: i64) -> ApiError {

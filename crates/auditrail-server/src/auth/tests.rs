@@ -235,7 +235,7 @@ fn the_session_limit_ends_the_oldest_and_revocation_is_immediate() {
     assert!(f.auth.authenticate(&first.access_token, None).is_err());
     f.auth.authenticate(&second.access_token, None).unwrap();
     let p = f.auth.authenticate(&third.access_token, None).unwrap();
-    assert_eq!(f.auth.sessions(Some(&p.id)).len(), 2);
+    assert_eq!(f.auth.list_sessions(Some(&p.id)).len(), 2);
     f.auth.revoke_session(&Auth::system(), &second.session_id).unwrap();
     assert!(f.auth.authenticate(&second.access_token, None).unwrap_err().message.contains("ended"));
     f.auth.logout(&p).unwrap();

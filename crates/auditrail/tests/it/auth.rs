@@ -3,7 +3,7 @@
 //! every read. Plus canary values that must never reach the server's output or rest in the
 //! clear in its data directory.
 
-use crate::http::{ALL_SCOPES, Response, Server};
+use crate::http::{Response, Server};
 use serde_json::{Value, json};
 use std::path::Path;
 
@@ -240,7 +240,6 @@ fn canaries_never_reach_the_server_output_or_rest_in_the_clear() {
         &[("AUDITRAIL_MFA_REQUIRED_ROLES", "")],
         &["--cacert", data.join("tls/self-signed.crt").to_str().unwrap()],
     );
-    let _ = ALL_SCOPES;
     let patient = "CANARY-MRN-93817";
     let password = "canary-Passw0rd-lighthouse-77";
     // Everything below goes over HTTPS with curl, as a client would send it.

@@ -225,7 +225,8 @@ fn purge_hold_gone_proofs_verify_and_reindex() {
         reads_left,
         "the same events after reindex"
     );
-    let _ = purged_count;
+    let state = server.get("/api/v1/retention").json();
+    assert_eq!(state["purged_events"].as_u64(), Some(purged_count), "both purges, after restart");
     // Rebuilt from the log, the index no longer knows purged ids (docs/api.md).
     assert_eq!(server.get(&format!("/api/v1/events/{gone_id}")).status, 404);
     assert_eq!(server.get("/api/v1/events/late-9").status, 200);

@@ -281,6 +281,23 @@ fn client_certificates_required_with_tls_client_auth_all() {
     assert_ok(&curl(&server, &ca, "/healthz", &args(&client)));
     let o = curl(&server, &ca, "/healthz", &args(&stranger));
     assert!(!o.status.success(), "{}", crate::stdout(&o));
+    // Sending events needs the certificate on top of the API key; reading does not.
+    let bearer = format!("authorization: Bearer {}", server.token);
+    let send = |extra: &[&str]| {
+        let mut a = vec!["-H", bearer.as_str(), "-H", "content-type: application/json"];
+        a.extend(["-d", r#"{"action":"patient.read","outcome":"success"}"#]);
+        a.extend(extra);
+        crate::stdout(&curl(&server, &ca, "/api/v1/events", &a))
+    };
+    let without = send(&[]);
+    assert!(
+        without.starts_with("HTTP/1.1 401") && without.contains("client_certificate_required"),
+        "{without}"
+    );
+    let with = send(&args(&client));
+    assert!(with.starts_with("HTTP/1.1 201"), "{with}");
+    let read = curl(&server, &ca, "/api/v1/events", &["-H", bearer.as_str()]);
+    assert!(crate::stdout(&read).starts_with("HTTP/1.1 200"), "{}", crate::stdout(&read));
     assert!(server.stop().success());
 }
 
