@@ -276,10 +276,10 @@ async fn run(
         loop {
             // The log keeps growing during an outage: keep the lag true.
             progress.log_end.store(store.stages().sequenced, Ordering::Relaxed);
-            let result = tokio::select! {
-                r = destination.send(&todo) => r,
-                _ = stop.changed() => break 'batches,
-            };
+            // A send under way is finished even when told to stop, so a clean shutdown
+            // records what the destination took and sends nothing twice; `stop` aborts a
+            // send that outlasts its deadline (that batch goes again after the next start).
+            let result = destination.send(&todo).await;
             let delivery = match result {
                 Ok(d) => d,
                 Err(e) => Delivery {

@@ -3,7 +3,6 @@
 //! (`fhir.resources`, R4B models, through scripts/fhir_check.py).
 
 use crate::http::Server;
-use crate::serve::wait_indexed;
 use serde_json::{Value, json};
 use std::path::PathBuf;
 
@@ -138,7 +137,7 @@ fn every_balp_example_is_stored_and_found_again() {
         ids.push((name.clone(), id, resource.clone()));
     }
     returned.push(response);
-    wait_indexed(&server, corpus.len() as u64);
+    server.wait_indexed();
 
     let mut searches = 0;
     for (name, id, resource) in &ids {
@@ -200,7 +199,7 @@ fn every_balp_example_is_stored_and_found_again() {
         "patient": {"id": "MRN77"}, "source": {"system": "ehr", "site": "north"}}),
     );
     assert_eq!(r.status, 201);
-    wait_indexed(&server, corpus.len() as u64 + 1);
+    server.wait_indexed();
     let bundle = server.get("/fhir/AuditEvent?patient=MRN77").json();
     assert_eq!(bundle["total"], 1);
     returned.push(bundle);
@@ -305,7 +304,7 @@ fn public_url_is_the_base_of_fhir_locations_and_must_be_http() {
     assert_eq!(r.status, 201, "{}", r.text());
     let location = r.header("location").unwrap();
     assert!(location.starts_with("https://audit.example.org/fhir/AuditEvent/"), "{location}");
-    wait_indexed(&server, server.base + 1);
+    server.wait_indexed();
     let bundle = server.get("/fhir/AuditEvent").json();
     assert_eq!(bundle["total"], 1);
     let full_url = bundle["entry"][0]["fullUrl"].as_str().unwrap();

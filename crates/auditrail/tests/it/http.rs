@@ -158,6 +158,13 @@ impl Server {
     /// The events applications stored (not the repository's own), once the index has caught
     /// up with everything durable: how a test checks that a bad request stored nothing.
     pub fn client_events(&self) -> Vec<serde_json::Value> {
+        self.wait_indexed();
+        self.get("/api/v1/events?limit=1000").json()["events"].as_array().unwrap().clone()
+    }
+
+    /// Waits (boundedly) until the index covers every event sequenced so far, the repository's
+    /// own read traces included, so a search sees everything the test has written.
+    pub fn wait_indexed(&self) {
         let metrics = self.get("/metrics").text();
         let sequenced: u64 = metrics
             .lines()
@@ -165,13 +172,13 @@ impl Server {
             .and_then(|v| v.parse().ok())
             .expect("the sequenced gauge");
         for _ in 0..400 {
-            let r = self.get("/api/v1/events?limit=1000");
+            let r = self.get("/api/v1/events?limit=1");
             if r.json()["indexed_through"].as_u64().unwrap() >= sequenced {
-                return r.json()["events"].as_array().unwrap().clone();
+                return;
             }
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
-        panic!("the index did not catch up with {sequenced} events");
+        panic!("the index did not catch up with {sequenced} events within 4 s");
     }
 
     /// A request with these credentials (`None`: anonymous).

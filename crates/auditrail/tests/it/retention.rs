@@ -4,7 +4,7 @@
 //! `reindex` pass afterwards.
 
 use crate::http::Server;
-use crate::serve::{wait_indexed, wait_published};
+use crate::serve::wait_published;
 use crate::*;
 use base64::Engine as _;
 use serde_json::{Value, json};
@@ -67,7 +67,7 @@ fn purge_hold_gone_proofs_verify_and_reindex() {
     }
     // Event r-i is at seq i + b: the log opens with the repository's own events.
     let b = server.base;
-    wait_indexed(&server, EVENTS as u64 + b);
+    server.wait_indexed();
     wait_published(&server, EVENTS as u64 + b);
 
     let r = server.post_json(
@@ -137,7 +137,7 @@ fn purge_hold_gone_proofs_verify_and_reindex() {
         .unwrap()["count"]
         .clone();
     assert_eq!(reads.as_u64(), Some(EVENTS as u64 - purged_count));
-    wait_indexed(&server, EVENTS as u64 + 2);
+    server.wait_indexed();
     let log = server.get("/api/v1/events?category=repository&order=asc&limit=1000").json();
     // Among the repository's other events (its key, the reads above), the retention ones.
     let retention: Vec<&Value> = log["events"]

@@ -25,19 +25,6 @@ fn seqs(r: &crate::http::Response) -> Vec<u64> {
     r.json()["events"].as_array().unwrap().iter().map(|e| e["seq"].as_u64().unwrap()).collect()
 }
 
-/// Waits (boundedly) until the index has caught up with `size` events: search is eventually
-/// consistent, and every answer says how far (`indexed_through`).
-pub fn wait_indexed(server: &Server, size: u64) {
-    for _ in 0..200 {
-        let r = server.get("/api/v1/events?limit=1");
-        if r.json()["indexed_through"].as_u64().unwrap() >= size {
-            return;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
-    panic!("the index did not reach {size} events within 2 s");
-}
-
 /// Waits (boundedly) until the log has published a checkpoint covering `size` events.
 pub fn wait_published(server: &Server, size: u64) {
     for _ in 0..200 {
@@ -91,7 +78,7 @@ fn ingest_search_proofs_and_the_log_end_to_end() {
     );
 
     // Searches, each checked against the fixture's own rule.
-    wait_indexed(&server, 100 + b);
+    server.wait_indexed();
     let all: Vec<Value> = (0..100).map(event).collect();
     let expect = |f: &dyn Fn(&Value) -> bool| -> Vec<u64> {
         (0..100u64).rev().filter(|&i| f(&all[i as usize])).map(|i| i + b).collect()
