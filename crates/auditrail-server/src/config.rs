@@ -54,6 +54,24 @@ pub struct Config {
     /// Time between two backups (the delay after a failure starts at 500 ms and doubles up
     /// to this).
     pub archive_interval_ms: u64,
+    /// The master key file, best kept outside the data directory so that a copy of the
+    /// directory alone is unreadable; unset: `<data>/keys/master.keys`. Must be mode 0600
+    /// (or stricter).
+    pub master_key_file: Option<PathBuf>,
+    /// The master key text itself, from `AUDITRAIL_MASTER_KEYS` only (never from the file):
+    /// for containers and secret managers.
+    #[serde(skip)]
+    pub master_keys: Option<MasterKeysText>,
+}
+
+/// Master key text from the environment; never printed.
+#[derive(Clone, Default)]
+pub struct MasterKeysText(pub String);
+
+impl std::fmt::Debug for MasterKeysText {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MasterKeysText(..)")
+    }
 }
 
 /// Bounds of `segment_bytes_max`.
@@ -88,6 +106,8 @@ impl Default for Config {
             forward: auditrail_forward::ForwardConfig::default(),
             archive_url: String::new(),
             archive_interval_ms: 300_000,
+            master_key_file: None,
+            master_keys: None,
         }
     }
 }
@@ -169,8 +189,18 @@ impl Config {
             ));
         }
         crate::retention::policy(self).check(self.retention_force)?;
+        self.master_key_source()?;
         self.forward.check().map_err(|e| e.to_string())?;
         Ok(())
+    }
+
+    /// Where the master keys come from (`master_key_file` or `AUDITRAIL_MASTER_KEYS`; both is
+    /// an error).
+    pub fn master_key_source(&self) -> Result<auditrail_store::keys::MasterKeySource, String> {
+        auditrail_store::keys::MasterKeySource::new(
+            self.master_key_file.clone(),
+            self.master_keys.as_ref().map(|t| t.0.clone()),
+        )
     }
 
     /// Sets one setting from text; unknown names are errors.
@@ -220,6 +250,13 @@ impl Config {
             "segment_bytes_max" => self.segment_bytes_max = num(value)?,
             "archive_url" => self.archive_url = value.to_string(),
             "archive_interval_ms" => self.archive_interval_ms = num(value)?,
+            "master_key_file" => {
+                self.master_key_file = (!value.is_empty()).then(|| PathBuf::from(value))
+            }
+            "master_keys" => {
+                self.master_keys =
+                    (!value.trim().is_empty()).then(|| MasterKeysText(value.to_string()))
+            }
             // Variables the binary reads itself.
             "config" => {}
             _ => return Err(format!("unknown setting {key:?}")),
@@ -309,5 +346,37 @@ mod tests {
         let env = [("AUDITRAIL_FORWARD_SYSLOG_ADDRESS".to_string(), "nohost".to_string())];
         let e = Config::load(None, env).unwrap_err().to_string();
         assert!(e.contains("host:port"), "{e}");
+    }
+}
+
+#[cfg(test)]
+mod master_key_tests {
+    use super::*;
+    use auditrail_store::keys::MasterKeySource;
+
+    #[test]
+    fn master_keys_from_a_file_setting_or_the_environment_never_both() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("auditrail.toml");
+        std::fs::write(&path, "master_key_file = \"/etc/auditrail/master.keys\"\n").unwrap();
+        let c = Config::load(Some(&path), []).unwrap();
+        assert!(
+            matches!(c.master_key_source().unwrap(), MasterKeySource::File(p) if p.ends_with("master.keys"))
+        );
+        let env = [("AUDITRAIL_MASTER_KEY_FILE".to_string(), "/run/secrets/mk".to_string())];
+        let c = Config::load(Some(&path), env).unwrap();
+        assert_eq!(c.master_key_file.as_deref(), Some(std::path::Path::new("/run/secrets/mk")));
+
+        let text = "1 AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=\n".to_string();
+        let env = [("AUDITRAIL_MASTER_KEYS".to_string(), text.clone())];
+        let c = Config::load(None, env.clone()).unwrap();
+        assert!(matches!(c.master_key_source().unwrap(), MasterKeySource::Env(_)));
+        assert!(!format!("{c:?}").contains("AAAAAAAA"), "the key text is never printed");
+        let e = Config::load(Some(&path), env).unwrap_err().to_string();
+        assert!(e.contains("AUDITRAIL_MASTER_KEYS") && e.contains("only one"), "{e}");
+        assert!(matches!(
+            Config::load(None, []).unwrap().master_key_source().unwrap(),
+            MasterKeySource::DataDir
+        ));
     }
 }

@@ -89,10 +89,10 @@ impl MasterKeys {
     pub fn parse_from(text: &str, origin: &str) -> Result<MasterKeys, String> {
         let mut keys = BTreeMap::new();
         for (i, line) in text.lines().enumerate() {
-            if let Some(k) = parse_line(line, i + 1, origin)? {
-                if keys.insert(k.version, Sealer::new(&k.raw)).is_some() {
-                    return Err(format!("{origin} line {}: version {} repeats", i + 1, k.version));
-                }
+            if let Some(k) = parse_line(line, i + 1, origin)?
+                && keys.insert(k.version, Sealer::new(&k.raw)).is_some()
+            {
+                return Err(format!("{origin} line {}: version {} repeats", i + 1, k.version));
             }
         }
         if keys.is_empty() {
@@ -403,16 +403,7 @@ impl Keys {
 
     /// Loads the signing key and the master keys from `source`.
     pub fn load_with(io: &dyn Io, source: &MasterKeySource) -> Result<Keys, String> {
-        let text = io
-            .read(SIGNING_KEY_PATH)
-            .map_err(|e| {
-                format!("cannot read {SIGNING_KEY_PATH}: {e} (run `auditrail init` first)")
-            })
-            .and_then(|b| {
-                String::from_utf8(b).map_err(|_| format!("{SIGNING_KEY_PATH} is not text"))
-            })?;
-        let signer = NoteSigner::from_private_key_string(&text)
-            .map_err(|e| format!("{SIGNING_KEY_PATH}: {e}"))?;
+        let signer = load_signer(io)?;
         let master = source.load(io)?;
         Ok(Keys { signer, master })
     }
@@ -432,6 +423,17 @@ impl Keys {
         io.sync_dir("keys").map_err(|e| e.to_string())?;
         Ok(Keys { signer, master: MasterKeys::parse(&master_text)? })
     }
+}
+
+/// The log's signing key alone (for what needs no master key: printing the public key).
+pub fn load_signer(io: &dyn Io) -> Result<NoteSigner, String> {
+    let text = io
+        .read(SIGNING_KEY_PATH)
+        .map_err(|e| format!("cannot read {SIGNING_KEY_PATH}: {e} (run `auditrail init` first)"))
+        .and_then(|b| {
+            String::from_utf8(b).map_err(|_| format!("{SIGNING_KEY_PATH} is not text"))
+        })?;
+    NoteSigner::from_private_key_string(&text).map_err(|e| format!("{SIGNING_KEY_PATH}: {e}"))
 }
 
 /// What [`init`] did with the master keys.

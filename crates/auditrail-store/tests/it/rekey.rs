@@ -189,7 +189,7 @@ fn holds_written_in_the_clear_are_sealed_on_open() {
     store.close().unwrap();
     disk.write_file(HOLDS_PATH, &serde_json::to_vec(&[&h]).unwrap()).unwrap();
     let store = open(&disk);
-    assert_eq!(store.holds().unwrap(), [h.clone()]);
+    assert_eq!(store.holds().unwrap(), [h]);
     let sealed = disk.read(HOLDS_PATH).unwrap();
     assert!(sealed.starts_with(keys::SEALED_MAGIC));
     assert!(!String::from_utf8_lossy(&sealed).contains("litigation"));
