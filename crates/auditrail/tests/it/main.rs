@@ -1,6 +1,7 @@
 //! Black-box tests of the `auditrail` binary: what a user and an auditor do, through the CLI.
 
 mod archive;
+mod at_rest;
 mod cli;
 mod fhir;
 mod forward;
