@@ -1,4 +1,4 @@
-//! Envelope encryption at rest. A master key (versioned, in `keys/master.keys`) wraps one random
+//! Envelope encryption at rest. A master key (versioned; see [`crate::keys`]) wraps one random
 //! 32-byte secret per segment; HKDF derives from that secret the segment's AES-256-GCM data key
 //! and its salt key (for commitments). Destroying a segment's wrapped secret crypto-erases its
 //! events and their salts at once, while the tree's leaves stay verifiable.

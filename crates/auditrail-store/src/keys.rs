@@ -280,20 +280,17 @@ impl MasterKeySource {
                  set master_key_file / {MASTER_KEYS_ENV} to where the master keys are)"
             )
         };
+        // The mode is checked first: a key file others can read is refused, not used.
         let bytes = match self {
             MasterKeySource::DataDir => {
-                let bytes = io.read(MASTER_KEYS_PATH).map_err(missing)?;
                 check_private(&what, io.permissions(MASTER_KEYS_PATH).map_err(missing)?)?;
-                bytes
+                io.read(MASTER_KEYS_PATH).map_err(missing)?
             }
             MasterKeySource::File(p) => {
-                let bytes = std::fs::read(p).map_err(missing)?;
-                let mode = std::fs::metadata(p).map_err(missing)?;
-                check_private(
-                    &what,
-                    Some(std::os::unix::fs::PermissionsExt::mode(&mode.permissions())),
-                )?;
-                bytes
+                let meta = std::fs::metadata(p).map_err(missing)?;
+                let mode = std::os::unix::fs::PermissionsExt::mode(&meta.permissions());
+                check_private(&what, Some(mode))?;
+                std::fs::read(p).map_err(missing)?
             }
             MasterKeySource::Env(text) => return Ok(text.to_string()),
         };
