@@ -37,11 +37,15 @@ pub const INDEX_KEY: SealedFile = SealedFile { path: "keys/index.key", purpose: 
 pub const HOLDS: SealedFile =
     SealedFile { path: crate::retention::HOLDS_PATH, purpose: "retention.holds" };
 
+/// The authentication layer's accounts (crates/auditrail-server/src/auth, `ACCOUNTS_PATH`).
+pub const ACCOUNTS: SealedFile =
+    SealedFile { path: "auth/accounts.sealed", purpose: "auth/accounts" };
+
 /// Every sealed file in a data directory. `auditrail key rewrap` re-seals each under the newest
 /// master key, and retiring a master key version first checks that each opens without it, so
 /// **a new sealed file must be listed here**; rewrap refuses to retire keys while it finds a
 /// sealed file it does not know.
-pub const SEALED_FILES: &[SealedFile] = &[INDEX_KEY, HOLDS];
+pub const SEALED_FILES: &[SealedFile] = &[INDEX_KEY, HOLDS, ACCOUNTS];
 
 /// The master keys by version; new segments are wrapped with the highest version.
 #[derive(Clone)]
