@@ -61,6 +61,31 @@ fn save_state(data: &Path, state: &State) -> Result<(), ArchiveError> {
     write().map_err(|e| ArchiveError::io(path.display(), e))
 }
 
+/// Forgets the progress of every destination (`archive/state-*.json`), so that the next run
+/// checks the newest manifest's pieces against the local files instead of trusting them.
+/// Needed after `auditrail key rewrap`: it rewrites segment headers in place, and a trusted
+/// state would only upload what was appended, leaving the archive with the old headers (whose
+/// master key version may then be retired). Returns how many it removed.
+pub fn forget_progress(data: &Path) -> Result<usize, ArchiveError> {
+    let dir = data.join("archive");
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(ArchiveError::io(dir.display(), e)),
+    };
+    let mut removed = 0;
+    for entry in entries {
+        let entry = entry.map_err(|e| ArchiveError::io(dir.display(), e))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with("state-") && name.ends_with(".json") {
+            std::fs::remove_file(entry.path())
+                .map_err(|e| ArchiveError::io(entry.path().display(), e))?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
 /// The newest manifest in the archive, by name, if any.
 pub async fn newest_manifest(
     dest: &Destination,

@@ -75,6 +75,7 @@ pub fn allowed_path(path: &str) -> bool {
         || path == "checkpoints/history"
         || path == auditrail_store::retention::PURGED_PATH
         || path == auditrail_store::retention::HOLDS_PATH
+        || path == auditrail_store::keys::ACCOUNTS.path
         || path.starts_with("log/tile/")
         || (path.starts_with("segments/") && path.ends_with(".seg")))
 }
@@ -123,6 +124,7 @@ mod tests {
             "log/checkpoint",
             "log/tile/0/x001/002.p/5",
             "checkpoints/history",
+            "auth/accounts.sealed",
         ] {
             assert!(allowed_path(ok), "{ok}");
         }
@@ -130,6 +132,7 @@ mod tests {
             "keys/master.keys",
             "keys/log.key",
             "index/0-10.idx",
+            "auth/initial-admin-password",
             "../etc/passwd",
             "log/tile/../../keys/log.key",
             "/log/checkpoint",

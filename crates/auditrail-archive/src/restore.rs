@@ -2,13 +2,19 @@
 //! every blob against its name and length, run the log's full verification, and only then
 //! move the directory into place. A failed restore leaves the target as it was (holding only
 //! its keys) and no directory that looks like a valid log.
+//!
+//! A restore needs the master keys the archived segments are wrapped under (the archive never
+//! holds keys): `keys/master.keys` in the target, or the same master key file or
+//! `AUDITRAIL_MASTER_KEYS` the log was written with. After a `key rewrap --retire-old`, an
+//! archive written before the rewrap still needs the retired versions.
 
 use crate::ArchiveError;
 use crate::destination::Destination;
 use crate::manifest::{self, Manifest, blob_key};
 use auditrail_store::io::StdIo;
-use auditrail_store::keys::{Keys, MASTER_KEYS_PATH, SIGNING_KEY_PATH};
+use auditrail_store::keys::{Keys, MASTER_KEYS_PATH, MasterKeySource, SIGNING_KEY_PATH};
 use std::io::Write as _;
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 
 /// What a restore produced (before it is moved into place).
@@ -23,11 +29,17 @@ pub struct Restored {
 }
 
 /// Checks that `data` can receive a restore: it exists, holds the keys the log was written
-/// with, and nothing else.
-pub fn check_target(data: &Path) -> Result<(), ArchiveError> {
+/// with (the master keys there unless `master` names another source), and nothing else.
+pub fn check_target(data: &Path, master: &MasterKeySource) -> Result<(), ArchiveError> {
+    let in_dir = matches!(master, MasterKeySource::DataDir);
     let missing_keys = || {
+        let which = if in_dir {
+            format!("{SIGNING_KEY_PATH} and {MASTER_KEYS_PATH}")
+        } else {
+            format!("{SIGNING_KEY_PATH} (the master keys come from {})", master.describe())
+        };
         ArchiveError::InvalidInput(format!(
-            "{} must hold the log's keys before a restore: copy {SIGNING_KEY_PATH} and {MASTER_KEYS_PATH} \
+            "{} must hold the log's keys before a restore: copy {which} \
              (and keys/index.key if you have it) from your key backup into {}/keys/; \
              keys are never stored in the archive",
             data.display(),
@@ -49,7 +61,9 @@ pub fn check_target(data: &Path) -> Result<(), ArchiveError> {
             )));
         }
     }
-    for k in [SIGNING_KEY_PATH, MASTER_KEYS_PATH] {
+    let needed: &[&str] =
+        if in_dir { &[SIGNING_KEY_PATH, MASTER_KEYS_PATH] } else { &[SIGNING_KEY_PATH] };
+    for k in needed {
         if !data.join(k).is_file() {
             return Err(missing_keys());
         }
@@ -93,9 +107,10 @@ pub async fn restore_to_staging(
     dest: &Destination,
     data: &Path,
     name: Option<&str>,
+    master: &MasterKeySource,
 ) -> Result<Restored, ArchiveError> {
-    check_target(data)?;
-    let keys = Keys::load(&StdIo::new(data)).map_err(|e| {
+    check_target(data, master)?;
+    let keys = Keys::load_with(&StdIo::new(data), master).map_err(|e| {
         ArchiveError::InvalidInput(format!("cannot load the keys in {}: {e}", data.display()))
     })?;
     let (manifest_name, manifest) = match name {
@@ -144,8 +159,14 @@ async fn fill(
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent).map_err(|e| ArchiveError::io(parent.display(), e))?;
         }
-        let mut out =
-            std::fs::File::create(&path).map_err(|e| ArchiveError::io(path.display(), e))?;
+        // Private, as the server writes them (the directory holds health data).
+        let mut out = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|e| ArchiveError::io(path.display(), e))?;
         for piece in &file.pieces {
             let key = blob_key(&piece.sha256);
             let object = dest.path(&key);
@@ -223,8 +244,12 @@ async fn fill(
 /// Moves a verified staging directory to `data`, which holds only keys: `data` is moved
 /// aside, the staging directory takes its name, then the old one is removed. Each step is
 /// a rename, so `data` is never a half-restored log.
-pub fn move_into_place(staging: &Path, data: &Path) -> Result<(), ArchiveError> {
-    check_target(data)?;
+pub fn move_into_place(
+    staging: &Path,
+    data: &Path,
+    master: &MasterKeySource,
+) -> Result<(), ArchiveError> {
+    check_target(data, master)?;
     let aside = staging_dir(data, "keys-only")?;
     std::fs::rename(data, &aside).map_err(|e| ArchiveError::io(data.display(), e))?;
     if let Err(e) = std::fs::rename(staging, data) {

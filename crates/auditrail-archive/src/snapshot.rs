@@ -147,13 +147,18 @@ fn take_once(data: &Path, known_lengths: &BTreeMap<String, u64>) -> Result<Snaps
     });
 
     // 4. What retention purged (read before the segments: a purge records a segment before
-    // deleting it, so every segment missing below is explained here), and the legal holds.
+    // deleting it, so every segment missing below is explained here), the legal holds, and
+    // the accounts (users, roles, API-key digests: sealed, and without them a restored server
+    // would start over with a new bootstrap administrator).
     let purged_bytes = read_optional(&at(PURGED_PATH))?;
     let purged = Purged::load(&auditrail_store::io::StdIo::new(data))
         .map_err(|e| ArchiveError::InvalidInput(format!("{PURGED_PATH}: {e}")))?;
-    for (path, bytes) in
-        [(PURGED_PATH, purged_bytes), (HOLDS_PATH, read_optional(&at(HOLDS_PATH))?)]
-    {
+    let accounts = auditrail_store::keys::ACCOUNTS.path;
+    for (path, bytes) in [
+        (PURGED_PATH, purged_bytes),
+        (HOLDS_PATH, read_optional(&at(HOLDS_PATH))?),
+        (accounts, read_optional(&at(accounts))?),
+    ] {
         if let Some(bytes) = bytes {
             files.push(SnapshotFile {
                 path: path.into(),

@@ -66,8 +66,9 @@ impl GroupBy {
 /// Most words one event contributes to `q=`.
 pub const TEXT_TERMS_MAX: usize = 24;
 
-/// Derives patient tokens. The key is the index's own secret (`keys/index.key`), so the index
-/// files alone reveal no patient identifier, not even by guessing and hashing candidates.
+/// Derives patient tokens. The key derives from the index's own secret (`keys/index.key`,
+/// sealed under the master key), so neither the index files nor the rest of the data directory
+/// reveal a patient identifier, not even by guessing and hashing candidates.
 #[derive(Clone)]
 pub struct PatientTokens {
     mac: hmac::Hmac<Sha256>,

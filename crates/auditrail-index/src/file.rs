@@ -1,8 +1,12 @@
 //! The index segment file: `index/<first seq, 20 digits>-<end seq, 20 digits>.idx`.
 //!
-//! Layout: magic `ATRLIDX1`, version byte (2), three zero bytes, then little-endian u64s
-//! `first_seq`, `rows` and the payload's length before compression, then the payload as one
-//! zstd frame, and finally a CRC-32C of everything before it.
+//! Layout: magic `ATRLIDX1`, version byte (3), three zero bytes, then little-endian u64s
+//! `first_seq`, `rows` and the payload's length before compression (36 bytes in all), a
+//! 12-byte random nonce, then the payload as one zstd frame sealed with AES-256-GCM under the
+//! index's file key (associated data: the first 36 bytes), and finally a CRC-32C of everything
+//! before it. The terms (user ids, actions, addresses, words of free text) are as sensitive as
+//! the events, so without the master key, which seals the index's secret, nothing in the file
+//! is readable. Version 2 files (the same without encryption) are dropped and rebuilt.
 //!
 //! The payload is a sequence of varints (LEB128; "zz" marks zigzag-encoded signed values):
 //! - `occurred_at` of each row as the zz difference from the previous row's (the first from 0),
@@ -16,17 +20,24 @@
 //!   (see `postings.rs`) and the list;
 //! - the log blocks: count, then per block its segment, offset, first seq and event count.
 //!
-//! The file is derived data: a file that fails any check is deleted and rebuilt from the log.
+//! The file is derived data: a file that fails any check (a checksum, the authentication tag
+//! under this index's key) is deleted and rebuilt from the log.
 
 use crate::doc::GROUP_FIELDS;
 use crate::part::SegmentData;
 use crate::postings::{Postings, get_varint, put_varint, unzigzag, zigzag};
+use auditrail_store::crypto::{self, NONCE_BYTES, Sealer, TAG_BYTES};
 use auditrail_store::tail::BlockLocation;
 
 const MAGIC: &[u8; 8] = b"ATRLIDX1";
-/// 3: every event carries a `Field::Stream` term (client or repository). Files of an older
-/// version fail the check, are dropped, and are rebuilt from the log on start.
-const VERSION: u8 = 3;
+/// 3: every event carries a `Field::Stream` term (client or repository).
+/// 4: the payload is sealed (encrypted at rest). Files of an older version fail the check,
+/// are dropped, and are rebuilt from the log on start.
+const VERSION: u8 = 4;
+/// Magic, version, padding and the three u64s: the associated data of the sealed payload.
+const HEADER_BYTES: usize = 36;
+/// The smallest file: header, nonce, an empty sealed payload (its tag) and the CRC.
+const FILE_BYTES_MIN: usize = HEADER_BYTES + NONCE_BYTES + TAG_BYTES + 4;
 /// Largest payload a file may declare (a damaged length must not allocate without bound).
 const PAYLOAD_MAX: u64 = 1 << 34;
 
@@ -43,7 +54,8 @@ pub fn parse_file_name(name: &str) -> Option<(u64, u64)> {
     Some((a.parse().ok()?, b.parse().ok()?))
 }
 
-pub fn encode(d: &SegmentData) -> Vec<u8> {
+/// Encodes a segment, compressed and sealed under `key` (the index's file key).
+pub fn encode(d: &SegmentData, key: &Sealer) -> Vec<u8> {
     let mut p = Vec::with_capacity(d.occurred.len() * 64);
     for times in [&d.occurred, &d.recorded] {
         let mut prev = 0i64;
@@ -95,7 +107,12 @@ pub fn encode(d: &SegmentData) -> Vec<u8> {
     out.extend_from_slice(&d.first_seq.to_le_bytes());
     out.extend_from_slice(&(d.occurred.len() as u64).to_le_bytes());
     out.extend_from_slice(&(p.len() as u64).to_le_bytes());
-    out.extend_from_slice(&zstd::bulk::compress(&p, 1).expect("compressing to memory cannot fail"));
+    debug_assert_eq!(out.len(), HEADER_BYTES);
+    let compressed = zstd::bulk::compress(&p, 1).expect("compressing to memory cannot fail");
+    let nonce = crypto::random::<NONCE_BYTES>();
+    let sealed = key.seal(&nonce, &out[..HEADER_BYTES], &compressed);
+    out.extend_from_slice(&nonce);
+    out.extend_from_slice(&sealed);
     let crc = crc32c::crc32c(&out);
     out.extend_from_slice(&crc.to_le_bytes());
     out
@@ -133,8 +150,9 @@ impl<'a> Reader<'a> {
     }
 }
 
-pub fn decode(bytes: &[u8]) -> Result<SegmentData, String> {
-    if bytes.len() < 40 || &bytes[..8] != MAGIC {
+/// Checks, opens (with `key`) and decodes a segment file.
+pub fn decode(bytes: &[u8], key: &Sealer) -> Result<SegmentData, String> {
+    if bytes.len() < FILE_BYTES_MIN || &bytes[..8] != MAGIC {
         return Err("not an index segment".into());
     }
     let (body, crc) = bytes.split_at(bytes.len() - 4);
@@ -149,7 +167,12 @@ pub fn decode(bytes: &[u8]) -> Result<SegmentData, String> {
     if payload_len > PAYLOAD_MAX || rows > payload_len {
         return Err("implausible sizes".into());
     }
-    let payload = zstd::bulk::decompress(&body[36..], payload_len as usize)
+    let nonce: [u8; NONCE_BYTES] =
+        body[HEADER_BYTES..HEADER_BYTES + NONCE_BYTES].try_into().expect("nonce bytes");
+    let compressed =
+        key.open(&nonce, &body[..HEADER_BYTES], &body[HEADER_BYTES + NONCE_BYTES..])
+            .map_err(|_| "cannot decrypt: another index key, or altered bytes".to_string())?;
+    let payload = zstd::bulk::decompress(&compressed, payload_len as usize)
         .map_err(|e| format!("cannot decompress: {e}"))?;
     if payload.len() as u64 != payload_len {
         return Err("payload length mismatch".into());
@@ -301,10 +324,14 @@ mod tests {
         m.freeze().data
     }
 
+    fn key() -> Sealer {
+        Sealer::new(&[5; 32])
+    }
+
     #[test]
     fn segments_round_trip() {
         let d = sample();
-        assert_eq!(decode(&encode(&d)).unwrap(), d);
+        assert_eq!(decode(&encode(&d, &key()), &key()).unwrap(), d);
         let seg = crate::part::Segment::new(d);
         assert_eq!(seg.postings(b"\x09p5").rows().len(), 3000 / 97 + 1);
         assert_eq!(seg.postings(b"\x01patient.read").len(), 1000);
@@ -312,14 +339,31 @@ mod tests {
 
     #[test]
     fn damage_is_an_error_not_a_panic() {
-        let bytes = encode(&sample());
+        let bytes = encode(&sample(), &key());
         for i in (0..bytes.len()).step_by(7) {
             let mut b = bytes.clone();
             b[i] ^= 0x20;
-            assert!(decode(&b).is_err(), "a flip at {i} went unnoticed");
+            assert!(decode(&b, &key()).is_err(), "a flip at {i} went unnoticed");
         }
         for n in [0, 10, 39, bytes.len() / 2, bytes.len() - 1] {
-            assert!(decode(&bytes[..n]).is_err());
+            assert!(decode(&bytes[..n], &key()).is_err());
         }
+    }
+
+    #[test]
+    fn files_are_unreadable_without_the_key() {
+        let d = sample();
+        let bytes = encode(&d, &key());
+        let e = decode(&bytes, &Sealer::new(&[6; 32])).unwrap_err();
+        assert!(e.contains("cannot decrypt"), "{e}");
+        // Neither the terms nor the dictionaries are there in the clear, nor a zstd frame
+        // that would hold them.
+        let zstd_magic = [0x28, 0xb5, 0x2f, 0xfd];
+        for needle in [&b"patient.read"[..], b"login.success", &zstd_magic] {
+            assert!(!bytes.windows(needle.len()).any(|w| w == needle), "{needle:?} is readable");
+        }
+        // Even with a valid checksum, a file sealed under another key is refused.
+        let other = encode(&d, &Sealer::new(&[6; 32]));
+        assert!(decode(&other, &key()).is_err());
     }
 }

@@ -9,6 +9,8 @@ use crate::file;
 use crate::part::{Memtable, Part, Segment};
 use crate::postings::Postings;
 use auditrail_store::Store;
+use auditrail_store::crypto::{self, Sealer};
+use auditrail_store::keys::MasterKeys;
 use auditrail_store::tail::{BlockLocation, LogTail};
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -94,6 +96,8 @@ pub struct Index {
     dir: PathBuf,
     options: IndexOptions,
     patients: PatientTokens,
+    /// Seals the index files (see `file.rs`).
+    file_key: Sealer,
     fhir_terms: Option<FhirTerms>,
     state: RwLock<State>,
     indexed: AtomicU64,
@@ -121,37 +125,78 @@ impl std::fmt::Debug for Index {
 }
 
 pub const INDEX_DIR: &str = "index";
-pub const INDEX_KEY_FILE: &str = "keys/index.key";
+pub const INDEX_KEY_FILE: &str = auditrail_store::keys::INDEX_KEY.path;
 
-/// Loads the index's patient-token key, creating it on first use. A new key makes any
-/// existing index files useless, so they are removed.
-fn load_or_create_key(data_dir: &Path) -> Result<[u8; 32], IndexError> {
+/// The index's keys, both derived from its secret (`keys/index.key`, sealed under the master
+/// key): the key index files are sealed with, and the patient-token key. Without the master
+/// key neither the files nor a token for a guessed patient id can be computed.
+struct IndexKeys {
+    file: Sealer,
+    patients: PatientTokens,
+}
+
+impl IndexKeys {
+    fn derive(secret: &[u8; 32]) -> IndexKeys {
+        IndexKeys {
+            file: Sealer::new(&crypto::derive_key(secret, b"auditrail/index/file-key/v1")),
+            patients: PatientTokens::new(&crypto::derive_key(
+                secret,
+                b"auditrail/index/patient-token/v1",
+            )),
+        }
+    }
+}
+
+/// Loads the index's secret, creating it on first use. A new secret makes any existing index
+/// files useless, so they are removed. A secret written in the clear by an older version is
+/// sealed now (its index files, unencrypted, are dropped as an old format and rebuilt).
+fn load_or_create_secret(data_dir: &Path, master: &MasterKeys) -> Result<[u8; 32], IndexError> {
     let path = data_dir.join(INDEX_KEY_FILE);
+    let purpose = auditrail_store::keys::INDEX_KEY.purpose;
     match std::fs::read(&path) {
-        Ok(bytes) => bytes
-            .try_into()
-            .map_err(|_| IndexError::Invalid(format!("{INDEX_KEY_FILE} must hold 32 bytes"))),
+        Ok(bytes) => {
+            let (secret, sealed) = master.open_blob_or_legacy(purpose, &bytes).map_err(|e| {
+                IndexError::Invalid(format!(
+                    "{INDEX_KEY_FILE}: {e}; if the master keys are the right ones, delete \
+                     {INDEX_KEY_FILE} and the index is rebuilt from the log with a new key"
+                ))
+            })?;
+            let secret: [u8; 32] = secret
+                .try_into()
+                .map_err(|_| IndexError::Invalid(format!("{INDEX_KEY_FILE} must hold 32 bytes")))?;
+            if !sealed {
+                write_private(&path, &master.seal_blob(purpose, &secret))?;
+            }
+            Ok(secret)
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let mut key = [0u8; 32];
-            getrandom::fill(&mut key).map_err(|e| IndexError::Invalid(e.to_string()))?;
+            let secret: [u8; 32] = crypto::random();
             let dir = data_dir.join(INDEX_DIR);
             if dir.exists() {
                 std::fs::remove_dir_all(&dir)?;
             }
-            let tmp = path.with_extension("tmp");
-            let mut f = std::fs::OpenOptions::new();
-            f.write(true).create(true).truncate(true);
-            #[cfg(unix)]
-            std::os::unix::fs::OpenOptionsExt::mode(&mut f, 0o600);
-            let mut f = f.open(&tmp)?;
-            f.write_all(&key)?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, &path)?;
-            sync_dir(path.parent().expect("keys dir"))?;
-            Ok(key)
+            write_private(&path, &master.seal_blob(purpose, &secret))?;
+            Ok(secret)
         }
         Err(e) => Err(e.into()),
     }
+}
+
+/// Replaces `path` durably with a private (0600) file: temporary file, fsync, rename, fsync of
+/// the directory.
+fn write_private(path: &Path, bytes: &[u8]) -> Result<(), IndexError> {
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new();
+    f.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut f, 0o600);
+    let mut f = f.open(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    sync_dir(path.parent().expect("keys dir"))?;
+    Ok(())
 }
 
 fn sync_dir(dir: &Path) -> std::io::Result<()> {
@@ -162,12 +207,16 @@ impl Index {
     /// Opens the index of a data directory, loading every intact segment file that continues
     /// the chain from seq 0. Files that do not (damaged, from another key, a gap) are removed;
     /// the follower re-reads those events from the log.
+    ///
+    /// `master` opens the index's secret (`keys/index.key`): the index files are sealed under
+    /// a key derived from it.
     pub fn open(
         data_dir: &Path,
+        master: &MasterKeys,
         options: IndexOptions,
         fhir_terms: Option<FhirTerms>,
     ) -> Result<Index, IndexError> {
-        let key = load_or_create_key(data_dir)?;
+        let keys = IndexKeys::derive(&load_or_create_secret(data_dir, master)?);
         let dir = data_dir.join(INDEX_DIR);
         std::fs::create_dir_all(&dir)?;
         let mut files: Vec<(u64, u64, String)> = std::fs::read_dir(&dir)?
@@ -186,7 +235,7 @@ impl Index {
             let loaded = (first == next)
                 .then(|| std::fs::read(&path).ok())
                 .flatten()
-                .and_then(|bytes| file::decode(&bytes).ok())
+                .and_then(|bytes| file::decode(&bytes, &keys.file).ok())
                 .filter(|d| d.first_seq == first && first + d.occurred.len() as u64 == end);
             match loaded {
                 Some(d) => {
@@ -205,7 +254,8 @@ impl Index {
         Ok(Index {
             dir,
             options,
-            patients: PatientTokens::new(&key),
+            patients: keys.patients,
+            file_key: keys.file,
             fhir_terms,
             state: RwLock::new(State { segments, mem: Memtable::new(next) }),
             indexed: AtomicU64::new(next),
@@ -324,7 +374,7 @@ impl Index {
         let tmp = self.dir.join(format!("{name}.tmp"));
         {
             let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(&file::encode(&frozen.data))?;
+            f.write_all(&file::encode(&frozen.data, &self.file_key))?;
             f.sync_all()?;
         }
         std::fs::rename(&tmp, self.dir.join(&name))?;

@@ -88,6 +88,27 @@ pub struct Config {
     pub tls_self_signed: bool,
     /// Allows plain HTTP on a non-loopback address, for a TLS-terminating proxy in front.
     pub tls_plaintext_allowed: bool,
+    /// Proxies (CIDR or address) whose `X-Forwarded-For` names the client; from anyone else
+    /// the header is ignored, since a client could write it.
+    pub trusted_proxies: Vec<String>,
+    /// The master key file, best kept outside the data directory so that a copy of the
+    /// directory alone is unreadable; unset: `<data>/keys/master.keys`. Must be mode 0600
+    /// (or stricter).
+    pub master_key_file: Option<PathBuf>,
+    /// The master key text itself, from `AUDITRAIL_MASTER_KEYS` only (never from the file):
+    /// for containers and secret managers.
+    #[serde(skip)]
+    pub master_keys: Option<MasterKeysText>,
+}
+
+/// Master key text from the environment; never printed.
+#[derive(Clone, Default)]
+pub struct MasterKeysText(pub String);
+
+impl std::fmt::Debug for MasterKeysText {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MasterKeysText(..)")
+    }
 }
 
 /// Bounds of `segment_bytes_max`.
@@ -138,6 +159,9 @@ impl Default for Config {
             tls_client_auth: crate::tls::ClientAuth::Off,
             tls_self_signed: false,
             tls_plaintext_allowed: false,
+            trusted_proxies: Vec::new(),
+            master_key_file: None,
+            master_keys: None,
         }
     }
 }
@@ -251,7 +275,15 @@ impl Config {
                 return Err(format!("mfa_required_roles: {role:?} is not a role name"));
             }
         }
+        for proxy in &self.trusted_proxies {
+            if crate::auth::accounts::parse_network(proxy).is_none() {
+                return Err(format!(
+                    "trusted_proxies: {proxy:?} is not an address or CIDR network"
+                ));
+            }
+        }
         crate::retention::policy(self).check(self.retention_force)?;
+        self.master_key_source()?;
         self.forward.check().map_err(|e| e.to_string())?;
         crate::tls::check(self)?;
         Ok(())
@@ -260,6 +292,15 @@ impl Config {
     /// HTTPS is on: a certificate is configured or the self-signed one is asked for.
     pub fn tls_enabled(&self) -> bool {
         self.tls_cert_file.is_some() || self.tls_self_signed
+    }
+
+    /// Where the master keys come from (`master_key_file` or `AUDITRAIL_MASTER_KEYS`; both is
+    /// an error).
+    pub fn master_key_source(&self) -> Result<auditrail_store::keys::MasterKeySource, String> {
+        auditrail_store::keys::MasterKeySource::new(
+            self.master_key_file.clone(),
+            self.master_keys.as_ref().map(|t| t.0.clone()),
+        )
     }
 
     /// Sets one setting from text; unknown names are errors.
@@ -343,6 +384,22 @@ impl Config {
             "tls_client_auth" => self.tls_client_auth = value.parse()?,
             "tls_self_signed" => self.tls_self_signed = flag(value)?,
             "tls_plaintext_allowed" => self.tls_plaintext_allowed = flag(value)?,
+            // `10.0.0.0/8,192.0.2.10`, or empty
+            "trusted_proxies" => {
+                self.trusted_proxies = value
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|p| !p.is_empty())
+                    .map(String::from)
+                    .collect()
+            }
+            "master_key_file" => {
+                self.master_key_file = (!value.is_empty()).then(|| PathBuf::from(value))
+            }
+            "master_keys" => {
+                self.master_keys =
+                    (!value.trim().is_empty()).then(|| MasterKeysText(value.to_string()))
+            }
             // Variables the binary reads itself.
             "config" => {}
             _ => return Err(format!("unknown setting {key:?}")),
@@ -379,6 +436,14 @@ mod tests {
         }
         let env = [("AUDITRAIL_INDEX_MEMTABLE_ROWS_MAX".to_string(), "4096".to_string())];
         assert_eq!(Config::load(None, env).unwrap().index_memtable_rows_max, 4096);
+        std::fs::write(&path, "trusted_proxies = [\"10.0.0.0/8\", \"192.0.2.7\"]\n").unwrap();
+        assert_eq!(
+            Config::load(Some(&path), []).unwrap().trusted_proxies,
+            ["10.0.0.0/8", "192.0.2.7"]
+        );
+        let env = [("AUDITRAIL_TRUSTED_PROXIES".to_string(), "10.0.0.0/8, proxy.lan".to_string())];
+        let e = Config::load(None, env).unwrap_err().to_string();
+        assert!(e.contains("proxy.lan"), "{e}");
         std::fs::write(&path, "archive_url = \"s3://b/p\"\narchive_interval_ms = 60000\n").unwrap();
         let env = [("AUDITRAIL_ARCHIVE_INTERVAL_MS".to_string(), "1000".to_string())];
         let c = Config::load(Some(&path), env).unwrap();
@@ -432,5 +497,37 @@ mod tests {
         let env = [("AUDITRAIL_FORWARD_SYSLOG_ADDRESS".to_string(), "nohost".to_string())];
         let e = Config::load(None, env).unwrap_err().to_string();
         assert!(e.contains("host:port"), "{e}");
+    }
+}
+
+#[cfg(test)]
+mod master_key_tests {
+    use super::*;
+    use auditrail_store::keys::MasterKeySource;
+
+    #[test]
+    fn master_keys_from_a_file_setting_or_the_environment_never_both() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("auditrail.toml");
+        std::fs::write(&path, "master_key_file = \"/etc/auditrail/master.keys\"\n").unwrap();
+        let c = Config::load(Some(&path), []).unwrap();
+        assert!(
+            matches!(c.master_key_source().unwrap(), MasterKeySource::File(p) if p.ends_with("master.keys"))
+        );
+        let env = [("AUDITRAIL_MASTER_KEY_FILE".to_string(), "/run/secrets/mk".to_string())];
+        let c = Config::load(Some(&path), env).unwrap();
+        assert_eq!(c.master_key_file.as_deref(), Some(std::path::Path::new("/run/secrets/mk")));
+
+        let text = "1 AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=\n".to_string();
+        let env = [("AUDITRAIL_MASTER_KEYS".to_string(), text.clone())];
+        let c = Config::load(None, env.clone()).unwrap();
+        assert!(matches!(c.master_key_source().unwrap(), MasterKeySource::Env(_)));
+        assert!(!format!("{c:?}").contains("AAAAAAAA"), "the key text is never printed");
+        let e = Config::load(Some(&path), env).unwrap_err().to_string();
+        assert!(e.contains("AUDITRAIL_MASTER_KEYS") && e.contains("only one"), "{e}");
+        assert!(matches!(
+            Config::load(None, []).unwrap().master_key_source().unwrap(),
+            MasterKeySource::DataDir
+        ));
     }
 }

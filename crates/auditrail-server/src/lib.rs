@@ -408,11 +408,18 @@ pub(crate) fn backup_status(s: &AppState) -> backup::BackupStatus {
 }
 
 /// Opens the index with the FHIR search terms wired in (the server and `reindex` must agree).
+/// `master` opens the index's sealed secret (the store's master keys).
 pub fn open_index(
     data: &std::path::Path,
+    master: &auditrail_store::keys::MasterKeys,
     memtable_rows_max: usize,
 ) -> Result<Index, auditrail_index::IndexError> {
-    Index::open(data, IndexOptions { memtable_rows_max }, Some(auditrail_index::doc::fhir_terms))
+    Index::open(
+        data,
+        master,
+        IndexOptions { memtable_rows_max },
+        Some(auditrail_index::doc::fhir_terms),
+    )
 }
 
 /// A running service's background parts, stopped by [`Service::shutdown`].
@@ -427,22 +434,33 @@ pub struct Service {
 /// Opens (or initialises) the data directory and starts the index follower.
 pub fn start(config: Config) -> Result<Service, String> {
     let data = config.data.clone();
+    let master_keys = config.master_key_source()?;
     if !data.join("keys").exists() {
-        auditrail_store::init(&data, &config.origin)
+        let (_, how) = auditrail_store::init_with(&data, &config.origin, &master_keys)
             .map_err(|e| format!("cannot initialise {}: {e}", data.display()))?;
-        eprintln!("auditrail: initialised {} (origin {})", data.display(), config.origin);
+        let keys = match how {
+            auditrail_store::keys::MasterInit::Created => "a new master key in",
+            auditrail_store::keys::MasterInit::Existing => "the master keys from",
+        };
+        eprintln!(
+            "auditrail: initialised {} (origin {}) with {keys} {}",
+            data.display(),
+            config.origin,
+            master_keys.describe()
+        );
     }
     config.check()?;
     let options = auditrail_store::Options {
         publish_interval_ms: config.publish_interval_ms,
         segment_bytes_max: config.segment_bytes_max,
+        master_keys,
         ..auditrail_store::Options::default()
     };
     let store = Arc::new(
         Store::open(&data, options).map_err(|e| format!("cannot open {}: {e}", data.display()))?,
     );
     let index = Arc::new(
-        open_index(&data, config.index_memtable_rows_max)
+        open_index(&data, store.master_keys(), config.index_memtable_rows_max)
             .map_err(|e| format!("cannot open the index: {e}"))?,
     );
     if index.indexed_through() > store.stages().sequenced {

@@ -385,6 +385,14 @@ pub fn audit(
 ) -> Result<AuditReport, StoreError> {
     let mut report = AuditReport::default();
     let verifier = keys.signer.verifier();
+    if io.len(crate::rekey::REWRAP_JOURNAL_PATH)?.is_some() {
+        report.problems.push(Problem {
+            location: crate::rekey::REWRAP_JOURNAL_PATH.into(),
+            detail: "a key rewrap was interrupted and segment headers may be half written: run \
+                     `auditrail key rewrap` to finish it, then verify again"
+                .into(),
+        });
+    }
 
     // 1. Checkpoints: each signed by the log's key; sizes never shrink.
     let checkpoints = read_checkpoints(io, &verifier, &mut report.problems)?;

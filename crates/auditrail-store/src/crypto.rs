@@ -1,4 +1,4 @@
-//! Envelope encryption at rest. A master key (versioned, in `keys/master.keys`) wraps one random
+//! Envelope encryption at rest. A master key (versioned; see [`crate::keys`]) wraps one random
 //! 32-byte secret per segment; HKDF derives from that secret the segment's AES-256-GCM data key
 //! and its salt key (for commitments). Destroying a segment's wrapped secret crypto-erases its
 //! events and their salts at once, while the tree's leaves stay verifiable.
@@ -59,6 +59,14 @@ impl Sealer {
     }
 }
 
+/// A 32-byte key derived from `secret` for the purpose `info` (HKDF-SHA256, no salt): one
+/// secret, several independent keys.
+pub fn derive_key(secret: &[u8; KEY_BYTES], info: &[u8]) -> [u8; KEY_BYTES] {
+    let mut key = [0u8; KEY_BYTES];
+    Hkdf::<Sha256>::new(None, secret).expand(info, &mut key).expect("32 bytes is a valid length");
+    key
+}
+
 /// The keys of one segment, derived from its secret.
 #[derive(Clone)]
 pub struct SegmentKeys {
@@ -75,12 +83,8 @@ impl std::fmt::Debug for SegmentKeys {
 
 impl SegmentKeys {
     pub fn derive(secret: &[u8; KEY_BYTES]) -> SegmentKeys {
-        let hk = Hkdf::<Sha256>::new(None, secret);
-        let mut data = [0u8; KEY_BYTES];
-        let mut salt_key = [0u8; KEY_BYTES];
-        hk.expand(b"auditrail/segment/data-key/v1", &mut data).expect("32 bytes is a valid length");
-        hk.expand(b"auditrail/segment/salt-key/v1", &mut salt_key)
-            .expect("32 bytes is a valid length");
+        let data = derive_key(secret, b"auditrail/segment/data-key/v1");
+        let salt_key = derive_key(secret, b"auditrail/segment/salt-key/v1");
         SegmentKeys {
             data: Sealer::new(&data),
             salts: auditrail_core::leaf::SaltDeriver::new(&salt_key),

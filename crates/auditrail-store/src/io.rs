@@ -20,6 +20,15 @@ pub trait Io: Send + Sync + 'static {
     fn append(&self, path: &str, data: &[u8]) -> io::Result<()>;
     /// Creates or replaces a file's contents. Not durable until synced.
     fn write_file(&self, path: &str, data: &[u8]) -> io::Result<()>;
+    /// Like [`Io::write_file`], but a new file is readable by its owner only (mode 0600 on
+    /// a real disk): for key files.
+    fn write_private_file(&self, path: &str, data: &[u8]) -> io::Result<()> {
+        self.write_file(path, data)
+    }
+    /// Overwrites bytes of an existing file in place at `offset` (a key rewrap rewrites
+    /// segment headers this way, under a journal). Not durable until synced; a crash may
+    /// leave any mix of old and new bytes in the range.
+    fn write_at(&self, path: &str, offset: u64, data: &[u8]) -> io::Result<()>;
     /// Makes a file's contents durable (fdatasync).
     fn sync_file(&self, path: &str) -> io::Result<()>;
     /// Makes a directory's entries (created, renamed, removed files) durable.
@@ -38,6 +47,11 @@ pub trait Io: Send + Sync + 'static {
     /// How many syncs (of any kind) have been issued: for benchmarks and tests.
     fn sync_count(&self) -> u64 {
         0
+    }
+    /// The file's Unix permission bits, where the disk has them (`None` for a simulated one
+    /// or a missing file): key files readable by others are refused.
+    fn permissions(&self, _path: &str) -> io::Result<Option<u32>> {
+        Ok(None)
     }
 }
 
@@ -148,6 +162,25 @@ impl Io for StdIo {
         std::fs::write(self.path(path), data)
     }
 
+    fn write_private_file(&self, path: &str, data: &[u8]) -> io::Result<()> {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        self.forget_handle(path);
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(self.path(path))?;
+        f.write_all(data)
+    }
+
+    fn write_at(&self, path: &str, offset: u64, data: &[u8]) -> io::Result<()> {
+        use std::os::unix::fs::FileExt as _;
+        self.forget_handle(path);
+        let f = OpenOptions::new().write(true).open(self.path(path))?;
+        f.write_all_at(data, offset)
+    }
+
     fn sync_file(&self, path: &str) -> io::Result<()> {
         self.count_sync();
         let guard = self.append_handle.lock().unwrap_or_else(|e| e.into_inner());
@@ -214,7 +247,8 @@ impl Io for StdIo {
             };
             for e in rd {
                 let e = e?;
-                let p = format!("{d}/{}", e.file_name().to_string_lossy());
+                let name = e.file_name().to_string_lossy().into_owned();
+                let p = if d.is_empty() { name } else { format!("{d}/{name}") };
                 if e.file_type()?.is_dir() { stack.push(p) } else { out.push(p) }
             }
         }
@@ -228,6 +262,15 @@ impl Io for StdIo {
 
     fn sync_count(&self) -> u64 {
         self.syncs.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn permissions(&self, path: &str) -> io::Result<Option<u32>> {
+        use std::os::unix::fs::PermissionsExt as _;
+        match std::fs::metadata(self.path(path)) {
+            Ok(m) => Ok(Some(m.permissions().mode() & 0o7777)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 }
 

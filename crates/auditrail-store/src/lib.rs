@@ -8,6 +8,7 @@ pub mod error;
 pub mod io;
 pub mod keys;
 pub mod reader;
+pub mod rekey;
 pub mod retention;
 pub mod segment;
 pub mod sim;
@@ -16,4 +17,4 @@ pub mod tail;
 pub mod tree;
 
 pub use error::StoreError;
-pub use store::{Options, Receipt, Stages, Store, init};
+pub use store::{Options, Receipt, Stages, Store, init, init_with};

@@ -60,12 +60,24 @@ pub fn open_segment_header(
     }
     let sealer = master.get(header.key_version).ok_or_else(|| {
         StoreError::Unavailable(format!(
-            "{path} needs master key version {}, which keys/master.keys lacks",
-            header.key_version
+            "{path} needs master key version {}, which the master keys from {} lack",
+            header.key_version,
+            master.origin()
         ))
     })?;
-    let keys =
-        header.keys(sealer).map_err(|e| StoreError::corrupted(format!("{path} offset 0"), e))?;
+    // The header's CRC held, so a failed unwrap is most likely the wrong key (a tamperer
+    // who recomputed the CRC is the other possibility): say which key was tried.
+    let keys = header.keys(sealer).map_err(|e| {
+        StoreError::corrupted(
+            format!("{path} offset 0"),
+            format!(
+                "master key version {} from {} does not unwrap this segment's key: the wrong \
+                 master key, or an altered header ({e})",
+                header.key_version,
+                master.origin()
+            ),
+        )
+    })?;
     Ok((header, keys))
 }
 

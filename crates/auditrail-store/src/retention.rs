@@ -7,7 +7,8 @@
 //! - `retention/purged`: one JSON object a line per purged segment ([`PurgedSegment`]). It is
 //!   made durable *before* the segment file is deleted, so a crash in between leaves a record
 //!   whose file still exists, and opening the store finishes the deletion.
-//! - `retention/holds.json`: the legal holds ([`Hold`]) that stop purging what they cover.
+//! - `retention/holds.json`: the legal holds ([`Hold`]) that stop purging what they cover,
+//!   sealed under the master key ([`crate::keys::HOLDS`]).
 //!
 //! A segment is purged only when every event in it is past its project's retention and no
 //! hold covers it. Holds are matched against a per-segment summary (projects, patient ids,
@@ -238,17 +239,39 @@ impl Hold {
     }
 }
 
-pub fn load_holds(io: &dyn Io) -> Result<Vec<Hold>, StoreError> {
-    match io.read(HOLDS_PATH) {
-        Ok(b) => serde_json::from_slice(&b).map_err(|e| StoreError::corrupted(HOLDS_PATH, e)),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
-        Err(e) => Err(e.into()),
-    }
+/// Reads the legal holds. The file is sealed under the master key (purpose
+/// [`crate::keys::HOLDS`]); one written before holds were sealed is plain JSON and still read.
+pub fn load_holds(io: &dyn Io, master: &MasterKeys) -> Result<Vec<Hold>, StoreError> {
+    let bytes = match io.read(HOLDS_PATH) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e.into()),
+    };
+    let (json, _) = master
+        .open_blob_or_legacy(crate::keys::HOLDS.purpose, &bytes)
+        .map_err(StoreError::Unavailable)?;
+    serde_json::from_slice(&json).map_err(|e| StoreError::corrupted(HOLDS_PATH, e))
 }
 
-pub fn save_holds(io: &dyn Io, holds: &[Hold]) -> Result<(), StoreError> {
-    let bytes = serde_json::to_vec_pretty(holds).map_err(|e| StoreError::Io(e.into()))?;
-    replace_file(io, HOLDS_PATH, &bytes)
+/// Replaces the legal holds, sealed under the newest master key.
+pub fn save_holds(io: &dyn Io, master: &MasterKeys, holds: &[Hold]) -> Result<(), StoreError> {
+    let json = serde_json::to_vec_pretty(holds).map_err(|e| StoreError::Io(e.into()))?;
+    replace_file(io, HOLDS_PATH, &master.seal_blob(crate::keys::HOLDS.purpose, &json))
+}
+
+/// Seals a holds file written in the clear by an older version (they name patients, if only
+/// as tokens, and give reasons in free text). Returns whether it did.
+pub fn seal_legacy_holds(io: &dyn Io, master: &MasterKeys) -> Result<bool, StoreError> {
+    match io.read(HOLDS_PATH) {
+        Ok(b) if !b.starts_with(crate::keys::SEALED_MAGIC) => {
+            let holds = load_holds(io, master)?;
+            save_holds(io, master, &holds)?;
+            Ok(true)
+        }
+        Ok(_) => Ok(false),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Keyed tokens of patient ids, so that legal holds by patient name no patient in the clear.

@@ -127,12 +127,35 @@ impl SegmentHeader {
 
     /// Unwraps the segment secret with the master key of this header's version.
     pub fn keys(&self, master: &Sealer) -> Result<SegmentKeys, FormatError> {
+        Ok(SegmentKeys::derive(&self.secret(master)?))
+    }
+
+    fn secret(&self, master: &Sealer) -> Result<[u8; KEY_BYTES], FormatError> {
         let secret = master
             .open(&self.wrap_nonce, &self.aad(), &self.wrapped_secret)
             .map_err(|_| FormatError::Authentication)?;
-        Ok(SegmentKeys::derive(
-            &secret.try_into().map_err(|_| FormatError::Malformed("secret length"))?,
-        ))
+        secret.try_into().map_err(|_| FormatError::Malformed("secret length"))
+    }
+
+    /// The same segment's header with its secret wrapped anew under master key `new_version`
+    /// (`old` is the master key of this header's version). The secret, and so every block and
+    /// salt of the segment, stays as it is: only the 96 header bytes change.
+    pub fn rewrapped(
+        &self,
+        old: &Sealer,
+        new_version: u32,
+        new: &Sealer,
+    ) -> Result<SegmentHeader, FormatError> {
+        let secret = self.secret(old)?;
+        let mut h = SegmentHeader {
+            key_version: new_version,
+            wrap_nonce: crypto::random(),
+            wrapped_secret: [0; KEY_BYTES + TAG_BYTES],
+            ..self.clone()
+        };
+        let sealed = new.seal(&h.wrap_nonce, &h.aad(), &secret);
+        h.wrapped_secret.copy_from_slice(&sealed);
+        Ok(h)
     }
 }
 
@@ -379,6 +402,13 @@ mod tests {
         assert_eq!(sh2, sh);
         let keys2 = sh2.keys(&master).unwrap();
         assert_eq!(keys2.salts.salt(7), keys.salts.salt(7));
+        // A rewrapped header opens with the new master key only, to the same keys.
+        let newer = Sealer::new(&[10; 32]);
+        let re = sh.rewrapped(&master, 2, &newer).unwrap();
+        assert_eq!((re.key_version, re.first_seq, re.created_ms), (2, 100, 5));
+        assert_eq!(re.keys(&newer).unwrap().salts.salt(7), keys.salts.salt(7));
+        assert_eq!(re.keys(&master).unwrap_err(), FormatError::Authentication);
+        assert_eq!(sh.rewrapped(&newer, 2, &newer).unwrap_err(), FormatError::Authentication);
         let mut plain = Vec::new();
         push_record(&mut plain, 1, false, b"{\"a\":1}");
         push_record(&mut plain, 2, true, b"{\"b\":2}");

@@ -13,6 +13,9 @@ use std::sync::{Arc, Mutex};
 struct Inode {
     data: Vec<u8>,
     durable: Vec<u8>,
+    /// Replaced whole since the last sync (`write_file`): a crash may leave any prefix of the
+    /// new contents. Otherwise unsynced changes are appends and in-place overwrites.
+    replaced: bool,
 }
 
 #[derive(Debug, Default)]
@@ -114,6 +117,8 @@ impl SimDisk {
                 let extra = (inode.data.len() - inode.durable.len()) as u64;
                 let keep = inode.durable.len() + rng.below(extra + 1) as usize;
                 inode.data[..keep].to_vec()
+            } else if !inode.replaced {
+                torn_overwrite(inode, rng)
             } else if rng.below(2) == 0 {
                 inode.durable.clone()
             } else {
@@ -122,11 +127,18 @@ impl SimDisk {
             };
             let id = out.next_inode;
             out.next_inode += 1;
-            out.inodes.insert(id, Inode { durable: data.clone(), data });
+            out.inodes.insert(id, Inode { durable: data.clone(), data, replaced: false });
             out.names.insert(name.clone(), id);
             out.durable_names.insert(name, id);
         }
         SimDisk(Arc::new(Mutex::new(out)))
+    }
+
+    /// Reads what a crash would find of a file right now (its durable bytes), for tests.
+    pub fn durable_bytes(&self, path: &str) -> Option<Vec<u8>> {
+        let d = self.lock();
+        let ino = d.durable_names.get(path)?;
+        Some(d.inodes[ino].durable.clone())
     }
 
     /// Changes one byte of a file, as a tamperer or a failing disk would.
@@ -177,6 +189,25 @@ impl SimDisk {
     }
 }
 
+/// What a power cut leaves of a file overwritten in place (and perhaps appended to) since its
+/// last sync: the overwritten range torn at a random byte, new bytes before it and old bytes
+/// after it, and the appended tail kept only if the tear is past the overwrite.
+fn torn_overwrite(inode: &Inode, rng: &mut Rng) -> Vec<u8> {
+    let common = inode.data.len().min(inode.durable.len());
+    let first = (0..common).find(|&i| inode.data[i] != inode.durable[i]).unwrap_or(common);
+    let last =
+        (0..common).rev().find(|&i| inode.data[i] != inode.durable[i]).map_or(common, |i| i + 1);
+    let tear = first + rng.below((last - first) as u64 + 1) as usize;
+    let mut out = inode.durable.clone();
+    out[..tear].copy_from_slice(&inode.data[..tear]);
+    if tear == last && inode.data.len() > inode.durable.len() {
+        let extra = (inode.data.len() - inode.durable.len()) as u64;
+        let keep = inode.durable.len() + rng.below(extra + 1) as usize;
+        out.extend_from_slice(&inode.data[inode.durable.len()..keep]);
+    }
+    out
+}
+
 impl Io for SimDisk {
     fn read(&self, path: &str) -> io::Result<Vec<u8>> {
         let mut d = self.lock();
@@ -209,7 +240,21 @@ impl Io for SimDisk {
     fn write_file(&self, path: &str, data: &[u8]) -> io::Result<()> {
         let mut d = self.lock();
         Self::check(&d)?;
-        Self::inode_mut(&mut d, path, true)?.data = data.to_vec();
+        let inode = Self::inode_mut(&mut d, path, true)?;
+        inode.data = data.to_vec();
+        inode.replaced = true;
+        Ok(())
+    }
+
+    fn write_at(&self, path: &str, offset: u64, data: &[u8]) -> io::Result<()> {
+        let mut d = self.lock();
+        Self::check(&d)?;
+        let inode = Self::inode_mut(&mut d, path, false)?;
+        let (start, end) = (offset as usize, offset as usize + data.len());
+        if inode.data.len() < end {
+            inode.data.resize(end, 0);
+        }
+        inode.data[start..end].copy_from_slice(data);
         Ok(())
     }
 
@@ -218,6 +263,7 @@ impl Io for SimDisk {
         Self::sync_point(&mut d)?;
         let inode = Self::inode_mut(&mut d, path, false)?;
         inode.durable = inode.data.clone();
+        inode.replaced = false;
         Ok(())
     }
 
@@ -238,6 +284,7 @@ impl Io for SimDisk {
         d.durable_names = d.names.clone();
         for inode in d.inodes.values_mut() {
             inode.durable = inode.data.clone();
+            inode.replaced = false;
         }
         Ok(())
     }
@@ -274,11 +321,15 @@ impl Io for SimDisk {
     fn list(&self, dir: &str) -> io::Result<Vec<String>> {
         let d = self.lock();
         Self::check(&d)?;
-        Ok(d.names
+        // Files in `dir`, and the subdirectories that hold files (directories are implicit).
+        let prefix = if dir.is_empty() { String::new() } else { format!("{dir}/") };
+        let names: std::collections::BTreeSet<String> = d
+            .names
             .keys()
-            .filter(|p| parent(p) == dir)
-            .map(|p| p.rsplit_once('/').map_or(p.as_str(), |(_, n)| n).to_string())
-            .collect())
+            .filter_map(|p| p.strip_prefix(&prefix))
+            .map(|rest| rest.split_once('/').map_or(rest, |(first, _)| first).to_string())
+            .collect();
+        Ok(names.into_iter().collect())
     }
 
     fn sync_count(&self) -> u64 {
@@ -288,7 +339,7 @@ impl Io for SimDisk {
     fn list_tree(&self, dir: &str) -> io::Result<Vec<String>> {
         let d = self.lock();
         Self::check(&d)?;
-        let prefix = format!("{dir}/");
+        let prefix = if dir.is_empty() { String::new() } else { format!("{dir}/") };
         Ok(d.names.keys().filter(|p| p.starts_with(&prefix)).cloned().collect())
     }
 

@@ -16,7 +16,7 @@
 use crate::crypto::{self, SegmentKeys};
 use crate::error::StoreError;
 use crate::io::{Io, StdIo};
-use crate::keys::Keys;
+use crate::keys::{Keys, MasterInit, MasterKeySource};
 use crate::reader::{self, SEGMENTS_DIR, list_segments, load_segment, segment_path};
 use crate::retention::{
     Hold, Purged, PurgedSegment, RetentionPolicy, SegmentDecision, SegmentSummary,
@@ -76,6 +76,8 @@ pub struct Options {
     /// compress better.
     pub block_plain_bytes_target: usize,
     pub clock: Clock,
+    /// Where the master keys are: `keys/master.keys` by default (see [`MasterKeySource`]).
+    pub master_keys: MasterKeySource,
 }
 
 impl std::fmt::Debug for Options {
@@ -85,6 +87,7 @@ impl std::fmt::Debug for Options {
             .field("publish_interval_ms", &self.publish_interval_ms)
             .field("batch_events_max", &self.batch_events_max)
             .field("batch_bytes_max", &self.batch_bytes_max)
+            .field("master_keys", &self.master_keys)
             .finish_non_exhaustive()
     }
 }
@@ -101,6 +104,7 @@ impl Default for Options {
             idempotency_window_events: 2_000_000,
             block_plain_bytes_target: 32 << 10,
             clock: system_clock(),
+            master_keys: MasterKeySource::DataDir,
         }
     }
 }
@@ -217,6 +221,15 @@ impl std::fmt::Debug for Store {
 
 /// Creates a new data directory: key files and the directory layout.
 pub fn init(dir: &std::path::Path, origin: &str) -> Result<NoteVerifier, StoreError> {
+    Ok(init_with(dir, origin, &MasterKeySource::DataDir)?.0)
+}
+
+/// Like [`init`], with the master keys where `source` says (see [`crate::keys::init`]).
+pub fn init_with(
+    dir: &std::path::Path,
+    origin: &str,
+    source: &MasterKeySource,
+) -> Result<(NoteVerifier, MasterInit), StoreError> {
     if !auditrail_core::checkpoint::valid_origin(origin) {
         return Err(StoreError::InvalidInput(format!(
             "origin {origin:?} must be non-empty, without spaces or '+'"
@@ -225,8 +238,8 @@ pub fn init(dir: &std::path::Path, origin: &str) -> Result<NoteVerifier, StoreEr
     for sub in [SEGMENTS_DIR, LOG_DIR, "checkpoints"] {
         std::fs::create_dir_all(dir.join(sub))?;
     }
-    let keys = crate::keys::init(dir, origin).map_err(StoreError::Unavailable)?;
-    Ok(keys.signer.verifier())
+    let (keys, how) = crate::keys::init(dir, origin, source).map_err(StoreError::Unavailable)?;
+    Ok((keys.signer.verifier(), how))
 }
 
 impl Store {
@@ -243,10 +256,16 @@ impl Store {
     /// cuts a torn tail, re-integrates leaves past the last checkpoint, and refuses to open on
     /// real corruption with the location of the damage.
     pub fn open_with(io: Arc<dyn Io>, options: Options) -> Result<Store, StoreError> {
-        let keys = Keys::load(io.as_ref()).map_err(StoreError::Unavailable)?;
+        let keys =
+            Keys::load_with(io.as_ref(), &options.master_keys).map_err(StoreError::Unavailable)?;
         for d in [SEGMENTS_DIR, LOG_DIR, "checkpoints"] {
             io.create_dir_all(d)?;
         }
+        // A key rewrap that crashed half way is finished (or rolled back) before any header
+        // is read: until then some headers may be torn.
+        crate::rekey::recover_journal(io.as_ref(), &keys.master)?;
+        // Legal holds written before they were sealed are sealed now.
+        crate::retention::seal_legacy_holds(io.as_ref(), &keys.master)?;
         // The history file is created once, durably (its directory entry too): later appends
         // sync only its data, and a checkpoint must never outlive its history record.
         if io.len(HISTORY_PATH)?.is_none() {
@@ -520,7 +539,7 @@ impl Store {
             self.stages().published,
             now_ms,
         )?;
-        let holds = crate::retention::load_holds(io)?;
+        let holds = crate::retention::load_holds(io, &self.keys.master)?;
         // Summaries keep only the patients some hold names, so the cache stays small however
         // long segments are held; a hold naming a new patient means reading them again.
         let held: BTreeSet<String> = holds.iter().filter_map(|h| h.patient_token.clone()).collect();
@@ -597,29 +616,45 @@ impl Store {
     }
 
     pub fn holds(&self) -> Result<Vec<Hold>, StoreError> {
-        crate::retention::load_holds(self.io.as_ref())
+        crate::retention::load_holds(self.io.as_ref(), &self.keys.master)
     }
 
     /// Adds a legal hold (its id must be new).
     pub fn add_hold(&self, hold: Hold) -> Result<(), StoreError> {
         hold.check().map_err(StoreError::InvalidInput)?;
         let _state = self.retention.lock().unwrap_or_else(|e| e.into_inner());
-        let mut holds = crate::retention::load_holds(self.io.as_ref())?;
+        let mut holds = crate::retention::load_holds(self.io.as_ref(), &self.keys.master)?;
         if holds.iter().any(|h| h.id == hold.id) {
             return Err(StoreError::InvalidInput(format!("a hold with id {:?} exists", hold.id)));
         }
         holds.push(hold);
-        crate::retention::save_holds(self.io.as_ref(), &holds)
+        crate::retention::save_holds(self.io.as_ref(), &self.keys.master, &holds)
     }
 
     /// Releases a legal hold; returns it, or `None` if there was none with this id.
     pub fn release_hold(&self, id: &str) -> Result<Option<Hold>, StoreError> {
         let _state = self.retention.lock().unwrap_or_else(|e| e.into_inner());
-        let mut holds = crate::retention::load_holds(self.io.as_ref())?;
+        let mut holds = crate::retention::load_holds(self.io.as_ref(), &self.keys.master)?;
         let Some(i) = holds.iter().position(|h| h.id == id) else { return Ok(None) };
         let hold = holds.remove(i);
-        crate::retention::save_holds(self.io.as_ref(), &holds)?;
+        crate::retention::save_holds(self.io.as_ref(), &self.keys.master, &holds)?;
         Ok(Some(hold))
+    }
+
+    /// Re-wraps every segment's secret and re-seals every sealed file under the newest master
+    /// key (see [`crate::rekey`]). Call it on a store nothing else uses: `auditrail key rewrap`
+    /// opens the directory, which takes its lock, so no server can be running. Purges wait.
+    pub fn rewrap(&self) -> Result<crate::rekey::RewrapReport, StoreError> {
+        self.shared.check()?;
+        let _state = self.retention.lock().unwrap_or_else(|e| e.into_inner());
+        crate::rekey::rewrap(self.io.as_ref(), &self.keys.master)
+    }
+
+    /// Removes the master key versions nothing uses from the key source (see
+    /// [`crate::rekey::retire_unused`]).
+    pub fn retire_unused_master_keys(&self) -> Result<crate::rekey::RetireReport, StoreError> {
+        let _state = self.retention.lock().unwrap_or_else(|e| e.into_inner());
+        crate::rekey::retire_unused(self.io.as_ref(), &self.keys.master, &self.options.master_keys)
     }
 
     /// A forward reader of the durable log starting at `from`.

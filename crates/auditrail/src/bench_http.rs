@@ -483,7 +483,14 @@ impl ServerProcess {
         }
         let scopes = ["events:write", "events:read", "events:patient_identifiers", "security:read"]
             .map(String::from);
-        let token = crate::create_api_key(dir, "bench", &scopes, Vec::new(), Vec::new())?;
+        let token = crate::create_api_key(
+            dir,
+            auditrail_store::Options::default(),
+            "bench",
+            &scopes,
+            Vec::new(),
+            Vec::new(),
+        )?;
         let _ = TOKEN.set(token);
         let log_path = dir.with_extension("server.log");
         let log = std::fs::File::create(&log_path)

@@ -14,7 +14,7 @@ use anyhow::{Context as _, Result, bail};
 use auditrail_core::event::{ClientEvent, PreparedEvent};
 use auditrail_store::audit::audit;
 use auditrail_store::io::StdIo;
-use auditrail_store::keys::Keys;
+use auditrail_store::keys::{Keys, MasterKeySource};
 use auditrail_store::{Options, Store};
 use clap::{Parser, Subcommand};
 use std::io::{BufRead as _, IsTerminal as _, Write as _};
@@ -30,6 +30,41 @@ use std::process::ExitCode;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+}
+
+/// A data directory and where its master keys are.
+#[derive(clap::Args)]
+struct DataDir {
+    /// The data directory.
+    #[arg(long)]
+    data: PathBuf,
+    #[command(flatten)]
+    master: MasterKeyArg,
+}
+
+#[derive(clap::Args)]
+struct MasterKeyArg {
+    /// The master key file, when it is kept outside the data directory
+    /// [AUDITRAIL_MASTER_KEY_FILE; default <data>/keys/master.keys]. AUDITRAIL_MASTER_KEYS may
+    /// hold the key text instead.
+    #[arg(long, value_name = "PATH")]
+    master_key_file: Option<PathBuf>,
+}
+
+impl MasterKeyArg {
+    fn source(&self) -> Result<MasterKeySource> {
+        MasterKeySource::from_env(self.master_key_file.clone()).map_err(anyhow::Error::msg)
+    }
+}
+
+impl DataDir {
+    fn options(&self) -> Result<Options> {
+        Ok(Options { master_keys: self.master.source()?, ..Options::default() })
+    }
+
+    fn keys(&self) -> Result<Keys> {
+        Keys::load_with(&StdIo::new(&self.data), &self.master.source()?).map_err(anyhow::Error::msg)
+    }
 }
 
 #[derive(Subcommand)]
@@ -50,16 +85,21 @@ enum Command {
         /// in <data>/tls/ [AUDITRAIL_TLS_SELF_SIGNED].
         #[arg(long)]
         tls_self_signed: bool,
+        /// The master key file [AUDITRAIL_MASTER_KEY_FILE; setting master_key_file].
+        #[arg(long, value_name = "PATH")]
+        master_key_file: Option<PathBuf>,
     },
     /// Delete the search index and rebuild it from the log (run while the server is stopped).
     Reindex {
-        #[arg(long)]
-        data: PathBuf,
+        #[command(flatten)]
+        dir: DataDir,
     },
-    /// Create a data directory and its keys (key files are mode 0600).
+    /// Create a data directory and its keys (key files are mode 0600). With --master-key-file
+    /// the master key is written there (or an existing key file there is used) instead of
+    /// into the data directory.
     Init {
-        #[arg(long)]
-        data: PathBuf,
+        #[command(flatten)]
+        dir: DataDir,
         /// The log's name in checkpoints: no spaces or '+', conventionally a host/path.
         #[arg(long, default_value = "auditrail.local/log")]
         origin: String,
@@ -70,15 +110,15 @@ enum Command {
         #[command(subcommand)]
         command: ApiKeyCommand,
     },
-    /// Show keys.
+    /// Show and rotate keys.
     Key {
         #[command(subcommand)]
         command: KeyCommand,
     },
     /// Append NDJSON events durably; prints one JSON summary line.
     Import {
-        #[arg(long)]
-        data: PathBuf,
+        #[command(flatten)]
+        dir: DataDir,
         /// A file of one JSON event per line, or '-' for standard input.
         file: PathBuf,
         /// Events per append (one block, one fsync, all or nothing).
@@ -90,8 +130,8 @@ enum Command {
     },
     /// Write stored events as NDJSON (canonical JSON, one per line), oldest first.
     Export {
-        #[arg(long)]
-        data: PathBuf,
+        #[command(flatten)]
+        dir: DataDir,
         /// First seq to export.
         #[arg(long, default_value_t = 0)]
         from: u64,
@@ -101,13 +141,13 @@ enum Command {
     },
     /// Audit the whole log: blocks, commitments, leaves, tiles, every checkpoint.
     Verify {
-        #[arg(long)]
-        data: PathBuf,
+        #[command(flatten)]
+        dir: DataDir,
     },
     /// Print a signed checkpoint: the newest, or the one of a given tree size.
     Checkpoint {
-        #[arg(long)]
-        data: PathBuf,
+        #[command(flatten)]
+        dir: DataDir,
         #[arg(long)]
         size: Option<u64>,
     },
@@ -121,13 +161,14 @@ enum Command {
         to: String,
     },
     /// Restore a data directory from object storage, verify it and rebuild its index. DIR must
-    /// hold only keys/ (log.key, master.keys) from the separate key backup.
+    /// hold only keys/ (log.key, and master.keys unless the master keys are elsewhere) from the
+    /// separate key backup.
     Restore {
         /// The archive URL given to `backup --to`.
         #[arg(long)]
         from: String,
-        #[arg(long)]
-        data: PathBuf,
+        #[command(flatten)]
+        dir: DataDir,
         /// A manifest name (default: the newest).
         #[arg(long)]
         manifest: Option<String>,
@@ -144,8 +185,8 @@ enum ApiKeyCommand {
     /// Create an API key and print it (once; it is stored only as a digest). Recorded in the
     /// log as an `api_key.create` event.
     Create {
-        #[arg(long)]
-        data: PathBuf,
+        #[command(flatten)]
+        dir: DataDir,
         /// A name saying which system uses it.
         #[arg(long)]
         name: String,
@@ -168,6 +209,28 @@ enum KeyCommand {
         #[arg(long)]
         data: PathBuf,
     },
+    /// Add a new master key version (random) to the master key file. New segments are
+    /// wrapped with it from the next segment on, once the server has restarted; existing ones
+    /// stay under their version until `key rewrap`.
+    Rotate {
+        /// The data directory whose keys/master.keys to rotate (not needed with
+        /// --master-key-file).
+        #[arg(long)]
+        data: Option<PathBuf>,
+        #[command(flatten)]
+        master: MasterKeyArg,
+    },
+    /// Re-wrap every segment's key and re-seal every sealed file under the newest master key
+    /// version (run while the server is stopped; crash-safe), and print what uses which
+    /// version.
+    Rewrap {
+        #[command(flatten)]
+        dir: DataDir,
+        /// Then remove from the master key file the versions nothing uses any more, after
+        /// checking that everything opens without them.
+        #[arg(long)]
+        retire_old: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -183,38 +246,38 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
-        Command::Serve { data, listen, config, tls_self_signed } => {
-            serve(data, listen, config, tls_self_signed)?
+        Command::Serve { data, listen, config, tls_self_signed, master_key_file } => {
+            serve(data, listen, config, tls_self_signed, master_key_file)?
         }
-        Command::Reindex { data } => println!("{}", reindex(&data)?),
-        Command::Init { data, origin } => {
-            let verifier = auditrail_store::init(&data, &origin)?;
-            println!("{}", verifier.to_vkey());
-            eprintln!(
-                "initialised {} for log {origin}; keep keys/ private and backed up",
-                data.display()
-            );
-        }
+        Command::Reindex { dir } => println!("{}", reindex(&dir.data, dir.options()?)?),
+        Command::Init { dir, origin } => init(&dir, &origin)?,
         Command::ApiKey {
-            command: ApiKeyCommand::Create { data, name, scopes, projects, networks },
-        } => println!("{}", create_api_key(&data, &name, &scopes, projects, networks)?),
+            command: ApiKeyCommand::Create { dir, name, scopes, projects, networks },
+        } => println!(
+            "{}",
+            create_api_key(&dir.data, dir.options()?, &name, &scopes, projects, networks)?
+        ),
         Command::Key { command: KeyCommand::Show { data } } => {
-            let keys = load_keys(&data)?;
-            println!("{}", keys.signer.verifier().to_vkey());
+            let signer = auditrail_store::keys::load_signer(&StdIo::new(&data))
+                .map_err(anyhow::Error::msg)?;
+            println!("{}", signer.verifier().to_vkey());
         }
-        Command::Import { data, file, chunk_lines, report_chunks } => {
-            return import(&data, &file, chunk_lines, report_chunks);
+        Command::Key { command: KeyCommand::Rotate { data, master } } => rotate(data, &master)?,
+        Command::Key { command: KeyCommand::Rewrap { dir, retire_old } } => {
+            rewrap(&dir, retire_old)?
         }
-        Command::Export { data, from, to } => export(&data, from, to)?,
-        Command::Verify { data } => return verify(&data),
-        Command::Checkpoint { data, size } => {
-            let io = StdIo::new(&data);
-            let keys = load_keys(&data)?;
-            let note = auditrail_store::store::find_checkpoint(&io, &keys, size)?;
+        Command::Import { dir, file, chunk_lines, report_chunks } => {
+            return import(&dir, &file, chunk_lines, report_chunks);
+        }
+        Command::Export { dir, from, to } => export(&dir, from, to)?,
+        Command::Verify { dir } => return verify(&dir),
+        Command::Checkpoint { dir, size } => {
+            let io = StdIo::new(&dir.data);
+            let note = auditrail_store::store::find_checkpoint(&io, &dir.keys()?, size)?;
             print!("{note}");
         }
         Command::Backup { data, to } => backup(&data, &to)?,
-        Command::Restore { from, data, manifest } => restore(&from, &data, manifest.as_deref())?,
+        Command::Restore { from, dir, manifest } => restore(&from, &dir, manifest.as_deref())?,
         Command::Bench { command } => bench::run(command)?,
     }
     Ok(ExitCode::SUCCESS)
@@ -222,6 +285,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
 
 fn create_api_key(
     data: &Path,
+    options: Options,
     name: &str,
     scopes: &[String],
     projects: Vec<String>,
@@ -233,7 +297,7 @@ fn create_api_key(
         .map(|s| Permission::parse(s).with_context(|| format!("--scope {s}: no such permission")))
         .collect::<Result<_>>()?;
     let store = std::sync::Arc::new(
-        Store::open(data, Options::default())
+        Store::open(data, options)
             .with_context(|| format!("cannot open {} (is the server running?)", data.display()))?,
     );
     let config = auditrail_server::Config::load(None, std::env::vars())?;
@@ -262,6 +326,7 @@ fn serve(
     listen: Option<String>,
     file: Option<PathBuf>,
     tls_self_signed: bool,
+    master_key_file: Option<PathBuf>,
 ) -> Result<()> {
     let file = file.or_else(|| std::env::var_os("AUDITRAIL_CONFIG").map(PathBuf::from));
     // As the last variable, so the settings are checked together with it.
@@ -270,6 +335,10 @@ fn serve(
         auditrail_server::Config::load(file.as_deref(), std::env::vars().chain(flags))?;
     if let Some(data) = data {
         config.data = data;
+    }
+    if let Some(path) = master_key_file {
+        config.master_key_file = Some(path);
+        config.check().map_err(anyhow::Error::msg)?;
     }
     if let Some(listen) = listen {
         config.listen = listen;
@@ -304,20 +373,21 @@ fn backup(data: &Path, to: &str) -> Result<()> {
     Ok(())
 }
 
-fn restore(from: &str, data: &Path, manifest: Option<&str>) -> Result<()> {
+fn restore(from: &str, dir: &DataDir, manifest: Option<&str>) -> Result<()> {
     use auditrail_archive::restore;
+    let (data, master) = (dir.data.as_path(), dir.master.source()?);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let dest = auditrail_archive::Destination::open(from)?;
     let restored = runtime
-        .block_on(restore::restore_to_staging(&dest, data, manifest))
+        .block_on(restore::restore_to_staging(&dest, data, manifest, &master))
         .with_context(|| format!("restore from {from} refused"))?;
     eprintln!(
         "restored and verified {} events ({} bytes) from {}; rebuilding the index",
         restored.events, restored.bytes, restored.manifest_name
     );
     let finish = || -> Result<()> {
-        eprintln!("{}", reindex(&restored.staging)?);
-        restore::move_into_place(&restored.staging, data)?;
+        eprintln!("{}", reindex(&restored.staging, dir.options()?)?);
+        restore::move_into_place(&restored.staging, data, &master)?;
         Ok(())
     };
     if let Err(e) = finish() {
@@ -337,11 +407,11 @@ fn restore(from: &str, data: &Path, manifest: Option<&str>) -> Result<()> {
 }
 
 /// Rebuilds the index from the log; returns a one-line summary.
-fn reindex(data: &Path) -> Result<String> {
+fn reindex(data: &Path, options: Options) -> Result<String> {
     let started = std::time::Instant::now();
-    let store = Store::open(data, Options::default())?;
+    let store = Store::open(data, options)?;
     let rows = auditrail_server::Config::default().index_memtable_rows_max;
-    let index = auditrail_server::open_index(data, rows)?;
+    let index = auditrail_server::open_index(data, store.master_keys(), rows)?;
     index.reset()?;
     let mut follower = auditrail_index::Follower::new(&index, &store);
     let n = follower.catch_up(&index, &store)?;
@@ -355,11 +425,140 @@ fn reindex(data: &Path) -> Result<String> {
     ))
 }
 
-fn load_keys(data: &Path) -> Result<Keys> {
-    Keys::load(&StdIo::new(data)).map_err(anyhow::Error::msg)
+fn init(dir: &DataDir, origin: &str) -> Result<()> {
+    let source = dir.master.source()?;
+    let (verifier, how) = auditrail_store::init_with(&dir.data, origin, &source)?;
+    println!("{}", verifier.to_vkey());
+    let master = match how {
+        auditrail_store::keys::MasterInit::Created => {
+            format!("wrote a new master key to {}", source.describe())
+        }
+        auditrail_store::keys::MasterInit::Existing => {
+            format!("using the existing master keys from {}", source.describe())
+        }
+    };
+    eprintln!(
+        "initialised {} for log {origin}; {master}. Keep the keys private and backed up \
+         apart from the data: without the master keys the data directory is unreadable",
+        dir.data.display()
+    );
+    Ok(())
 }
 
-fn import(data: &Path, file: &Path, chunk_lines: usize, report_chunks: bool) -> Result<ExitCode> {
+/// `key rotate`: one more master key version in the key file.
+fn rotate(data: Option<PathBuf>, master: &MasterKeyArg) -> Result<()> {
+    let source = master.source()?;
+    let root = match (&source, data) {
+        (_, Some(data)) => data,
+        (MasterKeySource::DataDir, None) => {
+            bail!("say which keys to rotate: --data DIR, or --master-key-file PATH")
+        }
+        (_, None) => PathBuf::from("."),
+    };
+    let (version, text) =
+        auditrail_store::rekey::rotate(&StdIo::new(&root), &source).map_err(anyhow::Error::msg)?;
+    if let Some(text) = text {
+        print!("{text}");
+        eprintln!(
+            "the master keys come from AUDITRAIL_MASTER_KEYS: store the text above (it adds \
+             version {version}) in its place, then restart the server"
+        );
+        return Ok(());
+    }
+    eprintln!(
+        "added master key version {version} to {}. Back the key file up now. A running server \
+         keeps using the version it started with: restart it, and new segments are wrapped with \
+         version {version} from the next segment on. Existing segments stay under their \
+         version until `auditrail key rewrap` (server stopped).",
+        source.describe()
+    );
+    Ok(())
+}
+
+/// `key rewrap [--retire-old]`: everything under the newest master key, and what uses which.
+fn rewrap(dir: &DataDir, retire_old: bool) -> Result<()> {
+    let store = Store::open(&dir.data, dir.options()?)?;
+    let report = store.rewrap()?;
+    let already = report.segments - report.segments_rewrapped;
+    println!(
+        "rewrapped {} of {} segments under master key version {} ({already} already were)",
+        report.segments_rewrapped, report.segments, report.version
+    );
+    if !report.files_resealed.is_empty() {
+        println!("resealed {}", report.files_resealed.join(", "));
+    }
+    if report.segments_rewrapped > 0 {
+        // A trusted backup state would upload only appended bytes, never the new headers.
+        let forgotten = auditrail_archive::backup::forget_progress(&dir.data)?;
+        if forgotten > 0 {
+            println!(
+                "the next backup checks every archived piece and uploads the rewrapped segments \
+                 again; archives written before now still need the old master key versions"
+            );
+        }
+    }
+    let usage = &report.usage;
+    let described: Vec<String> = usage
+        .versions()
+        .iter()
+        .map(|v| {
+            let segments = usage.segments.get(v).copied().unwrap_or(0);
+            let mut files: Vec<&str> = usage
+                .sealed
+                .iter()
+                .chain(&usage.unknown)
+                .filter(|(_, fv)| *fv == v)
+                .map(|(p, _)| p.as_str())
+                .collect();
+            files.sort_unstable();
+            let files =
+                if files.is_empty() { String::new() } else { format!(", {}", files.join(", ")) };
+            format!("version {v} ({segments} segments{files})")
+        })
+        .collect();
+    println!(
+        "in use: {}",
+        if described.is_empty() { "nothing yet".into() } else { described.join("; ") }
+    );
+    for (path, v) in &usage.unknown {
+        println!(
+            "note: {path} is sealed under version {v} but unknown to this version of auditrail, \
+             so it was not resealed and version {v} stays"
+        );
+    }
+    if retire_old {
+        let retired = store.retire_unused_master_keys()?;
+        let kept: Vec<String> = retired.kept.iter().map(u32::to_string).collect();
+        if retired.retired.is_empty() {
+            println!(
+                "retired nothing: every version left is in use or the newest ({})",
+                kept.join(", ")
+            );
+        } else {
+            let gone: Vec<String> = retired.retired.iter().map(u32::to_string).collect();
+            match &retired.new_text {
+                Some(text) => {
+                    print!("{text}");
+                    eprintln!(
+                        "the master keys come from AUDITRAIL_MASTER_KEYS: store the text above \
+                         (versions {}) in its place",
+                        kept.join(", ")
+                    );
+                }
+                None => println!(
+                    "retired master key versions {} from {}; kept {}",
+                    gone.join(", "),
+                    dir.master.source()?.describe(),
+                    kept.join(", ")
+                ),
+            }
+        }
+    }
+    store.close()?;
+    Ok(())
+}
+
+fn import(dir: &DataDir, file: &Path, chunk_lines: usize, report_chunks: bool) -> Result<ExitCode> {
     anyhow::ensure!(chunk_lines > 0, "--chunk-lines must be at least 1");
     let from_stdin = file == Path::new("-");
     let open = || -> Result<Box<dyn std::io::BufRead>> {
@@ -386,7 +585,7 @@ fn import(data: &Path, file: &Path, chunk_lines: usize, report_chunks: bool) -> 
             }
         }
     }
-    let store = Store::open(data, Options::default())?;
+    let store = Store::open(&dir.data, dir.options()?)?;
     let mut appended = 0u64;
     let mut duplicates = 0u64;
     let (mut first_seq, mut last_seq) = (None, None);
@@ -443,8 +642,8 @@ fn import(data: &Path, file: &Path, chunk_lines: usize, report_chunks: bool) -> 
     Ok(ExitCode::SUCCESS)
 }
 
-fn export(data: &Path, from: u64, to: Option<u64>) -> Result<()> {
-    let store = Store::open(data, Options::default())?;
+fn export(dir: &DataDir, from: u64, to: Option<u64>) -> Result<()> {
+    let store = Store::open(&dir.data, dir.options()?)?;
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     store.for_each_event(from, to.unwrap_or(u64::MAX), |_, bytes| {
         out.write_all(bytes).and_then(|_| out.write_all(b"\n")).map_err(Into::into)
@@ -453,9 +652,9 @@ fn export(data: &Path, from: u64, to: Option<u64>) -> Result<()> {
     Ok(())
 }
 
-fn verify(data: &Path) -> Result<ExitCode> {
-    let keys = load_keys(data)?;
-    let io = StdIo::new(data);
+fn verify(dir: &DataDir) -> Result<ExitCode> {
+    let keys = dir.keys()?;
+    let io = StdIo::new(&dir.data);
     let started = std::time::Instant::now();
     let tty = std::io::stderr().is_terminal();
     let mut last_shown = std::time::Instant::now();

@@ -59,8 +59,18 @@ fn occurred(v: &Value) -> i64 {
 
 fn open(f: &Fixture, rows_max: usize) -> (Store, Index) {
     let store = Store::open(&f.dir, Options::default()).unwrap();
-    let index = Index::open(&f.dir, IndexOptions { memtable_rows_max: rows_max }, None).unwrap();
+    let index = Index::open(
+        &f.dir,
+        store.master_keys(),
+        IndexOptions { memtable_rows_max: rows_max },
+        None,
+    )
+    .unwrap();
     (store, index)
+}
+
+fn reopen(f: &Fixture, store: &Store) -> Index {
+    Index::open(&f.dir, store.master_keys(), IndexOptions { memtable_rows_max: 700 }, None).unwrap()
 }
 
 #[test]
@@ -149,7 +159,7 @@ fn queries_match_a_naive_scan_across_segments_restarts_and_rebuilds() {
     drop(index);
 
     // After a restart everything comes from the files.
-    let index = Index::open(&f.dir, IndexOptions { memtable_rows_max: 700 }, None).unwrap();
+    let index = reopen(&f, &store);
     assert_eq!(index.indexed_through(), 3000);
     check(&index);
 
@@ -163,7 +173,7 @@ fn queries_match_a_naive_scan_across_segments_restarts_and_rebuilds() {
     bytes[mid] ^= 1;
     std::fs::write(&sorted[1], bytes).unwrap();
     drop(index);
-    let index = Index::open(&f.dir, IndexOptions { memtable_rows_max: 700 }, None).unwrap();
+    let index = reopen(&f, &store);
     assert!(index.indexed_through() < 3000 && index.indexed_through() > 0);
     Follower::new(&index, &store).catch_up(&index, &store).unwrap();
     check(&index);
@@ -173,4 +183,42 @@ fn queries_match_a_naive_scan_across_segments_restarts_and_rebuilds() {
     assert_eq!(index.indexed_through(), 0);
     Follower::new(&index, &store).catch_up(&index, &store).unwrap();
     check(&index);
+}
+
+#[test]
+fn the_index_key_is_sealed_and_a_plaintext_one_is_migrated() {
+    let f = fixture(1500);
+    let (store, index) = open(&f, 700);
+    Follower::new(&index, &store).catch_up(&index, &store).unwrap();
+    index.flush(true).unwrap();
+    let mrn3 = index.patients().term("MRN3");
+    drop(index);
+    let key_path = f.dir.join("keys/index.key");
+    let sealed = std::fs::read(&key_path).unwrap();
+    assert!(sealed.starts_with(auditrail_store::keys::SEALED_MAGIC));
+    let secret = store.master_keys().open_blob("index.key", &sealed).unwrap();
+
+    // Another master key cannot open it: a clear error naming the file, not a silent rebuild.
+    let other = auditrail_store::keys::MasterKeys::parse(
+        "1 AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=\n",
+    )
+    .unwrap();
+    let e = Index::open(&f.dir, &other, IndexOptions::default(), None).unwrap_err().to_string();
+    assert!(e.contains("keys/index.key") && e.contains("master key"), "{e}");
+
+    // A key file from before sealing: the same secret in the clear. It is sealed on open.
+    std::fs::write(&key_path, &secret).unwrap();
+    let index = reopen(&f, &store);
+    assert!(std::fs::read(&key_path).unwrap().starts_with(auditrail_store::keys::SEALED_MAGIC));
+    assert_eq!(index.patients().term("MRN3"), mrn3, "the same secret, the same tokens");
+    assert_eq!(index.indexed_through(), 1500, "the files still open");
+    drop(index);
+
+    // A new secret (the key file lost) drops every file: they were sealed under the old one.
+    std::fs::remove_file(&key_path).unwrap();
+    let index = reopen(&f, &store);
+    assert_eq!(index.indexed_through(), 0);
+    assert_ne!(index.patients().term("MRN3"), mrn3);
+    Follower::new(&index, &store).catch_up(&index, &store).unwrap();
+    assert_eq!(index.indexed_through(), 1500);
 }

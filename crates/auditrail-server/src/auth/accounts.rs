@@ -9,8 +9,10 @@ use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-pub const ACCOUNTS_PATH: &str = "auth/accounts.sealed";
-const PURPOSE: &str = "auth/accounts";
+/// Where the file is and what it is sealed for, declared with the store's other sealed files
+/// so that a master key rewrap re-seals it.
+const SEALED: auditrail_store::keys::SealedFile = auditrail_store::keys::ACCOUNTS;
+pub const ACCOUNTS_PATH: &str = SEALED.path;
 /// Where the bootstrap admin's one-time password is written (mode 0600).
 pub const INITIAL_PASSWORD_PATH: &str = "auth/initial-admin-password";
 
@@ -232,7 +234,7 @@ impl AccountsFile {
         };
         let plain = self
             .keys
-            .open_blob(PURPOSE, &sealed)
+            .open_blob(SEALED.purpose, &sealed)
             .map_err(|e| format!("{}: {e} (wrong master key?)", self.path.display()))?;
         serde_json::from_slice(&plain)
             .map(Some)
@@ -242,7 +244,7 @@ impl AccountsFile {
     /// Replaces the file atomically and durably: temp file, fsync, rename, fsync directory.
     pub fn save(&self, accounts: &Accounts) -> Result<(), String> {
         let plain = serde_json::to_vec(accounts).map_err(|e| e.to_string())?;
-        write_private_file(&self.path, &self.keys.seal_blob(PURPOSE, &plain))
+        write_private_file(&self.path, &self.keys.seal_blob(SEALED.purpose, &plain))
     }
 }
 

@@ -24,8 +24,42 @@ use std::net::IpAddr;
 use std::sync::Mutex;
 
 /// The client's address, as the connection gave it.
-pub fn client_ip(extensions: &axum::http::Extensions) -> Option<IpAddr> {
-    extensions.get::<axum::extract::ConnectInfo<std::net::SocketAddr>>().map(|c| c.0.ip())
+pub fn client_ip(
+    extensions: &axum::http::Extensions,
+    headers: &axum::http::HeaderMap,
+    trusted_proxies: &[String],
+) -> Option<IpAddr> {
+    let peer = crate::tls::peer(extensions).map(|p| p.addr.ip()).or_else(|| {
+        extensions.get::<axum::extract::ConnectInfo<std::net::SocketAddr>>().map(|c| c.0.ip())
+    })?;
+    Some(forwarded_client(peer, headers, trusted_proxies))
+}
+
+/// The client behind trusted proxies: `X-Forwarded-For` read from the right (each proxy
+/// appends the address it received from), skipping trusted proxies; the first address that is
+/// not one is the client. A header from an untrusted peer, or one that does not parse, is
+/// ignored: the peer itself is the client.
+fn forwarded_client(peer: IpAddr, headers: &axum::http::HeaderMap, trusted: &[String]) -> IpAddr {
+    let is_trusted = |ip: IpAddr| trusted.iter().any(|n| super::accounts::network_contains(n, ip));
+    if !is_trusted(peer) {
+        return peer;
+    }
+    let mut hops = Vec::new();
+    for value in headers.get_all("x-forwarded-for") {
+        let Ok(text) = value.to_str() else { return peer };
+        for hop in text.split(',') {
+            let Ok(ip) = hop.trim().parse::<IpAddr>() else { return peer };
+            hops.push(ip);
+        }
+    }
+    let mut client = peer;
+    for ip in hops.into_iter().rev() {
+        client = ip;
+        if !is_trusted(ip) {
+            break;
+        }
+    }
+    client
 }
 
 fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
@@ -81,7 +115,7 @@ pub async fn authorize(State(state): State<SharedState>, mut req: Request, next:
         // declared a rule for: either way it does not run.
         return StatusCode::METHOD_NOT_ALLOWED.into_response();
     };
-    let ip = client_ip(req.extensions());
+    let ip = client_ip(req.extensions(), req.headers(), &state.config.trusted_proxies);
     req.extensions_mut().insert(ClientIp(ip));
     if rule == Rule::Public {
         return next.run(req).await;
@@ -788,4 +822,38 @@ struct NewKeyDoc {
 #[derive(utoipa::ToSchema)]
 struct NewProjectDoc {
     name: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::forwarded_client;
+    use axum::http::{HeaderMap, HeaderValue};
+
+    fn client(peer: &str, forwarded: &[&str], trusted: &[&str]) -> String {
+        let mut headers = HeaderMap::new();
+        for f in forwarded {
+            headers.append("x-forwarded-for", HeaderValue::from_str(f).unwrap());
+        }
+        let trusted: Vec<String> = trusted.iter().map(|t| t.to_string()).collect();
+        forwarded_client(peer.parse().unwrap(), &headers, &trusted).to_string()
+    }
+
+    #[test]
+    fn x_forwarded_for_counts_only_from_trusted_proxies() {
+        let lb = ["10.0.0.0/8"];
+        // No trusted proxies, or an untrusted peer: the header is the client's own claim.
+        assert_eq!(client("203.0.113.9", &["198.51.100.1"], &[]), "203.0.113.9");
+        assert_eq!(client("203.0.113.9", &["198.51.100.1"], &lb), "203.0.113.9");
+        // Through the load balancer: the address it received from.
+        assert_eq!(client("10.1.1.1", &["198.51.100.1"], &lb), "198.51.100.1");
+        // A client that forges a first hop is still named by what the proxy saw.
+        assert_eq!(client("10.1.1.1", &["1.2.3.4, 198.51.100.1"], &lb), "198.51.100.1");
+        // Two trusted proxies in a row, the header split over two lines.
+        assert_eq!(client("10.1.1.1", &["198.51.100.1", "10.2.2.2"], &lb), "198.51.100.1");
+        // Only proxies: the farthest one. Garbage or no header: the peer.
+        assert_eq!(client("10.1.1.1", &["10.3.3.3, 10.2.2.2"], &lb), "10.3.3.3");
+        assert_eq!(client("10.1.1.1", &["unknown"], &lb), "10.1.1.1");
+        assert_eq!(client("10.1.1.1", &[], &lb), "10.1.1.1");
+        assert_eq!(client("10.1.1.1", &["2001:db8::7"], &lb), "2001:db8::7");
+    }
 }

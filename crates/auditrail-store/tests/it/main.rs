@@ -3,6 +3,7 @@
 
 mod basics;
 mod crash;
+mod rekey;
 mod retention;
 
 use auditrail_core::event::{ClientEvent, PreparedEvent};

@@ -5,6 +5,7 @@
 use crate::http::Server;
 use crate::*;
 use serde_json::{Value, json};
+use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
@@ -237,6 +238,7 @@ fn backup_of_a_live_server_restores_the_same_log() {
     assert_eq!(second["tree_size"], 700 + b, "{second}");
     // Only what was added is uploaded: far less than the whole directory.
     assert!(second["bytes_uploaded"].as_u64().unwrap() < 200_000, "{second}");
+    let application_key = server.token.clone();
     assert_eq!(server.stop().code(), Some(0));
     let events_before = export(&data);
     let checkpoint_before = checkpoint(&data);
@@ -267,9 +269,17 @@ fn backup_of_a_live_server_restores_the_same_log() {
     assert_eq!(checkpoint(&data), checkpoint_before, "same tree size, root and signature");
     assert_eq!(export(&data), events_before, "every event back, byte for byte");
 
+    // The accounts came back too (sealed, private): the application's key still works and no
+    // new bootstrap administrator was made.
+    let accounts = data.join("auth/accounts.sealed");
+    assert_eq!(std::fs::metadata(&accounts).unwrap().permissions().mode() & 0o777, 0o600);
+
     // The restored directory serves: searchable, with the same checkpoint.
     // (Starting it records the test's new key, so the log grows past the restored checkpoint.)
     let server = Server::start(&data);
+    assert!(!data.join("auth/initial-admin-password").exists(), "no second bootstrap");
+    let r = server.request_as(Some(&application_key), "GET", "/api/v1/events?limit=1", "", b"");
+    assert_eq!(r.status, 200, "the key made before the backup: {}", r.text());
     let size = |cp: &str| cp.lines().nth(1).unwrap().parse::<u64>().unwrap();
     assert!(size(&server.get("/log/checkpoint").text()) >= size(&checkpoint_before));
     let r = server.get("/api/v1/events?patient=MRN3&limit=1000");

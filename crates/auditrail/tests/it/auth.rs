@@ -3,7 +3,7 @@
 //! every read. Plus canary values that must never reach the server's output or rest in the
 //! clear in its data directory.
 
-use crate::http::{Response, Server};
+use crate::http::{Response, Server, request_with_headers};
 use serde_json::{Value, json};
 use std::path::Path;
 
@@ -223,6 +223,44 @@ fn a_new_operator_logs_in_and_every_read_leaves_a_trace() {
     assert_eq!(call(&s, &vera, "POST", "/api/v1/auth/logout", &Value::Null).status, 204);
     assert_eq!(call(&s, &vera, "GET", "/api/v1/auth/me", &Value::Null).status, 401);
     assert!(s.stop().success());
+}
+
+#[test]
+fn api_keys_limited_to_networks_see_the_client_behind_a_trusted_proxy() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let s = Server::start_with(&data, &[("AUDITRAIL_TRUSTED_PROXIES", "127.0.0.1")]);
+    let key_for = |name: &str, network: &str| {
+        let body = json!({"name": name, "scopes": ["events:read"], "networks": [network]});
+        let r = call(&s, &s.token, "POST", "/api/v1/api-keys", &body);
+        assert_eq!(r.status, 201, "{}", r.text());
+        r.json()["key"].as_str().unwrap().to_string()
+    };
+    let local = key_for("local-reporting", "127.0.0.0/8");
+    let ward = key_for("ward-kiosk", "10.20.0.0/16");
+    let search = |s: &Server, key: &str, forwarded: Option<&str>| {
+        let headers: Vec<(&str, &str)> =
+            forwarded.map(|f| ("X-Forwarded-For", f)).into_iter().collect();
+        request_with_headers(&s.addr, Some(key), "GET", "/api/v1/events?limit=1", "", b"", &headers)
+    };
+    // Straight from loopback: the peer is the client.
+    assert_eq!(search(&s, &local, None).status, 200);
+    let r = search(&s, &ward, None);
+    assert_eq!((r.status, r.json()["error"]["code"].as_str()), (403, Some("network_forbidden")));
+    // Through the (trusted) proxy on 127.0.0.1: the address it forwards for is the client,
+    // even when the client put a forged hop first.
+    assert_eq!(search(&s, &ward, Some("192.0.2.1, 10.20.7.8")).status, 200);
+    assert_eq!(search(&s, &local, Some("10.20.7.8")).status, 403);
+    // The read's trace names the client, not the proxy.
+    let traced =
+        search_until(&s, &s.token, "category=repository&action=events.search&ip=10.20.7.8");
+    assert_eq!(traced[0]["actor"]["ip"], "10.20.7.8", "{traced:?}");
+    assert!(s.stop().success());
+
+    // Without trusted proxies the header is only the client's claim, and ignored.
+    let s = Server::start(&data);
+    assert_eq!(search(&s, &ward, Some("10.20.7.8")).status, 403);
+    assert_eq!(search(&s, &local, Some("10.20.7.8")).status, 200);
 }
 
 fn b64(s: &str) -> String {

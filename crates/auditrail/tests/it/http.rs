@@ -37,29 +37,26 @@ pub const ALL_SCOPES: &[&str] = &[
 ];
 
 /// Provisions an API key in a stopped server's data directory (initialising it if new).
-/// Events in a stopped server's log.
-pub fn events_in_log(data: &Path) -> u64 {
-    let o = crate::run(&["export", "--data", data.to_str().unwrap()]);
+/// Events in a stopped server's log (`env`: the server's, for its master key source).
+pub fn events_in_log(data: &Path, env: &[(&str, &str)]) -> u64 {
+    let o = crate::run_env(&["export", "--data", data.to_str().unwrap()], env);
     assert!(o.status.success(), "export: {}", crate::stderr(&o));
     crate::stdout(&o).lines().count() as u64
 }
 
-pub fn provision_key(data: &Path, scopes: &[&str]) -> String {
+pub fn provision_key(data: &Path, scopes: &[&str], env: &[(&str, &str)]) -> String {
     if !data.join("keys").exists() {
-        let o = crate::run(&[
-            "init",
-            "--data",
-            data.to_str().unwrap(),
-            "--origin",
-            "test.auditrail.local/log",
-        ]);
+        let o = crate::run_env(
+            &["init", "--data", data.to_str().unwrap(), "--origin", "test.auditrail.local/log"],
+            env,
+        );
         assert!(o.status.success(), "init: {}", crate::stderr(&o));
     }
     let mut args = vec!["api-key", "create", "--data", data.to_str().unwrap(), "--name", "tests"];
     for s in scopes {
         args.extend(["--scope", s]);
     }
-    let o = crate::run(&args);
+    let o = crate::run_env(&args, env);
     assert!(o.status.success(), "api-key create: {}", crate::stderr(&o));
     crate::stdout(&o).trim().to_string()
 }
@@ -70,8 +67,8 @@ impl Server {
     }
 
     pub fn start_with(data: &Path, env: &[(&str, &str)]) -> Server {
-        let token = provision_key(data, ALL_SCOPES);
-        let base = events_in_log(data);
+        let token = provision_key(data, ALL_SCOPES, env);
+        let base = events_in_log(data, env);
         let mut cmd = crate::bin();
         cmd.args(["serve", "--listen", "127.0.0.1:0", "--data"]).arg(data);
         for (k, v) in env {
@@ -105,8 +102,8 @@ impl Server {
         env: &[(&str, &str)],
         curl_args: &[&str],
     ) -> Server {
-        let token = provision_key(data, ALL_SCOPES);
-        let base = events_in_log(data);
+        let token = provision_key(data, ALL_SCOPES, env);
+        let base = events_in_log(data, env);
         let mut cmd = crate::bin();
         cmd.args(["serve", "--listen", "127.0.0.1:0", "--data"]).arg(data).args(args);
         for (k, v) in env {
@@ -253,10 +250,26 @@ pub fn request_as(
     content_type: &str,
     body: &[u8],
 ) -> Response {
+    request_with_headers(addr, token, method, path, content_type, body, &[])
+}
+
+/// [`request_as`] with extra header lines, such as a proxy's `X-Forwarded-For`.
+pub fn request_with_headers(
+    addr: &str,
+    token: Option<&str>,
+    method: &str,
+    path: &str,
+    content_type: &str,
+    body: &[u8],
+    headers: &[(&str, &str)],
+) -> Response {
     let mut s = TcpStream::connect(addr).unwrap();
     let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
     if let Some(t) = token {
         head.push_str(&format!("Authorization: Bearer {t}\r\n"));
+    }
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
     }
     if !content_type.is_empty() {
         head.push_str(&format!("Content-Type: {content_type}\r\n"));

@@ -1,6 +1,7 @@
 //! Black-box tests of the `auditrail` binary: what a user and an auditor do, through the CLI.
 
 mod archive;
+mod at_rest;
 mod auth;
 mod cli;
 mod fhir;
@@ -21,7 +22,12 @@ pub fn bin() -> Command {
 }
 
 pub fn run(args: &[&str]) -> Output {
-    bin().args(args).output().expect("the auditrail binary runs")
+    run_env(args, &[])
+}
+
+/// `auditrail <args>` with these environment variables too.
+pub fn run_env(args: &[&str], env: &[(&str, &str)]) -> Output {
+    bin().args(args).envs(env.iter().copied()).output().expect("the auditrail binary runs")
 }
 
 pub fn stdout(o: &Output) -> String {
