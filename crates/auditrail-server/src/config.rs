@@ -91,6 +91,9 @@ pub struct Config {
     /// Proxies (CIDR or address) whose `X-Forwarded-For` names the client; from anyone else
     /// the header is ignored, since a client could write it.
     pub trusted_proxies: Vec<String>,
+    /// Object-storage URLs exports may be written to (`POST /api/v1/events/export`): the only
+    /// way events leave when governance disables local export.
+    pub export_destinations: Vec<String>,
     /// The master key file, best kept outside the data directory so that a copy of the
     /// directory alone is unreadable; unset: `<data>/keys/master.keys`. Must be mode 0600
     /// (or stricter).
@@ -160,6 +163,7 @@ impl Default for Config {
             tls_self_signed: false,
             tls_plaintext_allowed: false,
             trusted_proxies: Vec::new(),
+            export_destinations: Vec::new(),
             master_key_file: None,
             master_keys: None,
         }
@@ -282,6 +286,10 @@ impl Config {
                 ));
             }
         }
+        for url in &self.export_destinations {
+            auditrail_archive::destination::Destination::open(url)
+                .map_err(|e| format!("export_destinations: {e}"))?;
+        }
         crate::retention::policy(self).check(self.retention_force)?;
         self.master_key_source()?;
         self.forward.check().map_err(|e| e.to_string())?;
@@ -385,6 +393,14 @@ impl Config {
             "tls_self_signed" => self.tls_self_signed = flag(value)?,
             "tls_plaintext_allowed" => self.tls_plaintext_allowed = flag(value)?,
             // `10.0.0.0/8,192.0.2.10`, or empty
+            "export_destinations" => {
+                self.export_destinations = value
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|d| !d.is_empty())
+                    .map(String::from)
+                    .collect()
+            }
             "trusted_proxies" => {
                 self.trusted_proxies = value
                     .split(',')

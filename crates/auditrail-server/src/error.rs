@@ -43,6 +43,10 @@ showed no client certificate.
 - `account_locked` (403, with `Retry-After`): too many failed logins; `retry_after_seconds` says \
 how long.
 - `network_forbidden` (403): the API key may not be used from the client's address.
+- `export_disabled` (403): governance allows exports only to object storage (`POST \
+/api/v1/events/export`), except for the projects it lists.
+- `import_disabled` (403): governance refuses uploads of event files (`POST \
+/api/v1/events/bulk`), except of events of the projects it lists.
 - `conflict` (409): the change conflicts with what exists (a taken name, the last administrator).
 - `rate_limited` (429, with `Retry-After`): too many authentication attempts from this address.
 - `not_found` (404): no such event, tile or endpoint.
@@ -51,6 +55,8 @@ how long.
 - `too_large` (413): the body, an event or the batch exceeds a limit.
 - `unsupported_media_type` (415): the `Content-Type` is not one the endpoint takes.
 - `internal` (500): the server failed; the operator's log has details.
+- `destination_failed` (502): the object store an export writes to refused or could not be \
+reached.
 - `overloaded` (503, with `Retry-After`): the server is at its ingest limit.
 - `read_only` (503, with `Retry-After`): the log refuses writes after a storage failure until \
 the operator restarts it.

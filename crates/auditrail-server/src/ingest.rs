@@ -336,6 +336,7 @@ durable.",
     responses(
         (status = 200, description = "The body was read to its end: one item per line; `errors` says whether any line was not stored.", body = BulkResult),
         (status = 400, description = "`bad_body` or `invalid_request`; `items` lists the lines read before the failure.", body = BulkFailure),
+        (status = 403, description = "`import_disabled`: governance refuses uploads of event files (with excepted projects, lines of other projects are refused one by one as `not_permitted`).", body = ErrorBody),
         (status = 413, description = "`too_large`: the body or one line exceeds its limit; `items` lists the lines read before.", body = BulkFailure),
         (status = 415, description = "`unsupported_media_type`: the Content-Type is not NDJSON.", body = ErrorBody),
         (status = 500, description = "`internal`; `items` lists the lines read before the failure.", body = BulkFailure),
@@ -349,7 +350,23 @@ pub async fn post_bulk(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let writable = principal.scope(crate::auth::roles::Permission::EventsWrite);
+    let mut writable = principal.scope(crate::auth::roles::Permission::EventsWrite);
+    // An uploaded file of events is an import: governance may allow it only for some projects.
+    let governance = state.auth.governance();
+    if governance.local_import_disabled {
+        writable = writable.within(&governance.local_import_exceptions);
+        if writable == crate::auth::Scope::Nowhere {
+            return Err(rejected(
+                &state,
+                ApiError::new(
+                    axum::http::StatusCode::FORBIDDEN,
+                    "import_disabled",
+                    "governance disables uploading files of events; send events with POST \
+                     /api/v1/events, or ask for the project to be excepted",
+                ),
+            ));
+        }
+    }
     bulk_inner(&state, &headers, body, writable).await.map_err(|e| rejected(&state, e))
 }
 

@@ -9,6 +9,7 @@ pub mod auth;
 pub mod backup;
 pub mod config;
 pub mod error;
+pub mod export;
 pub mod fhir_api;
 pub mod ingest;
 pub mod logapi;
@@ -169,6 +170,7 @@ pub(crate) fn routes() -> Vec<(&'static str, MethodRouter<SharedState>)> {
         ("/api/v1/events", post(ingest::post_events).get(query::search)),
         ("/api/v1/events/bulk", post(ingest::post_bulk)),
         ("/api/v1/events/stats", get(query::stats)),
+        ("/api/v1/events/export", get(export::export).post(export::export_to_storage)),
         ("/api/v1/events/{id}", get(query::get_event)),
         ("/api/v1/log/proof/inclusion", get(logapi::inclusion)),
         ("/api/v1/log/proof/consistency", get(logapi::consistency)),

@@ -41,6 +41,8 @@ The prose reference is docs/api.md; the event schema is schema/event.schema.json
         crate::ingest::post_bulk,
         crate::query::search,
         crate::query::stats,
+        crate::export::export,
+        crate::export::export_to_storage,
         crate::query::get_event,
         crate::logapi::inclusion,
         crate::logapi::consistency,

@@ -116,96 +116,8 @@ pub async fn search(
 ) -> Result<Response, ApiError> {
     let params = pairs(raw.as_deref())?;
     let view = crate::auth::EventView::of(&principal);
-    let requested = params.iter().find(|(k, _)| k == "project").map(|(_, v)| v.as_str());
-    let project_filter = view.project_filter(requested)?;
-    let index = &state.index;
-    let mut q = Query { limit: 50, ..Query::default() };
-    let mut cursor = None;
-    let mut seen = std::collections::HashSet::new();
-    for (k, v) in &params {
-        if !seen.insert(k.as_str()) {
-            return Err(bad(k, "may be given once"));
-        }
-        if v.is_empty() {
-            return Err(bad(k, "must not be empty"));
-        }
-        let field = match k.as_str() {
-            "patient" => {
-                q.all_of.push(vec![index.patients().term(v)]);
-                continue;
-            }
-            "user" => Field::User,
-            "action" => Field::Action,
-            "category" => Field::Category,
-            "outcome" => {
-                if v != "success" && v != "failure" {
-                    return Err(bad(k, "must be success or failure"));
-                }
-                Field::Outcome
-            }
-            "project" => Field::Project,
-            "source" => Field::Source,
-            "ip" => {
-                q.all_of.push(vec![term(Field::Address, &v.to_ascii_lowercase())]);
-                continue;
-            }
-            "q" => {
-                let mut any = false;
-                words(v, |w| {
-                    any = true;
-                    q.all_of.push(vec![term(Field::Text, w)]);
-                });
-                if !any {
-                    return Err(bad(k, "needs at least one word of two or more letters or digits"));
-                }
-                continue;
-            }
-            "from" => {
-                q.occurred.0 = time_param(k, v)?;
-                continue;
-            }
-            "to" => {
-                q.occurred.1 = time_param(k, v)?;
-                continue;
-            }
-            "limit" => {
-                let n: usize = v.parse().map_err(|_| bad(k, "must be a whole number"))?;
-                if n == 0 || n > state.config.search_limit_max {
-                    return Err(bad(k, format!("must be 1 to {}", state.config.search_limit_max)));
-                }
-                q.limit = n;
-                continue;
-            }
-            "order" => {
-                q.newest_first = match v.as_str() {
-                    "desc" => true,
-                    "asc" => false,
-                    _ => return Err(bad(k, "must be desc or asc")),
-                };
-                continue;
-            }
-            "cursor" => {
-                cursor = Some(
-                    decode_cursor(v).ok_or_else(|| bad(k, "is not a cursor this server issued"))?,
-                );
-                continue;
-            }
-            _ => {
-                return Err(ApiError::unknown_parameter(k));
-            }
-        };
-        q.all_of.push(vec![term(field, v)]);
-    }
-    if q.occurred.0 >= q.occurred.1 {
-        return Err(bad("from", "must be before to"));
-    }
-    if let Some(projects) = project_filter {
-        q.all_of.push(projects.iter().map(|p| term(Field::Project, p)).collect());
-    }
-    // The repository's record of its own use is searched by asking for its category.
-    if !params.iter().any(|(k, _)| k == "category") {
-        q.all_of.push(vec![term(Field::Stream, auditrail_index::doc::CLIENT_STREAM)]);
-    }
+    let (q, cursor) = search_query(&state, &view, &params, Paging::Pages)?;
+    let mut q = q;
     if let Some((seq, newest_first)) = cursor {
         if newest_first != q.newest_first {
             return Err(bad("cursor", "belongs to a search in the other order"));
@@ -262,6 +174,118 @@ pub async fn search(
             .into_response())
     })
     .await
+}
+
+/// Whether a search is read a page at a time (`limit`, `cursor`; newest first by default) or
+/// whole (an export: oldest first by default).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Paging {
+    Pages,
+    All,
+}
+
+/// The index query the search parameters ask for, limited to what `view` may see, and the
+/// decoded `cursor` if one was given.
+pub fn search_query(
+    state: &SharedState,
+    view: &crate::auth::EventView,
+    params: &[(String, String)],
+    paging: Paging,
+) -> Result<(Query, Option<(u64, bool)>), ApiError> {
+    let requested = params.iter().find(|(k, _)| k == "project").map(|(_, v)| v.as_str());
+    let project_filter = view.project_filter(requested)?;
+    let index = &state.index;
+    let mut q = Query { limit: 50, newest_first: paging == Paging::Pages, ..Query::default() };
+    let mut cursor = None;
+    let mut seen = std::collections::HashSet::new();
+    for (k, v) in params {
+        if !seen.insert(k.as_str()) {
+            return Err(bad(k, "may be given once"));
+        }
+        if v.is_empty() {
+            return Err(bad(k, "must not be empty"));
+        }
+        let field = match k.as_str() {
+            "patient" => {
+                q.all_of.push(vec![index.patients().term(v)]);
+                continue;
+            }
+            "user" => Field::User,
+            "action" => Field::Action,
+            "category" => Field::Category,
+            "outcome" => {
+                if v != "success" && v != "failure" {
+                    return Err(bad(k, "must be success or failure"));
+                }
+                Field::Outcome
+            }
+            "project" => Field::Project,
+            "source" => Field::Source,
+            "ip" => {
+                q.all_of.push(vec![term(Field::Address, &v.to_ascii_lowercase())]);
+                continue;
+            }
+            "q" => {
+                let mut any = false;
+                words(v, |w| {
+                    any = true;
+                    q.all_of.push(vec![term(Field::Text, w)]);
+                });
+                if !any {
+                    return Err(bad(k, "needs at least one word of two or more letters or digits"));
+                }
+                continue;
+            }
+            "from" => {
+                q.occurred.0 = time_param(k, v)?;
+                continue;
+            }
+            "to" => {
+                q.occurred.1 = time_param(k, v)?;
+                continue;
+            }
+            "limit" | "cursor" if paging == Paging::All => {
+                return Err(ApiError::unknown_parameter(k));
+            }
+            "limit" => {
+                let n: usize = v.parse().map_err(|_| bad(k, "must be a whole number"))?;
+                if n == 0 || n > state.config.search_limit_max {
+                    return Err(bad(k, format!("must be 1 to {}", state.config.search_limit_max)));
+                }
+                q.limit = n;
+                continue;
+            }
+            "order" => {
+                q.newest_first = match v.as_str() {
+                    "desc" => true,
+                    "asc" => false,
+                    _ => return Err(bad(k, "must be desc or asc")),
+                };
+                continue;
+            }
+            "cursor" => {
+                cursor = Some(
+                    decode_cursor(v).ok_or_else(|| bad(k, "is not a cursor this server issued"))?,
+                );
+                continue;
+            }
+            _ => {
+                return Err(ApiError::unknown_parameter(k));
+            }
+        };
+        q.all_of.push(vec![term(field, v)]);
+    }
+    if q.occurred.0 >= q.occurred.1 {
+        return Err(bad("from", "must be before to"));
+    }
+    if let Some(projects) = project_filter {
+        q.all_of.push(projects.iter().map(|p| term(Field::Project, p)).collect());
+    }
+    // The repository's record of its own use is searched by asking for its category.
+    if !params.iter().any(|(k, _)| k == "category") {
+        q.all_of.push(vec![term(Field::Stream, auditrail_index::doc::CLIENT_STREAM)]);
+    }
+    Ok((q, cursor))
 }
 
 /// Finds the stored event with this `id` (hash candidates, compared after reading). When the

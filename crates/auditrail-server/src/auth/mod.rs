@@ -125,6 +125,18 @@ pub enum Scope {
     Nowhere,
 }
 
+impl Scope {
+    /// Where both this scope and `projects` apply.
+    pub fn within(&self, projects: &BTreeSet<String>) -> Scope {
+        let set: BTreeSet<String> = match self {
+            Scope::Everywhere => projects.clone(),
+            Scope::Projects(mine) => mine.intersection(projects).cloned().collect(),
+            Scope::Nowhere => BTreeSet::new(),
+        };
+        if set.is_empty() { Scope::Nowhere } else { Scope::Projects(set) }
+    }
+}
+
 impl Principal {
     /// Whether the principal holds `p` anywhere (in at least one project).
     pub fn can(&self, p: Permission) -> bool {
@@ -1607,6 +1619,25 @@ impl EventView {
         EventView {
             read: p.scope(Permission::EventsRead),
             identifiers: p.scope(Permission::PatientIdentifiers),
+        }
+    }
+
+    /// What an export shows: the events where the caller may export, masked as for reading.
+    pub fn for_export(p: &Principal) -> EventView {
+        EventView {
+            read: p.scope(Permission::EventsExport),
+            identifiers: p.scope(Permission::PatientIdentifiers),
+        }
+    }
+
+    /// The projects the view is limited to, given a `project` the caller asked for; `None`:
+    /// every project.
+    pub fn projects(&self, requested: Option<&str>) -> Option<BTreeSet<String>> {
+        match (&self.read, requested) {
+            (_, Some(p)) => Some(BTreeSet::from([p.to_string()])),
+            (Scope::Projects(set), None) => Some(set.clone()),
+            (Scope::Nowhere, None) => Some(BTreeSet::new()),
+            (Scope::Everywhere, None) => None,
         }
     }
 

@@ -11,7 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-static WEED_LOCK: Mutex<()> = Mutex::new(());
+pub(crate) static WEED_LOCK: Mutex<()> = Mutex::new(());
 const KEY: &str = "archive-test-key";
 const SECRET: &str = "archive-test-secret";
 
@@ -20,7 +20,7 @@ fn free_port() -> u16 {
 }
 
 /// A SeaweedFS S3 server on loopback, on ports picked for it.
-struct Weed {
+pub(crate) struct Weed {
     child: Option<Child>,
     dir: PathBuf,
     ports: Vec<(&'static str, u16)>,
@@ -28,7 +28,7 @@ struct Weed {
 }
 
 impl Weed {
-    fn start(dir: &Path, buckets: &str) -> Weed {
+    pub(crate) fn start(dir: &Path, buckets: &str) -> Weed {
         let names = [
             "s3.port",
             "s3.port.grpc",
@@ -96,7 +96,7 @@ impl Weed {
         }
     }
 
-    fn env(&self) -> Vec<(String, String)> {
+    pub(crate) fn env(&self) -> Vec<(String, String)> {
         vec![
             ("AWS_ACCESS_KEY_ID".into(), KEY.into()),
             ("AWS_SECRET_ACCESS_KEY".into(), SECRET.into()),
@@ -107,7 +107,7 @@ impl Weed {
     }
 
     /// Runs scripts/s3_admin.py (boto3): S3 calls made without auditrail's client.
-    fn admin(&self, args: &[&str]) -> std::process::Output {
+    pub(crate) fn admin(&self, args: &[&str]) -> std::process::Output {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/s3_admin.py");
         Command::new("python3").arg(script).args(args).envs(self.env()).output().unwrap()
     }

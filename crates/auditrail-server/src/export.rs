@@ -1,0 +1,316 @@
+//! Exports: every event a search matches, as NDJSON (the stored canonical JSON, one per line,
+//! oldest first unless `order=desc`), either streamed to the caller
+//! (`GET /api/v1/events/export`) or written to an object-storage destination the operator
+//! configured (`POST /api/v1/events/export`). The governance setting `local_export_disabled`
+//! refuses the first, except for the projects it lists; the second is how exports leave then.
+//!
+//! Both read the index a page at a time on a blocking thread and hand the caller NDJSON chunks
+//! through a small channel, so an export of millions of events holds a few MiB at most.
+
+use crate::auth::{EventView, Principal};
+use crate::openapi::ErrorBody;
+use crate::query::{Paging, pairs, search_query};
+use crate::{ApiError, SharedState};
+use auditrail_index::Query;
+use axum::Json;
+use axum::body::{Body, Bytes};
+use axum::extract::{RawQuery, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use object_store::ObjectStoreExt as _;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use sha2::Digest as _;
+use std::collections::BTreeMap;
+use tokio::sync::mpsc;
+
+/// Events per index page while exporting.
+const PAGE_EVENTS: usize = 1000;
+/// Bytes of NDJSON per chunk handed from the reader to the response or the upload.
+const CHUNK_BYTES: usize = 1 << 20;
+/// Chunks in flight between the reader and the writer.
+const CHUNKS_IN_FLIGHT: usize = 4;
+
+/// `GET /api/v1/events/export`
+#[utoipa::path(
+    get,
+    path = "/api/v1/events/export",
+    tag = "events",
+    operation_id = "events_export",
+    summary = "Export matching events as NDJSON",
+    description = "Every event the search parameters match (the same as `GET /api/v1/events`, \
+without `limit` and `cursor`), streamed as NDJSON, oldest first (`order=desc` for newest first). \
+Patient identifiers are masked where the caller may not see them. The export is recorded in \
+the log (`events.export`, with the query). When governance disables local export, only \
+exports limited to an excepted project (`project=`, or a caller limited to such projects) are \
+answered; the others go to object storage with `POST`. A failure after the first byte cuts \
+the stream short (no final newline-terminated line is missing: the body simply ends early, \
+and the chunked encoding is not terminated).",
+    params(
+        ("order" = Option<String>, Query, description = "`asc` (oldest first, the default) or `desc`."),
+    ),
+    responses(
+        (status = 200, description = "The events, one canonical JSON object per line.", content_type = "application/x-ndjson", body = String),
+        (status = 400, description = "`bad_query`, `invalid_parameter` or `unknown_parameter`.", body = ErrorBody),
+        (status = 403, description = "`forbidden`, or `export_disabled`: governance allows exports only to object storage.", body = ErrorBody),
+    )
+)]
+pub async fn export(
+    State(state): State<SharedState>,
+    axum::Extension(principal): axum::Extension<Principal>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    let params = pairs(raw.as_deref())?;
+    let view = EventView::for_export(&principal);
+    let (q, _) = search_query(&state, &view, &params, Paging::All)?;
+    check_local_export(&state, &view, requested_project(&params))?;
+    let indexed_through = state.index.indexed_through();
+    let (tx, rx) = mpsc::channel(CHUNKS_IN_FLIGHT);
+    tokio::task::spawn_blocking(move || {
+        if let Err(e) = read_matches(&state, q, &view, &tx) {
+            // The status is sent already: ending the stream with an error cuts it short.
+            eprintln!("auditrail: export failed: {}", e.message);
+            let _ = tx.blocking_send(Err(std::io::Error::other(e.message)));
+        }
+    });
+    let body = Body::from_stream(ChunkStream(rx));
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/x-ndjson".to_string()),
+            (header::HeaderName::from_static("x-indexed-through"), indexed_through.to_string()),
+        ],
+        body,
+    )
+        .into_response())
+}
+
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ExportRequest {
+    /// One of the server's `export_destinations`, as configured.
+    destination: String,
+    /// The search parameters of `GET /api/v1/events/export` (`patient`, `from`, `project`, ...).
+    #[serde(default)]
+    filters: BTreeMap<String, String>,
+}
+
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct ExportReceipt {
+    /// The object written: the destination URL and its key.
+    object: String,
+    events: u64,
+    bytes: u64,
+    /// SHA-256 of the object's bytes, lower-case hex.
+    sha256: String,
+}
+
+/// `POST /api/v1/events/export`
+#[utoipa::path(
+    post,
+    path = "/api/v1/events/export",
+    tag = "events",
+    operation_id = "events_export_to_storage",
+    summary = "Export matching events to object storage",
+    description = "Writes the NDJSON export of `GET /api/v1/events/export` to \
+`<destination>/exports/<UTC time>-<id>.ndjson`, where the destination must be one the operator \
+configured in `export_destinations` (so no caller can send data anywhere else), and answers \
+once the object is complete. Allowed whatever the governance setting on local export. The \
+export is recorded in the log (`events.export`, with the destination, object, count and \
+digest).",
+    request_body(content = ExportRequest, content_type = "application/json"),
+    responses(
+        (status = 201, description = "The object is written.", body = ExportReceipt),
+        (status = 400, description = "`invalid_json`, `invalid_parameter` (an unconfigured destination, a bad filter) or `unknown_parameter`.", body = ErrorBody),
+        (status = 403, description = "`forbidden`.", body = ErrorBody),
+        (status = 502, description = "`destination_failed`: the object store refused or could not be reached; nothing is left half-written.", body = ErrorBody),
+    )
+)]
+pub async fn export_to_storage(
+    State(state): State<SharedState>,
+    axum::Extension(principal): axum::Extension<Principal>,
+    body: Bytes,
+) -> Result<(StatusCode, Json<ExportReceipt>), ApiError> {
+    let req: ExportRequest = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request("invalid_json", e.to_string()))?;
+    if !state.config.export_destinations.contains(&req.destination) {
+        return Err(ApiError::bad_request(
+            "invalid_parameter",
+            format!(
+                "destination: {:?} is not one of the configured export_destinations ({})",
+                req.destination,
+                state.config.export_destinations.join(", ")
+            ),
+        ));
+    }
+    let params: Vec<(String, String)> = req.filters.into_iter().collect();
+    let view = EventView::for_export(&principal);
+    let (q, _) = search_query(&state, &view, &params, Paging::All)?;
+    let destination = auditrail_archive::destination::Destination::open(&req.destination)
+        .map_err(|e| ApiError::bad_request("invalid_parameter", format!("destination: {e}")))?;
+    let stamp = chrono_stamp(state.auth.now_ms());
+    let key = format!("exports/{stamp}-{}.ndjson", uuid::Uuid::now_v7().simple());
+    let path = destination.path(&key);
+    let failed = |what: &str, e: &dyn std::fmt::Display| {
+        ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "destination_failed",
+            format!("export to {}: {what}: {e}", req.destination),
+        )
+    };
+    let upload =
+        destination.store.put_multipart(&path).await.map_err(|e| failed("cannot start", &e))?;
+    let mut writer = object_store::WriteMultipart::new(upload);
+
+    let (tx, mut rx) = mpsc::channel(CHUNKS_IN_FLIGHT);
+    let reader = {
+        let state = state.clone();
+        tokio::task::spawn_blocking(move || read_matches(&state, q, &view, &tx))
+    };
+    let mut digest = sha2::Sha256::new();
+    let mut bytes = 0u64;
+    while let Some(chunk) = rx.recv().await {
+        let Ok(chunk) = chunk else { break };
+        if let Err(e) = writer.wait_for_capacity(CHUNKS_IN_FLIGHT).await {
+            return Err(failed("cannot write", &e));
+        }
+        digest.update(&chunk);
+        bytes += chunk.len() as u64;
+        writer.write(&chunk);
+    }
+    let events = match reader.await.map_err(ApiError::internal).and_then(|r| r) {
+        Ok(n) => n,
+        Err(e) => {
+            let _ = writer.abort().await;
+            return Err(e);
+        }
+    };
+    writer.finish().await.map_err(|e| failed("cannot complete", &e))?;
+    let receipt = ExportReceipt {
+        object: format!("{}/{key}", req.destination.trim_end_matches('/')),
+        events,
+        bytes,
+        sha256: crate::ingest::hex(&digest.finalize()),
+    };
+    let s = state.clone();
+    let context = json!({
+        "destination": req.destination, "object": receipt.object, "events": events,
+        "sha256": receipt.sha256, "filters": params.iter().cloned().collect::<BTreeMap<_, _>>(),
+    });
+    crate::blocking(move || {
+        s.auth.record(&principal.actor(), "events.export", "success", context, vec![])
+    })
+    .await?;
+    Ok((StatusCode::CREATED, Json(receipt)))
+}
+
+fn requested_project(params: &[(String, String)]) -> Option<&str> {
+    params.iter().find(|(k, _)| k == "project").map(|(_, v)| v.as_str())
+}
+
+/// With local export disabled, an export answered to the caller must be limited to projects
+/// the setting excepts.
+fn check_local_export(
+    state: &SharedState,
+    view: &EventView,
+    requested: Option<&str>,
+) -> Result<(), ApiError> {
+    let governance = state.auth.governance();
+    if !governance.local_export_disabled {
+        return Ok(());
+    }
+    let excepted = |projects: &std::collections::BTreeSet<String>| {
+        !projects.is_empty() && projects.is_subset(&governance.local_export_exceptions)
+    };
+    if view.projects(requested).is_some_and(|p| excepted(&p)) {
+        return Ok(());
+    }
+    let exceptions: Vec<&str> =
+        governance.local_export_exceptions.iter().map(String::as_str).collect();
+    Err(ApiError::new(
+        StatusCode::FORBIDDEN,
+        "export_disabled",
+        format!(
+            "governance disables local export: export to object storage with POST \
+             /api/v1/events/export{}",
+            if exceptions.is_empty() {
+                String::new()
+            } else {
+                format!(", or limit the export to an excepted project ({})", exceptions.join(", "))
+            }
+        ),
+    ))
+}
+
+/// Reads every match of `q` a page at a time and sends it as NDJSON chunks; the number of
+/// events sent. Stops early (without error) when the receiver is gone.
+fn read_matches(
+    state: &SharedState,
+    mut q: Query,
+    view: &EventView,
+    tx: &mpsc::Sender<std::io::Result<Bytes>>,
+) -> Result<u64, ApiError> {
+    q.limit = PAGE_EVENTS;
+    let mut events = 0u64;
+    let mut chunk = Vec::with_capacity(CHUNK_BYTES + 4096);
+    loop {
+        let hits = state.index.search(&q);
+        for &seq in &hits.seqs {
+            let shown = state.with_stored(seq, |stored| {
+                if view.is_unrestricted() {
+                    chunk.extend_from_slice(stored);
+                    chunk.push(b'\n');
+                    return Ok(true);
+                }
+                let mut event: Value =
+                    serde_json::from_slice(stored).map_err(ApiError::internal)?;
+                if !view.apply(&mut event) {
+                    return Ok(false);
+                }
+                serde_json::to_writer(&mut chunk, &event).map_err(ApiError::internal)?;
+                chunk.push(b'\n');
+                Ok(true)
+            })?;
+            events += u64::from(shown);
+            if chunk.len() >= CHUNK_BYTES {
+                let full = std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK_BYTES + 4096));
+                if tx.blocking_send(Ok(Bytes::from(full))).is_err() {
+                    return Ok(events);
+                }
+            }
+        }
+        match (hits.more, hits.seqs.last()) {
+            (true, Some(&last)) => {
+                q.seqs = if q.newest_first { (q.seqs.0, last) } else { (last + 1, q.seqs.1) }
+            }
+            _ => break,
+        }
+    }
+    if !chunk.is_empty() {
+        let _ = tx.blocking_send(Ok(Bytes::from(chunk)));
+    }
+    Ok(events)
+}
+
+/// `20261122T101500Z`: sorts by time in a bucket listing.
+fn chrono_stamp(ms: i64) -> String {
+    auditrail_core::time::format_millis(ms)
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .take(15)
+        .collect::<String>()
+        + "Z"
+}
+
+/// The reader's chunks as a body stream.
+struct ChunkStream(mpsc::Receiver<std::io::Result<Bytes>>);
+
+impl futures_core::Stream for ChunkStream {
+    type Item = std::io::Result<Bytes>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        self.0.poll_recv(cx)
+    }
+}
