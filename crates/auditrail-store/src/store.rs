@@ -1132,9 +1132,10 @@ impl Syncer {
         let signed = self.keys.signer.sign(&cp.to_text());
         write_checkpoint(self.io.as_ref(), &signed)?;
         self.published = size;
-        self.remove_stale_partials(partials);
+        // Proofs are answered for this size as soon as the checkpoint file names it.
         assert!(size <= self.shared.sequenced.load(Ordering::SeqCst), "published ≤ sequenced");
         self.shared.published.store(size, Ordering::SeqCst);
+        self.remove_stale_partials(partials);
         Ok(())
     }
 }

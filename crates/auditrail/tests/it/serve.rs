@@ -25,11 +25,21 @@ fn seqs(r: &crate::http::Response) -> Vec<u64> {
     r.json()["events"].as_array().unwrap().iter().map(|e| e["seq"].as_u64().unwrap()).collect()
 }
 
-/// Waits (boundedly) until the log has published a checkpoint covering `size` events.
+/// Waits (boundedly) until the log has published a checkpoint covering `size` events, both
+/// as the checkpoint file (`/log/checkpoint`) and as the size proofs are answered for
+/// (`auditrail_log_published`, which follows the file).
 pub fn wait_published(server: &Server, size: u64) {
     for _ in 0..200 {
         let cp = server.get("/log/checkpoint").text();
-        if cp.lines().nth(1).and_then(|l| l.parse::<u64>().ok()).unwrap_or(0) >= size {
+        let metrics = server.get("/metrics").text();
+        let proofs = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("auditrail_log_published "))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+        if cp.lines().nth(1).and_then(|l| l.parse::<u64>().ok()).unwrap_or(0) >= size
+            && proofs >= size
+        {
             return;
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
