@@ -316,6 +316,11 @@ impl Config {
         fn num<T: std::str::FromStr>(v: &str) -> Result<T, String> {
             v.parse().map_err(|_| format!("{v:?} is not a valid number"))
         }
+        /// A comma-separated list, blanks dropped (`a, b,` is `["a", "b"]`; empty is none).
+        fn list(value: &str) -> Vec<String> {
+            value.split(',').map(str::trim).filter(|v| !v.is_empty()).map(String::from).collect()
+        }
+
         fn flag(v: &str) -> Result<bool, String> {
             match v {
                 "true" | "1" => Ok(true),
@@ -375,14 +380,7 @@ impl Config {
             "lockout_failures" => self.lockout_failures = num(value)?,
             "lockout_duration_ms" => self.lockout_duration_ms = num(value)?,
             // `admin,security_officer`, `*`, or empty
-            "mfa_required_roles" => {
-                self.mfa_required_roles = value
-                    .split(',')
-                    .map(str::trim)
-                    .filter(|r| !r.is_empty())
-                    .map(String::from)
-                    .collect()
-            }
+            "mfa_required_roles" => self.mfa_required_roles = list(value),
             "break_glass_duration_max_ms" => self.break_glass_duration_max_ms = num(value)?,
             "auth_attempts_per_minute_max" => self.auth_attempts_per_minute_max = num(value)?,
             "tls_cert_file" => self.tls_cert_file = path(value),
@@ -392,23 +390,10 @@ impl Config {
             "tls_client_auth" => self.tls_client_auth = value.parse()?,
             "tls_self_signed" => self.tls_self_signed = flag(value)?,
             "tls_plaintext_allowed" => self.tls_plaintext_allowed = flag(value)?,
+            // `s3://exports/audit,file:///srv/exports`, or empty
+            "export_destinations" => self.export_destinations = list(value),
             // `10.0.0.0/8,192.0.2.10`, or empty
-            "export_destinations" => {
-                self.export_destinations = value
-                    .split(',')
-                    .map(str::trim)
-                    .filter(|d| !d.is_empty())
-                    .map(String::from)
-                    .collect()
-            }
-            "trusted_proxies" => {
-                self.trusted_proxies = value
-                    .split(',')
-                    .map(str::trim)
-                    .filter(|p| !p.is_empty())
-                    .map(String::from)
-                    .collect()
-            }
+            "trusted_proxies" => self.trusted_proxies = list(value),
             "master_key_file" => {
                 self.master_key_file = (!value.is_empty()).then(|| PathBuf::from(value))
             }

@@ -19,7 +19,7 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use object_store::ObjectStoreExt as _;
 use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::json;
 use sha2::Digest as _;
 use std::collections::BTreeMap;
 use tokio::sync::mpsc;
@@ -43,9 +43,9 @@ without `limit` and `cursor`), streamed as NDJSON, oldest first (`order=desc` fo
 Patient identifiers are masked where the caller may not see them. The export is recorded in \
 the log (`events.export`, with the query). When governance disables local export, only \
 exports limited to an excepted project (`project=`, or a caller limited to such projects) are \
-answered; the others go to object storage with `POST`. A failure after the first byte cuts \
-the stream short (no final newline-terminated line is missing: the body simply ends early, \
-and the chunked encoding is not terminated).",
+answered; the others go to object storage with `POST`. A failure after the first byte ends \
+the body early without terminating the chunked encoding, so a client sees an incomplete \
+transfer, never a shorter export posing as complete.",
     params(
         ("order" = Option<String>, Query, description = "`asc` (oldest first, the default) or `desc`."),
     ),
@@ -142,12 +142,12 @@ pub async fn export_to_storage(
             ),
         ));
     }
-    let params: Vec<(String, String)> = req.filters.into_iter().collect();
+    let params: Vec<(String, String)> = req.filters.clone().into_iter().collect();
     let view = EventView::for_export(&principal);
     let (q, _) = search_query(&state, &view, &params, Paging::All)?;
     let destination = auditrail_archive::destination::Destination::open(&req.destination)
         .map_err(|e| ApiError::bad_request("invalid_parameter", format!("destination: {e}")))?;
-    let stamp = chrono_stamp(state.auth.now_ms());
+    let stamp = compact_utc(state.auth.now_ms());
     let key = format!("exports/{stamp}-{}.ndjson", uuid::Uuid::now_v7().simple());
     let path = destination.path(&key);
     let failed = |what: &str, e: &dyn std::fmt::Display| {
@@ -194,7 +194,7 @@ pub async fn export_to_storage(
     let s = state.clone();
     let context = json!({
         "destination": req.destination, "object": receipt.object, "events": events,
-        "sha256": receipt.sha256, "filters": params.iter().cloned().collect::<BTreeMap<_, _>>(),
+        "sha256": receipt.sha256, "filters": req.filters,
     });
     crate::blocking(move || {
         s.auth.record(&principal.actor(), "events.export", "success", context, vec![])
@@ -255,22 +255,9 @@ fn read_matches(
     loop {
         let hits = state.index.search(&q);
         for &seq in &hits.seqs {
-            let shown = state.with_stored(seq, |stored| {
-                if view.is_unrestricted() {
-                    chunk.extend_from_slice(stored);
-                    chunk.push(b'\n');
-                    return Ok(true);
-                }
-                let mut event: Value =
-                    serde_json::from_slice(stored).map_err(ApiError::internal)?;
-                if !view.apply(&mut event) {
-                    return Ok(false);
-                }
-                serde_json::to_writer(&mut chunk, &event).map_err(ApiError::internal)?;
-                chunk.push(b'\n');
-                Ok(true)
-            })?;
-            events += u64::from(shown);
+            state.with_stored(seq, |stored| view.write_json(stored, &mut chunk))?;
+            chunk.push(b'\n');
+            events += 1;
             if chunk.len() >= CHUNK_BYTES {
                 let full = std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK_BYTES + 4096));
                 if tx.blocking_send(Ok(Bytes::from(full))).is_err() {
@@ -292,7 +279,7 @@ fn read_matches(
 }
 
 /// `20261122T101500Z`: sorts by time in a bucket listing.
-fn chrono_stamp(ms: i64) -> String {
+fn compact_utc(ms: i64) -> String {
     auditrail_core::time::format_millis(ms)
         .chars()
         .filter(|c| c.is_ascii_alphanumeric())

@@ -96,8 +96,9 @@ pub fn check_project(
         field: "project".into(),
         code: NOT_PERMITTED,
         message: match writable {
+            // The caller's grants or key, narrowed for uploads by the import governance setting.
             crate::auth::Scope::Projects(set) => format!(
-                "this caller may write only events of the projects {}",
+                "only events of the projects {} may be written here",
                 set.iter().cloned().collect::<Vec<_>>().join(", ")
             ),
             _ => "this caller may not write events".into(),

@@ -141,18 +141,7 @@ pub async fn search(
             if i > 0 {
                 body.push(b',');
             }
-            s.with_stored(seq, |stored| {
-                if view.is_unrestricted() {
-                    body.extend_from_slice(stored);
-                } else {
-                    // The search was limited to the caller's projects; this masks identifiers.
-                    let mut event: Value =
-                        serde_json::from_slice(stored).map_err(ApiError::internal)?;
-                    view.apply(&mut event);
-                    serde_json::to_writer(&mut body, &event).map_err(ApiError::internal)?;
-                }
-                Ok(())
-            })?;
+            s.with_stored(seq, |stored| view.write_json(stored, &mut body))?;
         }
         body.extend_from_slice(
             format!("],\"indexed_through\":{indexed_through},\"next_cursor\":{}}}", json!(next))

@@ -70,6 +70,26 @@ fn exports_stream_or_go_to_object_storage_as_governance_allows() {
     let traces = search_all(&s, "category=repository&action=events.export", 1);
     assert!(traces.iter().any(|e| e["request"]["query"] == "project=cardiology"), "{traces:?}");
 
+    // A key that may export but not see patient identifiers gets them masked, and one
+    // limited to a project exports only that project.
+    let key = |body: Value| {
+        let r =
+            s.request("POST", "/api/v1/api-keys", "application/json", body.to_string().as_bytes());
+        assert_eq!(r.status, 201, "{}", r.text());
+        r.json()["key"].as_str().unwrap().to_string()
+    };
+    let exporter = key(json!({"name": "exporter", "scopes": ["events:export"]}));
+    let cardio =
+        key(json!({"name": "cardio", "scopes": ["events:export"], "projects": ["cardiology"]}));
+    let export_as = |token: &str, query: &str| {
+        s.request_as(Some(token), "GET", &format!("/api/v1/events/export{query}"), "", b"")
+    };
+    let masked = lines(&export_as(&exporter, "?project=oncology"));
+    assert_eq!(masked.len(), 300);
+    assert!(masked.iter().all(|e| e["patient"]["id"] == "***"), "{:?}", masked[0]);
+    assert_eq!(code(&export_as(&cardio, "?project=oncology")), (403, "forbidden".into()));
+    assert_eq!(lines(&export_as(&cardio, "")).len(), 1200);
+
     // Local export disabled, cardiology excepted.
     governance(
         &s,
@@ -82,6 +102,9 @@ fn exports_stream_or_go_to_object_storage_as_governance_allows() {
     assert_eq!(code(&r), (403, "export_disabled".into()));
     assert!(r.text().contains("POST /api/v1/events/export"), "{}", r.text());
     assert_eq!(lines(&s.get("/api/v1/events/export?project=cardiology")).len(), 1200);
+    // A caller limited to excepted projects needs no `project=`; one that is not is refused.
+    assert_eq!(lines(&export_as(&cardio, "")).len(), 1200);
+    assert_eq!(code(&export_as(&exporter, "")), (403, "export_disabled".into()));
 
     // To object storage: only to a configured destination.
     let post = |body: Value| {
