@@ -507,13 +507,30 @@ impl Index {
                     if chunk.occurred_max < from || chunk.occurred_min >= to {
                         continue;
                     }
-                    if chunk.occurred_min >= from && chunk.occurred_max < to {
+                    let whole = |local: &mut Vec<u64>| {
                         for &(id, count) in &chunk.counts[g] {
                             local[id as usize] += u64::from(count);
                         }
+                    };
+                    if chunk.occurred_min >= from && chunk.occurred_max < to {
+                        whole(&mut local);
+                        continue;
+                    }
+                    // Partly covered: tally the rows inside, or the whole chunk less the rows
+                    // outside, whichever touches fewer rows.
+                    let start = c * crate::part::CHUNK_ROWS;
+                    let times = &part.occurred_column()[start..start + chunk.by_time.len()];
+                    let [before, inside, after] = chunk.split_by_time(times, from, to);
+                    let group_of = |offset: u16| part.group_id(g, (start + offset as usize) as u32);
+                    if inside.len() <= before.len() + after.len() {
+                        for &r in inside {
+                            local[group_of(r) as usize] += 1;
+                        }
                     } else {
-                        let start = c * crate::part::CHUNK_ROWS;
-                        scan(&mut local, start..(start + crate::part::CHUNK_ROWS).min(part.len()));
+                        whole(&mut local);
+                        for &r in before.iter().chain(after) {
+                            local[group_of(r) as usize] -= 1;
+                        }
                     }
                 }
             }

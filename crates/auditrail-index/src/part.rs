@@ -19,6 +19,8 @@ pub trait Part: Send + Sync {
     fn first_seq(&self) -> u64;
     fn len(&self) -> usize;
     fn occurred(&self, row: u32) -> i64;
+    /// Every row's `occurred_at`, in row order.
+    fn occurred_column(&self) -> &[i64];
     fn recorded(&self, row: u32) -> i64;
     /// The rows holding `key`.
     fn postings(&self, key: &[u8]) -> Postings<'_>;
@@ -47,11 +49,31 @@ pub trait Part: Send + Sync {
 
 /// A zone-map entry for [`CHUNK_ROWS`] rows: their time bounds and, per group field, how many
 /// rows hold each value, so a count over whole chunks never looks at rows.
+///
+/// Events do not arrive in time order: a chunk of last month's imports can hold a few events
+/// from today (the repository's own read traces, a late sender), which stretches its bounds
+/// over any recent range. `by_time` lists the chunk's rows in `occurred_at` order (in memory
+/// only, rebuilt on load), so a count over a partly covered chunk touches only the rows on
+/// the smaller side of the range's edges instead of every row.
 #[derive(Debug, Clone, Default)]
 pub struct Chunk {
     pub occurred_min: i64,
     pub occurred_max: i64,
     pub counts: [Vec<(u32, u32)>; GROUP_FIELDS],
+    /// Row offsets within the chunk, ordered by `occurred_at`.
+    pub by_time: Vec<u16>,
+}
+
+const _: () = assert!(CHUNK_ROWS <= u16::MAX as usize + 1, "by_time offsets are u16");
+
+impl Chunk {
+    /// The chunk's row offsets whose `occurred_at` lies before `from`, within `[from, to)`,
+    /// and at or after `to`, given the chunk's times (`times[offset]`).
+    pub fn split_by_time<'c>(&'c self, times: &[i64], from: i64, to: i64) -> [&'c [u16]; 3] {
+        let lo = self.by_time.partition_point(|&r| times[r as usize] < from);
+        let hi = lo + self.by_time[lo..].partition_point(|&r| times[r as usize] < to);
+        [&self.by_time[..lo], &self.by_time[lo..hi], &self.by_time[hi..]]
+    }
 }
 
 fn build_chunks(occurred: &[i64], group_ids: &[Vec<u32>; GROUP_FIELDS]) -> Vec<Chunk> {
@@ -62,6 +84,11 @@ fn build_chunks(occurred: &[i64], group_ids: &[Vec<u32>; GROUP_FIELDS]) -> Vec<C
             occurred_min: times.iter().copied().min().unwrap_or(0),
             occurred_max: times.iter().copied().max().unwrap_or(0),
             counts: Default::default(),
+            by_time: {
+                let mut rows: Vec<u16> = (0..times.len() as u16).collect();
+                rows.sort_by_key(|&r| times[r as usize]);
+                rows
+            },
         };
         for (g, ids) in group_ids.iter().enumerate() {
             let mut tally: FxHashMap<u32, u32> = FxHashMap::default();
@@ -185,6 +212,9 @@ impl Part for Memtable {
     fn occurred(&self, row: u32) -> i64 {
         self.occurred[row as usize]
     }
+    fn occurred_column(&self) -> &[i64] {
+        &self.occurred
+    }
     fn recorded(&self, row: u32) -> i64 {
         self.recorded[row as usize]
     }
@@ -265,6 +295,9 @@ impl Part for Segment {
     }
     fn occurred(&self, row: u32) -> i64 {
         self.data.occurred[row as usize]
+    }
+    fn occurred_column(&self) -> &[i64] {
+        &self.data.occurred
     }
     fn recorded(&self, row: u32) -> i64 {
         self.data.recorded[row as usize]
