@@ -242,7 +242,23 @@ pub fn app(state: SharedState) -> Router {
         .layer(axum::middleware::map_response(
             move |res| async move { tls::security_headers(res, tls) },
         ))
+        .layer(axum::middleware::from_fn(time_requests))
         .with_state(state)
+}
+
+/// Adds `Server-Timing: total;dur=<ms>`: from the request reaching the router (before access
+/// control) to the response head, so a client can tell the server's time from the network's.
+async fn time_requests(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let started = std::time::Instant::now();
+    let mut response = next.run(request).await;
+    let total = format!("total;dur={:.3}", started.elapsed().as_secs_f64() * 1e3);
+    if let Ok(value) = header::HeaderValue::from_str(&total) {
+        response.headers_mut().append(query::SERVER_TIMING, value);
+    }
+    response
 }
 
 async fn not_found() -> ApiError {

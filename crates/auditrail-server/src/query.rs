@@ -13,9 +13,9 @@ use base64::Engine as _;
 use serde_json::{Value, json};
 use std::sync::atomic::Ordering;
 
-/// Where a search spent its time (W3C Server Timing): `index` finding the seqs, `log` reading
-/// the events back.
-const SERVER_TIMING: axum::http::HeaderName = axum::http::HeaderName::from_static("server-timing");
+/// W3C Server Timing. A search says where it spent its time: `index` finding the seqs, `log`
+/// reading the events back; every answer says its `total` (see `time_requests`).
+pub(crate) const SERVER_TIMING: axum::http::HeaderName = axum::http::HeaderName::from_static("server-timing");
 
 /// Query-string pairs, percent-decoded, in order.
 pub fn pairs(raw: Option<&str>) -> Result<Vec<(String, String)>, ApiError> {

@@ -102,7 +102,7 @@ impl Default for Options {
             batch_bytes_max: 16 << 20,
             queue_requests_max: 1024,
             idempotency_window_events: 2_000_000,
-            block_plain_bytes_target: 32 << 10,
+            block_plain_bytes_target: 16 << 10,
             clock: system_clock(),
             master_keys: MasterKeySource::DataDir,
         }
