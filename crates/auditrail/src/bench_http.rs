@@ -467,7 +467,6 @@ impl Conn {
         self.sender.ready().await?;
         let response = self.sender.send_request(request.body(Full::new(body))?).await?;
         let status = response.status().as_u16();
-        if std::env::var("DBG_TIMING").is_ok() { eprintln!("DBGT {:?}", response.headers().get_all("server-timing").iter().collect::<Vec<_>>()); }
         self.server_time = response
             .headers()
             .get_all("server-timing")
