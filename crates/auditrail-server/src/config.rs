@@ -48,6 +48,9 @@ pub struct Config {
     /// Forwarding the log to Elasticsearch/OpenSearch and syslog (`[forward.elasticsearch]`,
     /// `[forward.syslog]`; `AUDITRAIL_FORWARD_ELASTICSEARCH_*`, `AUDITRAIL_FORWARD_SYSLOG_*`).
     pub forward: auditrail_forward::ForwardConfig,
+    /// Alert rules and webhooks (`[alerts]`, `[[alerts.rules]]`, `[[alerts.webhooks]]`; see
+    /// docs/alerts.md). `AUDITRAIL_ALERTS_ENABLED` turns evaluation off.
+    pub alerts: crate::alerts::AlertsConfig,
     /// Where scheduled backups go (`s3://bucket/prefix`, `gs://…`, `az://…`, `file:///…`);
     /// empty: no scheduled backup. Credentials come from `AWS_*`, `GOOGLE_*`, `AZURE_*`.
     pub archive_url: String,
@@ -144,6 +147,7 @@ impl Default for Config {
             retention_check_interval_ms: 3_600_000,
             segment_bytes_max: 64 << 20,
             forward: auditrail_forward::ForwardConfig::default(),
+            alerts: crate::alerts::AlertsConfig::default(),
             archive_url: String::new(),
             archive_interval_ms: 300_000,
             access_token_ttl_ms: 5 * 60_000,
@@ -293,6 +297,7 @@ impl Config {
         crate::retention::policy(self).check(self.retention_force)?;
         self.master_key_source()?;
         self.forward.check().map_err(|e| e.to_string())?;
+        self.alerts.check()?;
         crate::tls::check(self)?;
         Ok(())
     }
@@ -336,6 +341,7 @@ impl Config {
         }
         match key {
             "data" => self.data = PathBuf::from(value),
+            "alerts_enabled" => self.alerts.enabled = flag(value)?,
             "listen" => self.listen = value.to_string(),
             "origin" => self.origin = value.to_string(),
             "body_bytes_max" => self.body_bytes_max = num(value)?,

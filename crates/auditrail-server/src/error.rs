@@ -47,6 +47,10 @@ how long.
 /api/v1/events/export`), except for the projects it lists.
 - `import_disabled` (403): governance refuses uploads of event files (`POST \
 /api/v1/events/bulk`), except of events of the projects it lists.
+- `invalid_rule` (400): an alert rule lacks what its kind needs or has a bad value; the message \
+says which.
+- `alert_state` (409): the alert cannot move to that state (only an open alert is acknowledged; a \
+resolved one stays resolved).
 - `conflict` (409): the change conflicts with what exists (a taken name, the last administrator).
 - `rate_limited` (429, with `Retry-After`): too many authentication attempts from this address.
 - `not_found` (404): no such event, tile or endpoint.

@@ -5,6 +5,7 @@
 //! Async stays at this edge: the store and the index are synchronous and are called from
 //! blocking tasks.
 
+pub mod alerts;
 pub mod auth;
 pub mod backup;
 pub mod config;
@@ -115,6 +116,8 @@ pub struct AppState {
     pub backup: Option<Arc<backup::BackupMonitor>>,
     /// Accounts, sessions and the repository's record of its own use.
     pub auth: auth::Auth,
+    /// Alert rules, alerts and their deliveries.
+    pub alerts: alerts::Alerts,
     pub login_limiter: auth::http::RateLimiter,
 }
 
@@ -175,6 +178,15 @@ pub(crate) fn routes() -> Vec<(&'static str, MethodRouter<SharedState>)> {
         ("/api/v1/log/proof/inclusion", get(logapi::inclusion)),
         ("/api/v1/log/proof/consistency", get(logapi::consistency)),
         ("/api/v1/security/status", get(security::status)),
+        ("/api/v1/security/alerts", get(alerts::http::list)),
+        ("/api/v1/security/alerts/{id}", get(alerts::http::get_one)),
+        ("/api/v1/security/alerts/{id}/acknowledge", post(alerts::http::acknowledge)),
+        ("/api/v1/security/alerts/{id}/resolve", post(alerts::http::resolve)),
+        ("/api/v1/security/alert-rules", get(alerts::http::list_rules)),
+        (
+            "/api/v1/security/alert-rules/{name}",
+            axum::routing::put(alerts::http::put_rule).delete(alerts::http::delete_rule),
+        ),
         ("/fhir", post(fhir_api::bundle)),
         ("/fhir/metadata", get(fhir_api::metadata)),
         (
@@ -446,6 +458,9 @@ pub struct Service {
     stop: Arc<AtomicBool>,
     follower: std::thread::JoinHandle<()>,
     retention: std::thread::JoinHandle<()>,
+    alerts: Option<std::thread::JoinHandle<()>>,
+    /// Stops webhook delivery.
+    deliveries: tokio::sync::watch::Sender<bool>,
     runtime: tokio::runtime::Handle,
 }
 
@@ -511,7 +526,14 @@ pub fn start(config: Config) -> Result<Service, String> {
             path.display()
         );
     }
+    let alerts = alerts::Alerts::open(
+        &data,
+        store.master_keys().clone(),
+        config.alerts.clone(),
+        store.stages().sequenced,
+    )?;
     let state = Arc::new(AppState {
+        alerts,
         auth,
         login_limiter: auth::http::RateLimiter::default(),
         forwarding,
@@ -541,7 +563,22 @@ pub fn start(config: Config) -> Result<Service, String> {
             .spawn(move || retention::scheduled(&state, &stop))
             .map_err(|e| e.to_string())?
     };
-    Ok(Service { state, stop, follower, retention, runtime })
+    let alerts = match state.config.alerts.enabled {
+        true => {
+            let state = state.clone();
+            let stop = stop.clone();
+            Some(
+                std::thread::Builder::new()
+                    .name("alerts".into())
+                    .spawn(move || alerts::follow(&state, &stop))
+                    .map_err(|e| e.to_string())?,
+            )
+        }
+        false => None,
+    };
+    let (deliveries, stop_deliveries) = tokio::sync::watch::channel(false);
+    runtime.spawn(alerts::webhook::deliver(state.clone(), stop_deliveries));
+    Ok(Service { state, stop, follower, retention, alerts, deliveries, runtime })
 }
 
 /// The follower loop: index what is durable, then wait briefly for more. The index is
@@ -583,8 +620,12 @@ impl Service {
         // from their cursors after the next start.
         self.runtime.block_on(self.state.forwarding.stop(std::time::Duration::from_secs(5)));
         self.stop.store(true, Ordering::SeqCst);
+        let _ = self.deliveries.send(true);
         let _ = self.follower.join();
         let _ = self.retention.join();
+        if let Some(alerts) = self.alerts {
+            let _ = alerts.join();
+        }
         let Service { state, .. } = self;
         let state = Arc::try_unwrap(state)
             .map_err(|_| "requests still hold the state at shutdown".to_string())?;

@@ -47,6 +47,13 @@ The prose reference is docs/api.md; the event schema is schema/event.schema.json
         crate::logapi::inclusion,
         crate::logapi::consistency,
         crate::security::status,
+        crate::alerts::http::list,
+        crate::alerts::http::get_one,
+        crate::alerts::http::acknowledge,
+        crate::alerts::http::resolve,
+        crate::alerts::http::list_rules,
+        crate::alerts::http::put_rule,
+        crate::alerts::http::delete_rule,
         crate::logapi::checkpoint,
         crate::logapi::tile,
         crate::fhir_api::bundle,
@@ -102,6 +109,8 @@ operation states the permission it needs; send `Authorization: Bearer` with an a
 (from login) or an API key (`atk_…`)."),
         (name = "retention", description = "Retention, legal holds and purging (crypto-erasure \
 of whole log segments; the tree and every proof stay)."),
+        (name = "security", description = "Alerts raised by rules evaluated on every new event, \
+the rules themselves, and the log's integrity verification."),
     )
 )]
 pub struct ApiDoc;

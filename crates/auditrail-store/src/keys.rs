@@ -41,11 +41,15 @@ pub const HOLDS: SealedFile =
 pub const ACCOUNTS: SealedFile =
     SealedFile { path: "auth/accounts.sealed", purpose: "auth/accounts" };
 
+/// The alert engine's state (crates/auditrail-server/src/alerts): alerts, its cursor, rules
+/// changed through the API, the networks and devices first-seen rules learnt per user.
+pub const ALERTS: SealedFile = SealedFile { path: "alerts/state.sealed", purpose: "alerts/state" };
+
 /// Every sealed file in a data directory. `auditrail key rewrap` re-seals each under the newest
 /// master key, and retiring a master key version first checks that each opens without it, so
 /// **a new sealed file must be listed here**; rewrap refuses to retire keys while it finds a
 /// sealed file it does not know.
-pub const SEALED_FILES: &[SealedFile] = &[INDEX_KEY, HOLDS, ACCOUNTS];
+pub const SEALED_FILES: &[SealedFile] = &[INDEX_KEY, HOLDS, ACCOUNTS, ALERTS];
 
 /// The master keys by version; new segments are wrapped with the highest version.
 #[derive(Clone)]

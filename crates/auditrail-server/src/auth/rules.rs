@@ -45,6 +45,15 @@ pub fn rule(method: &Method, path: &str) -> Option<Rule> {
         ("POST" | "PUT" | "PATCH" | "DELETE", "/fhir/AuditEvent/{id}") => Public,
         (_, "/fhir/{*rest}") => Public,
         ("GET", "/api/v1/security/status") => Needs(SecurityRead),
+        ("GET", "/api/v1/security/alerts" | "/api/v1/security/alerts/{id}") => {
+            NeedsAny(&[SecurityRead, AlertsManage])
+        }
+        (
+            "POST",
+            "/api/v1/security/alerts/{id}/acknowledge" | "/api/v1/security/alerts/{id}/resolve",
+        ) => Needs(AlertsManage),
+        ("GET", "/api/v1/security/alert-rules") => NeedsAny(&[SecurityRead, AlertsManage]),
+        ("PUT" | "DELETE", "/api/v1/security/alert-rules/{name}") => Needs(AlertsManage),
         ("GET", "/api/v1/retention") => NeedsAny(&[RetentionManage, SecurityRead, IntegrityVerify]),
         ("POST", "/api/v1/retention/purge" | "/api/v1/retention/holds") => Needs(RetentionManage),
         ("DELETE", "/api/v1/retention/holds/{id}") => Needs(RetentionManage),

@@ -485,8 +485,8 @@ fn documented_query_parameters_are_accepted() {
             checked += 1;
         }
     }
-    // 24 native parameters, and the FHIR search's 27 (its 26 declared ones and `_cursor`).
-    assert_eq!(checked, 24 + 27, "query parameters checked");
+    // 31 native parameters, and the FHIR search's 27 (its 26 declared ones and `_cursor`).
+    assert_eq!(checked, 31 + 27, "query parameters checked");
     // And an undocumented one is refused, so the check above can fail.
     let answer = server.get("/api/v1/events?nosuch=1");
     assert_eq!(answer.json::<ErrorBody>().error.code, "unknown_parameter");
@@ -618,6 +618,13 @@ const MATRIX: &[(&str, &str, &str)] = &[
     ("patch", "/fhir/AuditEvent/{id}", "public"),
     ("delete", "/fhir/AuditEvent/{id}", "public"),
     ("get", "/api/v1/security/status", "AS"),
+    ("get", "/api/v1/security/alerts", "AS"),
+    ("get", "/api/v1/security/alerts/{id}", "AS"),
+    ("post", "/api/v1/security/alerts/{id}/acknowledge", "AS"),
+    ("post", "/api/v1/security/alerts/{id}/resolve", "AS"),
+    ("get", "/api/v1/security/alert-rules", "AS"),
+    ("put", "/api/v1/security/alert-rules/{name}", "AS"),
+    ("delete", "/api/v1/security/alert-rules/{name}", "AS"),
     ("get", "/api/v1/retention", "ASPU"),
     ("post", "/api/v1/retention/purge", "AP"),
     ("post", "/api/v1/retention/holds", "AP"),
