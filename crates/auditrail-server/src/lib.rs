@@ -154,6 +154,13 @@ pub(crate) fn now_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
+static STARTED_MS: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
+
+/// When this process started serving (its first `start`).
+pub fn started_ms() -> i64 {
+    *STARTED_MS.get_or_init(now_ms)
+}
+
 /// Runs blocking work (the store, the index, the log) off the async workers.
 pub async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
@@ -466,6 +473,7 @@ pub struct Service {
 
 /// Opens (or initialises) the data directory and starts the index follower.
 pub fn start(config: Config) -> Result<Service, String> {
+    started_ms();
     let data = config.data.clone();
     let master_keys = config.master_key_source()?;
     if !data.join("keys").exists() {

@@ -150,6 +150,46 @@ pub struct SecurityStatus {
     /// has delivered, its lag and its failures.
     pub forwarding: auditrail_forward::ForwardingStatus,
     pub retention: RetentionSection,
+    pub service: ServiceSection,
+    pub log: LogSection,
+    pub alerts: AlertsSection,
+}
+
+/// The running server.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceSection {
+    pub version: String,
+    pub started_at: String,
+    pub uptime_seconds: u64,
+}
+
+/// The log and the index's progress through it.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LogSection {
+    /// Events in the log (durable).
+    pub size: u64,
+    /// The size of the latest signed checkpoint.
+    pub checkpoint_size: u64,
+    pub indexed_through: u64,
+    /// Events the index has yet to read.
+    pub index_lag_events: u64,
+}
+
+/// Alerting: unresolved alerts by severity, the engine's progress, webhook deliveries.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AlertsSection {
+    pub enabled: bool,
+    /// The next seq the engine reads; it has evaluated everything before.
+    pub next_seq: u64,
+    /// Open and acknowledged alerts: `low`, `medium`, `high`, `critical`.
+    #[schema(value_type = Object)]
+    pub unresolved: serde_json::Value,
+    /// Per webhook: `name`, `delivered`, `pending`, `failed`, `last_error`.
+    #[schema(value_type = Vec<Object>)]
+    pub webhooks: Vec<serde_json::Value>,
 }
 
 /// Retention: the policy in force and what it has purged (details: `GET /api/v1/retention`).

@@ -17,7 +17,9 @@ use serde_json::{Value, json};
 events and seconds, last error, consecutive failures); `forwarding` (each configured \
 forwarder's progress `next_seq`, lag in events and seconds behind the durable log, and \
 failures: retried attempts, events refused for good with their seqs, the last error); \
-`retention` (the policy, the legal holds in force, what has been purged).",
+`retention` (the policy, the legal holds in force, what has been purged); `service` (version, \
+start, uptime); `log` (size, latest checkpoint, index lag); `alerts` (unresolved alerts by \
+severity, the engine's progress, webhook deliveries).",
     responses(
         (status = 200, description = "The status, one object per section.", body = crate::openapi::SecurityStatus),
         (status = 500, description = "`internal`.", body = crate::openapi::ErrorBody),
@@ -36,8 +38,28 @@ pub async fn status(State(state): State<SharedState>) -> Result<Response, ApiErr
             "purged_events": purged.events(),
             "purged_segments": purged.segments().len(),
         });
-        let body: Value =
-            json!({"backup": backup, "forwarding": forwarding, "retention": retention});
+        let stages = s.store.stages();
+        let indexed = s.index.indexed_through();
+        let started = crate::started_ms();
+        let service = json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "started_at": auditrail_core::time::format_millis(started),
+            "uptime_seconds": (crate::now_ms() - started).max(0) / 1000,
+        });
+        let log = json!({
+            "size": stages.sequenced,
+            "checkpoint_size": stages.published,
+            "indexed_through": indexed,
+            "index_lag_events": stages.sequenced.saturating_sub(indexed),
+        });
+        let alerts = json!({
+            "enabled": s.config.alerts.enabled,
+            "next_seq": s.alerts.cursor(),
+            "unresolved": s.alerts.unresolved_by_severity(),
+            "webhooks": s.alerts.webhook_status(),
+        });
+        let body: Value = json!({"backup": backup, "forwarding": forwarding, "retention": retention,
+            "service": service, "log": log, "alerts": alerts});
         Ok(axum::Json(body).into_response())
     })
     .await

@@ -471,7 +471,9 @@ impl Conn {
             .headers()
             .get_all("server-timing")
             .iter()
-            .filter_map(|v| v.to_str().ok()?.split(',').find_map(|m| m.trim().strip_prefix("total;dur=")))
+            .filter_map(|v| {
+                v.to_str().ok()?.split(',').find_map(|m| m.trim().strip_prefix("total;dur="))
+            })
             .find_map(|ms| ms.parse::<f64>().ok())
             .map(|ms| Duration::from_secs_f64(ms / 1e3));
         let body = response.into_body().collect().await?.to_bytes();

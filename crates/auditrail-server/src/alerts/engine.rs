@@ -97,6 +97,7 @@ pub fn network(ip: &str) -> String {
 fn matches(rule: &Rule, e: &Observed) -> bool {
     let m = &rule.matcher;
     (m.actions.is_empty() || m.actions.iter().any(|p| super::rules::glob(p, &e.action)))
+        && !m.not_actions.iter().any(|p| super::rules::glob(p, &e.action))
         && (m.categories.is_empty()
             || m.categories.iter().any(|c| c.eq_ignore_ascii_case(&e.category)))
         && m.outcome.as_deref().is_none_or(|o| o == e.outcome)

@@ -83,6 +83,9 @@ pub enum Key {
 pub struct Matcher {
     /// Action patterns; `*` stands for any run of characters (`*login*`, `patient.*`).
     pub actions: Vec<String>,
+    /// Action patterns left out even when `actions` match (auditrail's read traces are
+    /// `read.<path>`: reading the security status changes nothing).
+    pub not_actions: Vec<String>,
     pub categories: Vec<String>,
     /// `success` or `failure`.
     pub outcome: Option<String>,
@@ -272,11 +275,8 @@ pub fn builtin_rules() -> Vec<Rule> {
         Severity::High,
         "Brute force: 5 failed logins for one account within 10 minutes.",
     );
-    r.matcher = Matcher {
-        actions: strings(LOGIN_ACTIONS),
-        categories: vec![],
-        outcome: Some("failure".into()),
-    };
+    r.matcher.actions = strings(LOGIN_ACTIONS);
+    r.matcher.outcome = Some("failure".into());
     (r.group_by, r.threshold, r.window_secs) = (Some(Key::User), 5, 600);
     out.push(r);
 
@@ -286,11 +286,8 @@ pub fn builtin_rules() -> Vec<Rule> {
         Severity::High,
         "Password spraying: failed logins for 10 different accounts from one address within 10 minutes.",
     );
-    r.matcher = Matcher {
-        actions: strings(LOGIN_ACTIONS),
-        categories: vec![],
-        outcome: Some("failure".into()),
-    };
+    r.matcher.actions = strings(LOGIN_ACTIONS);
+    r.matcher.outcome = Some("failure".into());
     (r.group_by, r.distinct, r.threshold, r.window_secs) =
         (Some(Key::Ip), Some(Key::User), 10, 600);
     out.push(r);
@@ -324,6 +321,7 @@ pub fn builtin_rules() -> Vec<Rule> {
     );
     r.matcher.actions =
         strings(&["settings.governance.*", "*security*", "role.*", "alerts.rule.*", "api_key.*"]);
+    r.matcher.not_actions = strings(&["read.*"]);
     r.matcher.outcome = Some("success".into());
     r.group_by = Some(Key::User);
     out.push(r);

@@ -67,10 +67,15 @@ impl Server {
     }
 
     pub fn start_with(data: &Path, env: &[(&str, &str)]) -> Server {
+        Server::start_with_args(data, &[], env)
+    }
+
+    /// `serve` with extra arguments (`--config FILE`).
+    pub fn start_with_args(data: &Path, args: &[&str], env: &[(&str, &str)]) -> Server {
         let token = provision_key(data, ALL_SCOPES, env);
         let base = events_in_log(data, env);
         let mut cmd = crate::bin();
-        cmd.args(["serve", "--listen", "127.0.0.1:0", "--data"]).arg(data);
+        cmd.args(["serve", "--listen", "127.0.0.1:0", "--data"]).arg(data).args(args);
         for (k, v) in env {
             cmd.env(k, v);
         }

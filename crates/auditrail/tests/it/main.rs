@@ -1,5 +1,6 @@
 //! Black-box tests of the `auditrail` binary: what a user and an auditor do, through the CLI.
 
+mod alerts;
 mod archive;
 mod at_rest;
 mod auth;
