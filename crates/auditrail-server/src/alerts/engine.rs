@@ -223,7 +223,7 @@ impl Engine {
     pub fn observe(&mut self, e: &Observed) -> Vec<Trigger> {
         self.newest_ms = self.newest_ms.max(e.occurred_ms);
         self.observed += 1;
-        if self.observed % 65_536 == 0 {
+        if self.observed.is_multiple_of(65_536) {
             self.drop_idle_windows();
         }
         let mut out = Vec::new();

@@ -16,11 +16,14 @@ const MONDAY: i64 = 1_795_996_800_000;
 const HOUR: i64 = 3_600_000;
 const MINUTE: i64 = 60_000;
 
+/// One request a receiver took: headers (lowercase names), body, the status it answered.
+type Received = (Vec<(String, String)>, Vec<u8>, u16);
+
 /// A webhook receiver: answers 500 to the first `fail_first` requests, then 204; keeps every
 /// request's headers and body.
 struct Receiver {
     port: u16,
-    requests: Arc<Mutex<Vec<(Vec<(String, String)>, Vec<u8>, u16)>>>,
+    requests: Arc<Mutex<Vec<Received>>>,
 }
 
 impl Receiver {
