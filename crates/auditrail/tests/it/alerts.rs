@@ -10,6 +10,7 @@ use std::collections::BTreeSet;
 use std::io::{BufRead as _, BufReader, Read as _, Write as _};
 use std::sync::{Arc, Mutex};
 
+const ALERTS_ON: &[(&str, &str)] = &[("AUDITRAIL_ALERTS_ENABLED", "true")];
 const SECRET: &str = "a-webhook-secret-for-tests";
 /// Monday 2026-11-30 00:00 UTC: the tests' business week starts here.
 const MONDAY: i64 = 1_795_996_800_000;
@@ -178,7 +179,7 @@ fn attacks_raise_exactly_the_expected_alerts_and_webhooks_are_signed_and_retried
     )
     .unwrap();
     let config_arg = config.to_str().unwrap();
-    let s = Server::start_with_args(&data, &["--config", config_arg], &[]);
+    let s = Server::start_with_args(&data, &["--config", config_arg], ALERTS_ON);
 
     // Normal traffic raises nothing.
     send(&s, &normal_week());
@@ -365,7 +366,7 @@ fn attacks_raise_exactly_the_expected_alerts_and_webhooks_are_signed_and_retried
     };
     let before = ids(alerts(&s, ""));
     assert!(s.stop().success());
-    let s = Server::start_with_args(&data, &["--config", config_arg], &[]);
+    let s = Server::start_with_args(&data, &["--config", config_arg], ALERTS_ON);
     wait_evaluated(&s);
     let after = alerts(&s, "");
     let new: Vec<&Value> =
