@@ -3,7 +3,6 @@
 //! a week of attacks in a second).
 
 use super::rules::{Hours, Key, Kind, Rule, Severity};
-use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
@@ -127,8 +126,8 @@ pub struct Trigger {
     pub last_occurred_ms: i64,
 }
 
-/// Samples kept per alert.
-const SEQS_KEPT: usize = 50;
+/// Seqs kept per alert (the latest).
+pub const SEQS_KEPT: usize = 50;
 /// Attributes remembered per user for first-seen rules (oldest forgotten first).
 const SEEN_PER_GROUP_MAX: usize = 64;
 
@@ -194,11 +193,6 @@ pub struct Engine {
     observed: u64,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct EngineStats {
-    pub windows: usize,
-}
-
 impl Engine {
     pub fn new(rules: Vec<Rule>, seen: Seen) -> Engine {
         Engine { rules, seen, ..Engine::default() }
@@ -213,10 +207,6 @@ impl Engine {
             .collect();
         self.windows.retain(|(rule, _), _| unchanged.contains(rule));
         self.rules = rules;
-    }
-
-    pub fn stats(&self) -> EngineStats {
-        EngineStats { windows: self.windows.len() }
     }
 
     /// Feeds one event; returns the rules it made fire.

@@ -123,9 +123,20 @@ pub enum Status {
 }
 
 impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Open => "open",
+            Status::Acknowledged => "acknowledged",
+            Status::Resolved => "resolved",
+        }
+    }
+
     pub fn parse(s: &str) -> Option<Status> {
-        [Status::Open, Status::Acknowledged, Status::Resolved].into_iter().find(|v| {
-            serde_json::to_value(v).ok().and_then(|j| j.as_str().map(|x| x == s)) == Some(true)
+        Some(match s {
+            "open" => Status::Open,
+            "acknowledged" => Status::Acknowledged,
+            "resolved" => Status::Resolved,
+            _ => return None,
         })
     }
 }
@@ -320,7 +331,8 @@ impl Alerts {
                 }
             }
         }
-        if next_cursor != inner.saved.cursor || !raised.is_empty() || !events.is_empty() {
+        // Every event read moves the cursor; what it changed (alerts, first-seen) goes with it.
+        if next_cursor != inner.saved.cursor {
             inner.dirty = true;
         }
         inner.saved.cursor = next_cursor;
@@ -339,7 +351,7 @@ impl Alerts {
             a.occurrences += 1;
             a.summary = t.summary;
             a.seqs.extend(t.seqs);
-            let excess = a.seqs.len().saturating_sub(50);
+            let excess = a.seqs.len().saturating_sub(engine::SEQS_KEPT);
             a.seqs.drain(..excess);
             a.last_occurred_at = format_millis(t.last_occurred_ms);
             a.updated_at = now;
@@ -587,8 +599,8 @@ pub fn follow(state: &AppState, stop: &AtomicBool) {
     loop {
         let stopping = stop.load(Ordering::SeqCst);
         let durable = state.store.stages().sequenced;
-        if let Some(skipped) = tail.skip_purged(&state.store.purged()) {
-            let _ = skipped;
+        // Retention purged what lies ahead: nothing there to evaluate.
+        if tail.skip_purged(&state.store.purged()).is_some() {
             continue;
         }
         let mut events = Vec::new();

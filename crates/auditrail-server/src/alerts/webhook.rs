@@ -69,8 +69,8 @@ fn describe(e: reqwest::Error) -> String {
 }
 
 /// Sends what is due until `stop` resolves.
-pub async fn deliver(alerts: Arc<crate::AppState>, mut stop: tokio::sync::watch::Receiver<bool>) {
-    if alerts.alerts.config().webhooks.is_empty() {
+pub async fn deliver(state: Arc<crate::AppState>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    if state.alerts.config().webhooks.is_empty() {
         return;
     }
     let client = match reqwest::Client::builder()
@@ -84,16 +84,16 @@ pub async fn deliver(alerts: Arc<crate::AppState>, mut stop: tokio::sync::watch:
             return;
         }
     };
-    let origin = alerts.config.origin.clone();
+    let origin = state.config.origin.clone();
     loop {
-        let state: &Alerts = &alerts.alerts;
-        for (alert, hook) in state.due_deliveries(crate::now_ms()) {
-            let hook = &state.config().webhooks[hook];
+        let alerts: &Alerts = &state.alerts;
+        for (alert, hook) in alerts.due_deliveries(crate::now_ms()) {
+            let hook = &alerts.config().webhooks[hook];
             let result = send(&client, hook, body(&alert, &origin), &alert.id).await;
             if let Err(e) = &result {
                 eprintln!("auditrail: alerts: delivery of {} failed: {e}", alert.id);
             }
-            state.delivered(&alert.id, &hook.name, result, crate::now_ms());
+            alerts.delivered(&alert.id, &hook.name, result, crate::now_ms());
         }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(100)) => {}
