@@ -4,6 +4,7 @@
 
 use super::rules::{Hours, Key, Kind, Rule, Severity};
 use serde_json::Value;
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
 /// What the rules read of one event.
@@ -25,44 +26,104 @@ pub struct Observed {
     pub numbers: Vec<(String, u64)>,
 }
 
+/// The fields of a stored event the rules read; everything else is skipped unparsed, so
+/// following the log costs a fraction of a full JSON parse.
+#[derive(serde::Deserialize)]
+struct StoredFields<'a> {
+    #[serde(borrow, default)]
+    occurred_at: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    recorded_at: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    category: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    action: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    outcome: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    actor: Option<ActorFields<'a>>,
+    #[serde(borrow, default)]
+    source: Option<SourceFields<'a>>,
+    #[serde(borrow, default)]
+    patient: Option<PatientFields<'a>>,
+    #[serde(borrow, default)]
+    project: Option<Cow<'a, str>>,
+    #[serde(default)]
+    context: Option<serde_json::Map<String, Value>>,
+}
+
+#[derive(serde::Deserialize)]
+struct ActorFields<'a> {
+    #[serde(borrow, default)]
+    user_id: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    ip: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    device_id: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    user_agent: Option<Cow<'a, str>>,
+}
+
+#[derive(serde::Deserialize)]
+struct SourceFields<'a> {
+    #[serde(borrow, default)]
+    system: Option<Cow<'a, str>>,
+}
+
+#[derive(serde::Deserialize)]
+struct PatientFields<'a> {
+    #[serde(borrow, default)]
+    id: Option<Cow<'a, str>>,
+}
+
 impl Observed {
-    /// Reads a stored (canonical) event. `patient_token` turns a patient identifier into the
-    /// index's keyed token.
-    pub fn from_stored(seq: u64, v: &Value, patient_token: impl Fn(&str) -> String) -> Observed {
-        let s = |path: &[&str]| -> Option<String> {
-            let mut cur = v;
-            for p in path {
-                cur = cur.get(p)?;
-            }
-            cur.as_str().map(str::to_string)
-        };
-        let time = |field| s(&[field]).and_then(|t| auditrail_core::time::parse_rfc3339(&t));
-        let numbers = v
-            .get("context")
-            .and_then(Value::as_object)
+    /// Reads a stored (canonical JSON) event, or `None` if it is not an event object.
+    /// `patient_token` turns a patient identifier into the index's keyed token.
+    pub fn from_stored(
+        seq: u64,
+        stored: &[u8],
+        patient_token: impl Fn(&str) -> String,
+    ) -> Option<Observed> {
+        let f: StoredFields<'_> = serde_json::from_slice(stored).ok()?;
+        let owned = |v: Option<Cow<'_, str>>| v.map(Cow::into_owned);
+        let time =
+            |t: &Option<Cow<'_, str>>| t.as_deref().and_then(auditrail_core::time::parse_rfc3339);
+        let numbers = f
+            .context
             .map(|c| {
-                c.iter()
+                c.into_iter()
                     .filter_map(|(k, v)| {
                         let n = v.as_u64().or_else(|| v.as_str()?.parse().ok())?;
-                        Some((k.clone(), n))
+                        Some((k, n))
                     })
                     .collect()
             })
             .unwrap_or_default();
-        Observed {
+        let (user, ip, device) = match f.actor {
+            Some(a) => (owned(a.user_id), owned(a.ip), owned(a.device_id.or(a.user_agent))),
+            None => (None, None, None),
+        };
+        Some(Observed {
             seq,
-            occurred_ms: time("occurred_at").or_else(|| time("recorded_at")).unwrap_or(0),
-            category: s(&["category"]).unwrap_or_default(),
-            action: s(&["action"]).unwrap_or_default(),
-            outcome: s(&["outcome"]).unwrap_or_default(),
-            user: s(&["actor", "user_id"]),
-            ip: s(&["actor", "ip"]),
-            device: s(&["actor", "device_id"]).or_else(|| s(&["actor", "user_agent"])),
-            source: s(&["source", "system"]),
-            project: s(&["project"]),
-            patient: s(&["patient", "id"]).map(|p| patient_token(&p)),
+            occurred_ms: time(&f.occurred_at).or_else(|| time(&f.recorded_at)).unwrap_or(0),
+            category: owned(f.category).unwrap_or_default(),
+            action: owned(f.action).unwrap_or_default(),
+            outcome: owned(f.outcome).unwrap_or_default(),
+            user,
+            ip,
+            device,
+            source: f.source.and_then(|s| owned(s.system)),
+            project: owned(f.project),
+            patient: f.patient.and_then(|p| p.id).map(|p| patient_token(&p)),
             numbers,
-        }
+        })
+    }
+
+    /// auditrail's own record of an alert, which rules never see (alerts must not feed on
+    /// themselves).
+    pub fn is_alert_record(&self) -> bool {
+        self.category == auditrail_store::retention::REPOSITORY_CATEGORY
+            && self.action.starts_with("alert.")
     }
 
     fn key(&self, key: Key) -> Option<String> {
@@ -347,6 +408,28 @@ mod tests {
             .flat_map(|e| engine.observe(e))
             .map(|t| format!("{}:{}", t.rule, t.key))
             .collect()
+    }
+
+    #[test]
+    fn stored_events_are_read_for_the_fields_rules_use() {
+        let stored = br#"{"action":"data.export","actor":{"ip":"10.1.2.3","roles":["x"],"user_agent":"curl","user_id":"u\u00e9"},"category":"export","context":{"events":"1200","note":"n","rows":7},"entities":[{"id":"1","type":"t"}],"occurred_at":"2026-11-30T12:00:00Z","outcome":"success","patient":{"id":"MRN1"},"project":"p","recorded_at":"2026-11-30T12:00:01Z","seq":9,"source":{"system":"ehr"}}"#;
+        let e = Observed::from_stored(9, stored, |p| format!("token-of-{p}")).unwrap();
+        assert_eq!(e.occurred_ms, MONDAY_NOON);
+        assert_eq!(
+            (e.category.as_str(), e.action.as_str(), e.outcome.as_str()),
+            ("export", "data.export", "success")
+        );
+        assert_eq!(e.user.as_deref(), Some("u\u{e9}"));
+        assert_eq!((e.ip.as_deref(), e.device.as_deref()), (Some("10.1.2.3"), Some("curl")));
+        assert_eq!((e.source.as_deref(), e.project.as_deref()), (Some("ehr"), Some("p")));
+        assert_eq!(e.patient.as_deref(), Some("token-of-MRN1"));
+        assert_eq!(e.numbers, [("events".to_string(), 1200), ("rows".to_string(), 7)]);
+        assert!(!e.is_alert_record());
+        let own = br#"{"action":"alert.raised","category":"repository","recorded_at":"2026-11-30T12:00:01Z"}"#;
+        let e = Observed::from_stored(10, own, |p| p.to_string()).unwrap();
+        assert!(e.is_alert_record());
+        assert_eq!(e.occurred_ms, MONDAY_NOON + 1000, "recorded_at stands in for occurred_at");
+        assert!(Observed::from_stored(11, b"[1]", |p| p.to_string()).is_none());
     }
 
     #[test]

@@ -25,6 +25,7 @@ use engine::{Engine, Observed, Seen, Trigger};
 use rules::{Origin, Rule, Severity};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -205,6 +206,14 @@ struct Inner {
     saved: Saved,
     engine: Engine,
     dirty: bool,
+    /// Where each unresolved alert is in `saved.alerts`, by (rule, subject): a firing finds
+    /// the alert it adds to without a scan.
+    unresolved: HashMap<(String, String), usize>,
+}
+
+fn unresolved_positions(alerts: &[Alert]) -> HashMap<(String, String), usize> {
+    let unresolved = alerts.iter().enumerate().filter(|(_, a)| a.status != Status::Resolved);
+    unresolved.map(|(i, a)| ((a.rule.clone(), a.subject.clone()), i)).collect()
 }
 
 pub const STATE: auditrail_store::keys::SealedFile = auditrail_store::keys::ALERTS;
@@ -253,7 +262,12 @@ impl Alerts {
         let alerts = Alerts {
             path,
             keys,
-            inner: Mutex::new(Inner { saved, engine: Engine::default(), dirty: true }),
+            inner: Mutex::new(Inner {
+                unresolved: unresolved_positions(&saved.alerts),
+                saved,
+                engine: Engine::default(),
+                dirty: true,
+            }),
             rules_changed: AtomicBool::new(false),
             config,
         };
@@ -326,7 +340,7 @@ impl Alerts {
         let mut raised = Vec::new();
         for e in events {
             for trigger in inner.engine.observe(e) {
-                if let Some(alert) = self.merge_or_raise(&mut inner.saved, trigger) {
+                if let Some(alert) = self.merge_or_raise(&mut inner, trigger) {
                     raised.push(alert);
                 }
             }
@@ -339,15 +353,12 @@ impl Alerts {
         raised
     }
 
-    fn merge_or_raise(&self, saved: &mut Saved, t: Trigger) -> Option<Alert> {
+    fn merge_or_raise(&self, inner: &mut Inner, t: Trigger) -> Option<Alert> {
         let severity = t.severity;
         let now = format_millis(crate::now_ms());
-        if let Some(a) = saved
-            .alerts
-            .iter_mut()
-            .rev()
-            .find(|a| a.rule == t.rule && a.subject == t.key && a.status != Status::Resolved)
-        {
+        let Inner { saved, unresolved, .. } = inner;
+        if let Some(&i) = unresolved.get(&(t.rule.clone(), t.key.clone())) {
+            let a = &mut saved.alerts[i];
             a.occurrences += 1;
             a.summary = t.summary;
             a.seqs.extend(t.seqs);
@@ -388,11 +399,13 @@ impl Alerts {
             resolved: None,
             deliveries,
         };
+        unresolved.insert((alert.rule.clone(), alert.subject.clone()), saved.alerts.len());
         saved.alerts.push(alert.clone());
         if saved.alerts.len() > ALERTS_KEPT_MAX
             && let Some(i) = saved.alerts.iter().position(|a| a.status == Status::Resolved)
         {
             saved.alerts.remove(i);
+            *unresolved = unresolved_positions(&saved.alerts);
         }
         Some(alert)
     }
@@ -444,6 +457,9 @@ impl Alerts {
         alert.status = to;
         alert.updated_at = now;
         let after = alert.clone();
+        if to == Status::Resolved {
+            inner.unresolved.remove(&(after.rule.clone(), after.subject.clone()));
+        }
         inner.dirty = true;
         Ok((before, after))
     }
@@ -605,14 +621,11 @@ pub fn follow(state: &AppState, stop: &AtomicBool) {
         }
         let mut events = Vec::new();
         let read = tail.read(durable, 64, |_, seq, record| {
-            let Ok(v) = serde_json::from_slice::<Value>(record.canonical) else { return Ok(()) };
-            let action = v.get("action").and_then(Value::as_str).unwrap_or("");
-            let own = v.get("category").and_then(Value::as_str)
-                == Some(auditrail_store::retention::REPOSITORY_CATEGORY)
-                && action.starts_with("alert.");
-            if !own {
-                events
-                    .push(Observed::from_stored(seq, &v, |p| hex(&state.index.patients().term(p))));
+            let token = |p: &str| hex(&state.index.patients().term(p));
+            if let Some(e) = Observed::from_stored(seq, record.canonical, token)
+                && !e.is_alert_record()
+            {
+                events.push(e);
             }
             Ok(())
         });
@@ -655,5 +668,11 @@ pub fn follow(state: &AppState, stop: &AtomicBool) {
 }
 
 fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push(DIGITS[usize::from(b >> 4)] as char);
+        out.push(DIGITS[usize::from(b & 15)] as char);
+    }
+    out
 }
