@@ -140,6 +140,7 @@ fn purges_expired_segments_keeps_held_ones_and_proofs_still_verify() {
     let gone = store.purge(&policy, expiry(5), "test").unwrap();
     let gone_ranges: Vec<(u64, u64)> = gone.iter().map(|p| (p.first_seq, p.end_seq)).collect();
     assert_eq!(gone_ranges, [days[0], days[3], days[5]]);
+    store.publish().unwrap();
 
     // Gone: no file, nothing readable, even with every key.
     for &(first, end) in &gone_ranges {
