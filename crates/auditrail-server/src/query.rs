@@ -15,7 +15,8 @@ use std::sync::atomic::Ordering;
 
 /// W3C Server Timing. A search says where it spent its time: `index` finding the seqs, `log`
 /// reading the events back; every answer says its `total` (see `time_requests`).
-pub(crate) const SERVER_TIMING: axum::http::HeaderName = axum::http::HeaderName::from_static("server-timing");
+pub(crate) const SERVER_TIMING: axum::http::HeaderName =
+    axum::http::HeaderName::from_static("server-timing");
 
 /// Query-string pairs, percent-decoded, in order.
 pub fn pairs(raw: Option<&str>) -> Result<Vec<(String, String)>, ApiError> {

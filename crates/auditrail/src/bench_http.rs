@@ -467,12 +467,19 @@ impl Conn {
         self.sender.ready().await?;
         let response = self.sender.send_request(request.body(Full::new(body))?).await?;
         let status = response.status().as_u16();
-        if std::env::var("DBG_TIMING").is_ok() { eprintln!("DBGT {:?}", response.headers().get_all("server-timing").iter().collect::<Vec<_>>()); }
+        if std::env::var("DBG_TIMING").is_ok() {
+            eprintln!(
+                "DBGT {:?}",
+                response.headers().get_all("server-timing").iter().collect::<Vec<_>>()
+            );
+        }
         self.server_time = response
             .headers()
             .get_all("server-timing")
             .iter()
-            .filter_map(|v| v.to_str().ok()?.split(',').find_map(|m| m.trim().strip_prefix("total;dur=")))
+            .filter_map(|v| {
+                v.to_str().ok()?.split(',').find_map(|m| m.trim().strip_prefix("total;dur="))
+            })
             .find_map(|ms| ms.parse::<f64>().ok())
             .map(|ms| Duration::from_secs_f64(ms / 1e3));
         let body = response.into_body().collect().await?.to_bytes();

@@ -199,7 +199,7 @@ fn counts_with_stragglers_in_every_chunk_match_a_naive_scan() {
             let mut v = event(&mut rng, i);
             let shifted = match i % 50 {
                 0 => Some(T0 + 3_650 * 86_400_000), // a read trace of today among old imports
-                25 => Some(T0 - 365 * 86_400_000),   // a sender a year late
+                25 => Some(T0 - 365 * 86_400_000),  // a sender a year late
                 _ => None,
             };
             if let Some(t) = shifted {
@@ -216,11 +216,11 @@ fn counts_with_stragglers_in_every_chunk_match_a_naive_scan() {
     let minute = 60_000;
     let windows = [
         (i64::MIN, i64::MAX),
-        (T0, T0 + 20_000 * minute),                  // all but the stragglers
+        (T0, T0 + 20_000 * minute), // all but the stragglers
         (T0 + 1_000 * minute, T0 + 19_000 * minute), // most of each chunk
-        (T0 + 4_100 * minute, T0 + 4_200 * minute),  // a sliver of one chunk
+        (T0 + 4_100 * minute, T0 + 4_200 * minute), // a sliver of one chunk
         (T0 + 5_000 * minute, T0 + 3_651 * 86_400_000), // through the late ones
-        (T0 - 366 * 86_400_000, T0 + 10 * minute),   // the early ones and a few minutes
+        (T0 - 366 * 86_400_000, T0 + 10 * minute), // the early ones and a few minutes
     ];
     for (lo, hi) in windows {
         for group in [GroupBy::Action, GroupBy::User] {
