@@ -10,6 +10,7 @@ pub mod backup;
 pub mod config;
 pub mod error;
 pub mod export;
+pub mod export_format;
 pub mod fhir_api;
 pub mod ingest;
 pub mod logapi;

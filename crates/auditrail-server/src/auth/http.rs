@@ -193,11 +193,17 @@ pub async fn authorize(State(state): State<SharedState>, mut req: Request, next:
     if traced {
         let status = response.status();
         let outcome = if status.is_success() { "success" } else { "failure" };
+        let mut context = json!({"route": path});
+        if let Some(super::TraceDetail(serde_json::Value::Object(detail))) =
+            response.extensions().get::<super::TraceDetail>()
+        {
+            context.as_object_mut().expect("an object").extend(detail.clone());
+        }
         let mut event = super::repository_event(
             &principal.actor(),
             &read_action(&path),
             outcome,
-            json!({"route": path}),
+            context,
             vec![],
         );
         event["request"] = request(status.as_u16());

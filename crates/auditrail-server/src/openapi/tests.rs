@@ -485,8 +485,8 @@ fn documented_query_parameters_are_accepted() {
             checked += 1;
         }
     }
-    // 24 native parameters, and the FHIR search's 27 (its 26 declared ones and `_cursor`).
-    assert_eq!(checked, 24 + 27, "query parameters checked");
+    // 25 native parameters, and the FHIR search's 27 (its 26 declared ones and `_cursor`).
+    assert_eq!(checked, 25 + 27, "query parameters checked");
     // And an undocumented one is refused, so the check above can fail.
     let answer = server.get("/api/v1/events?nosuch=1");
     assert_eq!(answer.json::<ErrorBody>().error.code, "unknown_parameter");
