@@ -74,7 +74,8 @@ fn read_action(path: &str) -> String {
         "/api/v1/events" => "events.search".into(),
         "/api/v1/events/{id}" => "events.read".into(),
         "/api/v1/events/stats" => "events.stats".into(),
-        "/api/v1/events/export" => "events.export".into(),
+        // An evidence bundle is an export too (the route in the context tells them apart).
+        "/api/v1/events/export" | "/api/v1/events/evidence" => "events.export".into(),
         "/fhir/AuditEvent" => "fhir.search".into(),
         "/fhir/AuditEvent/{id}" => "fhir.read".into(),
         other => {
