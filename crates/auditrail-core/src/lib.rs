@@ -1,6 +1,6 @@
 //! auditrail's pure domain: the event model and its canonical bytes, commitments and leaf
 //! entries, RFC 6962 Merkle hashing and proofs, the C2SP tile layout, checkpoints and signed
-//! notes.
+//! notes, and evidence bundles (events with their proofs, checked offline).
 //!
 //! Architecture invariant: this crate does no I/O, reads no clock and draws no randomness, so
 //! the writer and every verifier share exactly the same math. It doubles as the offline
@@ -8,6 +8,7 @@
 
 pub mod checkpoint;
 pub mod event;
+pub mod evidence;
 pub mod fhir;
 pub mod leaf;
 pub mod limits;
@@ -15,3 +16,4 @@ pub mod merkle;
 pub mod note;
 pub mod tile;
 pub mod time;
+pub mod ustar;

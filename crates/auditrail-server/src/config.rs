@@ -32,6 +32,8 @@ pub struct Config {
     pub block_cache_bytes_max: usize,
     /// Largest page of a search.
     pub search_limit_max: usize,
+    /// Most events in one evidence bundle (`GET /api/v1/events/evidence`).
+    pub evidence_events_max: usize,
     /// The base URL clients reach this server at (`https://audit.example.org`), for FHIR
     /// `Location` headers and `fullUrl`s; empty means `http://` plus the request's `Host`.
     pub public_url: String,
@@ -121,6 +123,10 @@ impl std::fmt::Debug for MasterKeysText {
 const SEGMENT_BYTES_MIN: u64 = 64 << 10;
 const SEGMENT_BYTES_MAX: u64 = 1 << 30;
 
+/// The largest `evidence_events_max`: a bundle streams, but its list of seqs, its pre-checks
+/// and its proofs are all made before the first byte.
+const EVIDENCE_EVENTS_MAX: usize = 1_000_000;
+
 /// Bounds of `index_memtable_rows_max`.
 const INDEX_SEGMENT_ROWS_MIN: usize = 1024;
 const INDEX_SEGMENT_ROWS_MAX: usize = 1 << 22;
@@ -140,6 +146,7 @@ impl Default for Config {
             index_memtable_rows_max: 1 << 18,
             block_cache_bytes_max: 256 << 20,
             search_limit_max: 1000,
+            evidence_events_max: 10_000,
             public_url: String::new(),
             retention_days: auditrail_store::retention::RETENTION_DAYS_DEFAULT,
             retention_projects: std::collections::BTreeMap::new(),
@@ -248,6 +255,12 @@ impl Config {
         if self.batch_events_max == 0 || self.search_limit_max == 0 {
             return Err("batch_events_max and search_limit_max must be at least 1".into());
         }
+        if !(1..=EVIDENCE_EVENTS_MAX).contains(&self.evidence_events_max) {
+            return Err(format!(
+                "evidence_events_max ({}) must be 1 to {EVIDENCE_EVENTS_MAX}",
+                self.evidence_events_max
+            ));
+        }
         if self.archive_interval_ms == 0 {
             return Err("archive_interval_ms must be at least 1".into());
         }
@@ -353,6 +366,7 @@ impl Config {
             "index_memtable_rows_max" => self.index_memtable_rows_max = num(value)?,
             "block_cache_bytes_max" => self.block_cache_bytes_max = num(value)?,
             "search_limit_max" => self.search_limit_max = num(value)?,
+            "evidence_events_max" => self.evidence_events_max = num(value)?,
             "public_url" => self.public_url = value.trim_end_matches('/').to_string(),
             "retention_days" => self.retention_days = num(value)?,
             // `project=days,project=days`

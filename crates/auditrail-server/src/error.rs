@@ -28,6 +28,8 @@ that is not published.
 - `invalid_parameter` (400): a query parameter is missing, repeated or has a bad value; the \
 message names it.
 - `unknown_parameter` (400): the endpoint has no such query parameter.
+- `too_many_events` (400): an evidence bundle would hold more than `evidence_events_max` \
+events; `limit` in the error says how many match and the most allowed.
 - `invalid_parameter` also covers bad fields of the access-control bodies (users, roles, keys).
 - `weak_password` (400): the new password is shorter than 12 characters or guessable; the \
 message says why.

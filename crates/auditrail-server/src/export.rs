@@ -1,13 +1,17 @@
-//! Exports: every event a search matches, as NDJSON (the stored canonical JSON, one per line,
-//! oldest first unless `order=desc`), either streamed to the caller
-//! (`GET /api/v1/events/export`) or written to an object-storage destination the operator
-//! configured (`POST /api/v1/events/export`). The governance setting `local_export_disabled`
-//! refuses the first, except for the projects it lists; the second is how exports leave then.
+//! Exports: every event a search matches, as NDJSON (the stored canonical JSON, one per line),
+//! CSV or a FHIR Bundle (`export_format`), oldest first unless `order=desc`, either streamed
+//! to the caller (`GET /api/v1/events/export`) or written to an object-storage destination the
+//! operator configured (`POST /api/v1/events/export`). The governance setting
+//! `local_export_disabled` refuses the first, except for the projects it lists; the second is
+//! how exports leave then.
 //!
-//! Both read the index a page at a time on a blocking thread and hand the caller NDJSON chunks
-//! through a small channel, so an export of millions of events holds a few MiB at most.
+//! Both read the index a page at a time on a blocking thread and hand the caller chunks
+//! through a small channel, so an export of millions of events holds a few MiB at most. An
+//! export covers the events indexed when it starts, so its count (`X-Export-Total`) is known
+//! before the first byte.
 
-use crate::auth::{EventView, Principal};
+use crate::auth::{EventView, Principal, TraceDetail};
+use crate::export_format::{Encoder, Format, negotiate};
 use crate::openapi::ErrorBody;
 use crate::query::{Paging, pairs, search_query};
 use crate::{ApiError, SharedState};
@@ -15,7 +19,7 @@ use auditrail_index::Query;
 use axum::Json;
 use axum::body::{Body, Bytes};
 use axum::extract::{RawQuery, State};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, HeaderName, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use object_store::ObjectStoreExt as _;
 use serde::Deserialize;
@@ -26,10 +30,12 @@ use tokio::sync::mpsc;
 
 /// Events per index page while exporting.
 const PAGE_EVENTS: usize = 1000;
-/// Bytes of NDJSON per chunk handed from the reader to the response or the upload.
-const CHUNK_BYTES: usize = 1 << 20;
+/// Bytes per chunk handed from the reader to the response or the upload.
+pub(crate) const CHUNK_BYTES: usize = 1 << 20;
 /// Chunks in flight between the reader and the writer.
-const CHUNKS_IN_FLIGHT: usize = 4;
+pub(crate) const CHUNKS_IN_FLIGHT: usize = 4;
+/// How many events an export holds, counted when it starts: a client's measure of progress.
+pub(crate) const EXPORT_TOTAL: HeaderName = HeaderName::from_static("x-export-total");
 
 /// `GET /api/v1/events/export`
 #[utoipa::path(
@@ -37,20 +43,27 @@ const CHUNKS_IN_FLIGHT: usize = 4;
     path = "/api/v1/events/export",
     tag = "events",
     operation_id = "events_export",
-    summary = "Export matching events as NDJSON",
+    summary = "Export matching events as NDJSON, CSV or a FHIR Bundle",
     description = "Every event the search parameters match (the same as `GET /api/v1/events`, \
-without `limit` and `cursor`), streamed as NDJSON, oldest first (`order=desc` for newest first). \
-Patient identifiers are masked where the caller may not see them. The export is recorded in \
-the log (`events.export`, with the query). When governance disables local export, only \
-exports limited to an excepted project (`project=`, or a caller limited to such projects) are \
-answered; the others go to object storage with `POST`. A failure after the first byte ends \
-the body early without terminating the chunked encoding, so a client sees an incomplete \
-transfer, never a shorter export posing as complete.",
+without `limit` and `cursor`) among those indexed when the export starts, streamed oldest first \
+(`order=desc` for newest first) in the `format` asked for: `ndjson` (the default; the stored \
+events, lossless), `csv` (a fixed set of columns, RFC 4180, formula injection neutralised; \
+docs/api.md lists the columns) or `fhir` (a `searchset` Bundle of AuditEvents). Without \
+`format`, an `Accept` of `text/csv` or `application/fhir+json` chooses. `X-Export-Total` \
+says how many events follow, for progress (the Bundle's `total` too). Patient identifiers are \
+masked where the caller may not see them. The export is recorded in the log (`events.export`, \
+with the query). When governance disables local export, only exports limited to an excepted \
+project (`project=`, or a caller limited to such projects) are answered; the others go to \
+object storage with `POST`. A failure after the first byte ends the body early without \
+terminating the chunked encoding, so a client sees an incomplete transfer, never a shorter \
+export posing as complete.",
     params(
+        ("format" = Option<String>, Query, description = "`ndjson` (the default), `csv` or `fhir`."),
         ("order" = Option<String>, Query, description = "`asc` (oldest first, the default) or `desc`."),
     ),
     responses(
-        (status = 200, description = "The events, one canonical JSON object per line.", content_type = "application/x-ndjson", body = String),
+        (status = 200, description = "The events: NDJSON (`application/x-ndjson`), CSV (`text/csv`) or a FHIR Bundle (`application/fhir+json`).", content_type = "application/x-ndjson", body = String,
+            headers(("X-Export-Total" = u64, description = "How many events the export holds."))),
         (status = 400, description = "`bad_query`, `invalid_parameter` or `unknown_parameter`.", body = ErrorBody),
         (status = 403, description = "`forbidden`, or `export_disabled`: governance allows exports only to object storage.", body = ErrorBody),
     )
@@ -58,30 +71,48 @@ transfer, never a shorter export posing as complete.",
 pub async fn export(
     State(state): State<SharedState>,
     axum::Extension(principal): axum::Extension<Principal>,
+    headers: HeaderMap,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
-    let params = pairs(raw.as_deref())?;
+    let mut params = pairs(raw.as_deref())?;
+    let format = negotiate(&mut params, &headers)?;
     let view = EventView::for_export(&principal);
     let (q, _) = search_query(&state, &view, &params, Paging::All)?;
     check_local_export(&state, &view, requested_project(&params))?;
-    let indexed_through = state.index.indexed_through();
+    let mut encoder = Encoder::new(format, Some(crate::fhir_api::base_url(&state, &headers)));
+    let s = state.clone();
+    let (q, total, indexed_through) = crate::blocking(move || Ok(pin_to_indexed(&s, q))).await?;
     let (tx, rx) = mpsc::channel(CHUNKS_IN_FLIGHT);
     tokio::task::spawn_blocking(move || {
-        if let Err(e) = read_matches(&state, q, &view, &tx) {
+        if let Err(e) = read_matches(&state, q, &view, &mut encoder, total, &tx) {
             // The status is sent already: ending the stream with an error cuts it short.
             eprintln!("auditrail: export failed: {}", e.message);
             let _ = tx.blocking_send(Err(std::io::Error::other(e.message)));
         }
     });
     let body = Body::from_stream(ChunkStream(rx));
-    Ok((
+    let mut response = (
         [
-            (header::CONTENT_TYPE, "application/x-ndjson".to_string()),
-            (header::HeaderName::from_static("x-indexed-through"), indexed_through.to_string()),
+            (header::CONTENT_TYPE, format.content_type().to_string()),
+            (HeaderName::from_static("x-indexed-through"), indexed_through.to_string()),
+            (EXPORT_TOTAL, total.to_string()),
         ],
         body,
     )
-        .into_response())
+        .into_response();
+    response
+        .extensions_mut()
+        .insert(TraceDetail(json!({"format": format.name(), "events": total})));
+    Ok(response)
+}
+
+/// Limits `q` to the events indexed now, so that the count is the export's; returns the
+/// query, the count and how far the index had got.
+fn pin_to_indexed(state: &SharedState, mut q: Query) -> (Query, u64, u64) {
+    let indexed_through = state.index.indexed_through();
+    q.seqs = (0, indexed_through);
+    let total = state.index.count(&q);
+    (q, total, indexed_through)
 }
 
 #[derive(Deserialize, utoipa::ToSchema)]
@@ -92,12 +123,17 @@ pub struct ExportRequest {
     /// The search parameters of `GET /api/v1/events/export` (`patient`, `from`, `project`, ...).
     #[serde(default)]
     filters: BTreeMap<String, String>,
+    /// `ndjson` (the default), `csv` or `fhir`, as for `GET /api/v1/events/export`.
+    #[serde(default)]
+    format: Option<String>,
 }
 
 #[derive(serde::Serialize, utoipa::ToSchema)]
 pub struct ExportReceipt {
     /// The object written: the destination URL and its key.
     object: String,
+    /// `ndjson`, `csv` or `fhir`.
+    format: String,
     events: u64,
     bytes: u64,
     /// SHA-256 of the object's bytes, lower-case hex.
@@ -111,8 +147,9 @@ pub struct ExportReceipt {
     tag = "events",
     operation_id = "events_export_to_storage",
     summary = "Export matching events to object storage",
-    description = "Writes the NDJSON export of `GET /api/v1/events/export` to \
-`<destination>/exports/<UTC time>-<id>.ndjson`, where the destination must be one the operator \
+    description = "Writes the export of `GET /api/v1/events/export`, in its `format` \
+(`ndjson` by default, `csv` or `fhir`), to `<destination>/exports/<UTC time>-<id>.<ndjson, \
+csv or json>`, where the destination must be one the operator \
 configured in `export_destinations` (so no caller can send data anywhere else), and answers \
 once the object is complete. Allowed whatever the governance setting on local export. The \
 export is recorded in the log (`events.export`, with the destination, object, count and \
@@ -120,7 +157,7 @@ digest).",
     request_body(content = ExportRequest, content_type = "application/json"),
     responses(
         (status = 201, description = "The object is written.", body = ExportReceipt),
-        (status = 400, description = "`invalid_json`, `invalid_parameter` (an unconfigured destination, a bad filter) or `unknown_parameter`.", body = ErrorBody),
+        (status = 400, description = "`invalid_json`, `invalid_parameter` (an unconfigured destination, a bad filter or format) or `unknown_parameter`.", body = ErrorBody),
         (status = 403, description = "`forbidden`.", body = ErrorBody),
         (status = 502, description = "`destination_failed`: the object store refused or could not be reached; nothing is left half-written.", body = ErrorBody),
     )
@@ -142,13 +179,23 @@ pub async fn export_to_storage(
             ),
         ));
     }
+    let format = match req.format.as_deref() {
+        None => Format::Ndjson,
+        Some(f) => Format::parse(f).ok_or_else(|| {
+            ApiError::bad_request("invalid_parameter", "format: must be ndjson, csv or fhir")
+        })?,
+    };
     let params: Vec<(String, String)> = req.filters.clone().into_iter().collect();
     let view = EventView::for_export(&principal);
     let (q, _) = search_query(&state, &view, &params, Paging::All)?;
+    // No request names the server's address for a stored object: `fullUrl` needs public_url.
+    let fhir_base = (!state.config.public_url.is_empty())
+        .then(|| format!("{}/fhir", state.config.public_url.trim_end_matches('/')));
+    let mut encoder = Encoder::new(format, fhir_base);
     let destination = auditrail_archive::destination::Destination::open(&req.destination)
         .map_err(|e| ApiError::bad_request("invalid_parameter", format!("destination: {e}")))?;
     let stamp = compact_utc(state.auth.now_ms());
-    let key = format!("exports/{stamp}-{}.ndjson", uuid::Uuid::now_v7().simple());
+    let key = format!("exports/{stamp}-{}.{}", uuid::Uuid::now_v7().simple(), format.extension());
     let path = destination.path(&key);
     let failed = |what: &str, e: &dyn std::fmt::Display| {
         ApiError::new(
@@ -164,7 +211,10 @@ pub async fn export_to_storage(
     let (tx, mut rx) = mpsc::channel(CHUNKS_IN_FLIGHT);
     let reader = {
         let state = state.clone();
-        tokio::task::spawn_blocking(move || read_matches(&state, q, &view, &tx))
+        tokio::task::spawn_blocking(move || {
+            let (q, total, _) = pin_to_indexed(&state, q);
+            read_matches(&state, q, &view, &mut encoder, total, &tx)
+        })
     };
     let mut digest = sha2::Sha256::new();
     let mut bytes = 0u64;
@@ -187,13 +237,15 @@ pub async fn export_to_storage(
     writer.finish().await.map_err(|e| failed("cannot complete", &e))?;
     let receipt = ExportReceipt {
         object: format!("{}/{key}", req.destination.trim_end_matches('/')),
+        format: format.name().to_string(),
         events,
         bytes,
         sha256: crate::ingest::hex(&digest.finalize()),
     };
     let s = state.clone();
     let context = json!({
-        "destination": req.destination, "object": receipt.object, "events": events,
+        "destination": req.destination, "object": receipt.object, "format": receipt.format,
+        "events": events,
         "sha256": receipt.sha256, "filters": req.filters,
     });
     crate::blocking(move || {
@@ -203,13 +255,13 @@ pub async fn export_to_storage(
     Ok((StatusCode::CREATED, Json(receipt)))
 }
 
-fn requested_project(params: &[(String, String)]) -> Option<&str> {
+pub(crate) fn requested_project(params: &[(String, String)]) -> Option<&str> {
     params.iter().find(|(k, _)| k == "project").map(|(_, v)| v.as_str())
 }
 
 /// With local export disabled, an export answered to the caller must be limited to projects
 /// the setting excepts.
-fn check_local_export(
+pub(crate) fn check_local_export(
     state: &SharedState,
     view: &EventView,
     requested: Option<&str>,
@@ -241,23 +293,27 @@ fn check_local_export(
     ))
 }
 
-/// Reads every match of `q` a page at a time and sends it as NDJSON chunks; the number of
+/// Reads every match of `q` a page at a time and sends it encoded, in chunks; the number of
 /// events sent. Stops early (without error) when the receiver is gone.
 fn read_matches(
     state: &SharedState,
     mut q: Query,
     view: &EventView,
+    encoder: &mut Encoder,
+    total: u64,
     tx: &mpsc::Sender<std::io::Result<Bytes>>,
 ) -> Result<u64, ApiError> {
     q.limit = PAGE_EVENTS;
     let mut events = 0u64;
     let mut chunk = Vec::with_capacity(CHUNK_BYTES + 4096);
+    let timestamp = auditrail_core::time::format_millis(state.auth.now_ms());
+    encoder.begin(total, &timestamp, &mut chunk);
     loop {
         let hits = state.index.search(&q);
         for &seq in &hits.seqs {
-            state.with_stored(seq, |stored| view.write_json(stored, &mut chunk))?;
-            chunk.push(b'\n');
-            events += 1;
+            if state.with_stored(seq, |stored| encoder.event(stored, view, &mut chunk))? {
+                events += 1;
+            }
             if chunk.len() >= CHUNK_BYTES {
                 let full = std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK_BYTES + 4096));
                 if tx.blocking_send(Ok(Bytes::from(full))).is_err() {
@@ -272,6 +328,7 @@ fn read_matches(
             _ => break,
         }
     }
+    encoder.end(&mut chunk);
     if !chunk.is_empty() {
         let _ = tx.blocking_send(Ok(Bytes::from(chunk)));
     }
@@ -279,7 +336,7 @@ fn read_matches(
 }
 
 /// `20261122T101500Z`: sorts by time in a bucket listing.
-fn compact_utc(ms: i64) -> String {
+pub(crate) fn compact_utc(ms: i64) -> String {
     auditrail_core::time::format_millis(ms)
         .chars()
         .filter(|c| c.is_ascii_alphanumeric())
@@ -289,7 +346,7 @@ fn compact_utc(ms: i64) -> String {
 }
 
 /// The reader's chunks as a body stream.
-struct ChunkStream(mpsc::Receiver<std::io::Result<Bytes>>);
+pub(crate) struct ChunkStream(pub(crate) mpsc::Receiver<std::io::Result<Bytes>>);
 
 impl futures_core::Stream for ChunkStream {
     type Item = std::io::Result<Bytes>;

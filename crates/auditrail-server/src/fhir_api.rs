@@ -78,7 +78,7 @@ fn fhir_json(status: StatusCode, body: &Value) -> Response {
 /// The base URL clients used, for `Location`, `fullUrl` and links.
 /// The FHIR base URL: the configured `public_url` (right behind a TLS proxy), else `https://`
 /// (`http://` without TLS) plus the request's `Host`.
-fn base_url(state: &SharedState, headers: &HeaderMap) -> String {
+pub(crate) fn base_url(state: &SharedState, headers: &HeaderMap) -> String {
     if !state.config.public_url.is_empty() {
         return format!("{}/fhir", state.config.public_url.trim_end_matches('/'));
     }

@@ -10,7 +10,9 @@ pub mod auth;
 pub mod backup;
 pub mod config;
 pub mod error;
+pub mod evidence;
 pub mod export;
+pub mod export_format;
 pub mod fhir_api;
 pub mod ingest;
 pub mod logapi;
@@ -81,6 +83,15 @@ impl BlockCache {
             }
         }
         Ok(block)
+    }
+
+    /// The commitment salt of event `seq`, stored in the block at `at`.
+    pub fn salt(
+        &self,
+        at: &BlockLocation,
+        seq: u64,
+    ) -> Result<auditrail_core::leaf::Salt, auditrail_store::StoreError> {
+        self.reader.salt(at, seq)
     }
 
     /// Drops everything cached of a segment retention purged: its blocks and its key.
@@ -181,6 +192,7 @@ pub(crate) fn routes() -> Vec<(&'static str, MethodRouter<SharedState>)> {
         ("/api/v1/events/bulk", post(ingest::post_bulk)),
         ("/api/v1/events/stats", get(query::stats)),
         ("/api/v1/events/export", get(export::export).post(export::export_to_storage)),
+        ("/api/v1/events/evidence", get(evidence::evidence)),
         ("/api/v1/events/{id}", get(query::get_event)),
         ("/api/v1/log/proof/inclusion", get(logapi::inclusion)),
         ("/api/v1/log/proof/consistency", get(logapi::consistency)),

@@ -43,6 +43,7 @@ The prose reference is docs/api.md; the event schema is schema/event.schema.json
         crate::query::stats,
         crate::export::export,
         crate::export::export_to_storage,
+        crate::evidence::evidence,
         crate::query::get_event,
         crate::logapi::inclusion,
         crate::logapi::consistency,
@@ -534,6 +535,14 @@ pub struct StatsGroup {
 #[derive(ToSchema)]
 #[schema(value_type = String, content_media_type = "application/octet-stream")]
 pub struct Tile(pub Vec<u8>);
+
+/// An evidence bundle: a POSIX tar archive of one directory, `auditrail-evidence-<UTC time>/`,
+/// holding `README.md`, `bundle.json`, `log.vkey`, `checkpoint`, optionally `consistency/`,
+/// `events/<seq>/` (`event.json`, `salt`, `leaf`, `proof.tlog-proof`) per event, and
+/// `SHA256SUMS` (docs/api.md, "Evidence bundles").
+#[derive(ToSchema)]
+#[schema(value_type = String, content_media_type = "application/x-tar")]
+pub struct EvidenceBundle(pub Vec<u8>);
 
 // ---------------------------------------------------------------------------------------------
 // Schemas of the FHIR API: resources are FHIR R4 JSON, described by the FHIR specification.

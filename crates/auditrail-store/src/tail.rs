@@ -228,22 +228,32 @@ impl BlockReader {
         BlockReader { io, master, keys: Mutex::new(HashMap::new()) }
     }
 
-    pub fn read(&self, at: &BlockLocation) -> Result<BlockEvents, StoreError> {
-        let keys = {
-            let cached =
-                self.keys.lock().unwrap_or_else(|e| e.into_inner()).get(&at.segment).cloned();
-            match cached {
-                Some(k) => k,
-                None => {
-                    let k = unwrap_segment_keys(self.io.as_ref(), &self.master, at.segment)?;
-                    self.keys
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .insert(at.segment, k.clone());
-                    k
-                }
+    /// The unwrapped keys of the segment whose first seq is `segment`, cached.
+    fn segment_keys(&self, segment: u64) -> Result<SegmentKeys, StoreError> {
+        let cached = self.keys.lock().unwrap_or_else(|e| e.into_inner()).get(&segment).cloned();
+        match cached {
+            Some(k) => Ok(k),
+            None => {
+                let k = unwrap_segment_keys(self.io.as_ref(), &self.master, segment)?;
+                self.keys.lock().unwrap_or_else(|e| e.into_inner()).insert(segment, k.clone());
+                Ok(k)
             }
-        };
+        }
+    }
+
+    /// The commitment salt of event `seq`, stored in the block at `at`: what an evidence
+    /// bundle reveals so that a verifier can recompute that one event's leaf.
+    pub fn salt(
+        &self,
+        at: &BlockLocation,
+        seq: u64,
+    ) -> Result<auditrail_core::leaf::Salt, StoreError> {
+        assert!((at.first_seq..at.end_seq()).contains(&seq), "seq {seq} is not in {at:?}");
+        Ok(self.segment_keys(at.segment)?.salts.salt(seq))
+    }
+
+    pub fn read(&self, at: &BlockLocation) -> Result<BlockEvents, StoreError> {
+        let keys = self.segment_keys(at.segment)?;
         let path = segment_path(at.segment);
         let header = read_block_header(self.io.as_ref(), &path, at.offset)?.ok_or_else(|| {
             StoreError::corrupted(format!("{path} offset {}", at.offset), "no block here")

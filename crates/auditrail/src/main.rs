@@ -144,6 +144,23 @@ enum Command {
         #[command(flatten)]
         dir: DataDir,
     },
+    /// Check an evidence bundle (GET /api/v1/events/evidence) with nothing but the file: the
+    /// checkpoint's signature, each event's leaf recomputed from its bytes, each inclusion
+    /// proof, the consistency proof, and that the archive holds nothing else. Exit status 0
+    /// when everything verifies, 1 when anything fails (each failure is named).
+    VerifyBundle {
+        /// The bundle (a .tar file), or '-' for standard input.
+        file: PathBuf,
+        /// The log's public key as you obtained it from its operator: a vkey line
+        /// (`name+hash+base64`) or a file holding one. Without it the key inside the bundle is
+        /// used, which proves only that the bundle is consistent with itself.
+        #[arg(long, value_name = "VKEY")]
+        key: Option<String>,
+        /// A signed checkpoint of this log that you kept earlier: the bundle must prove that
+        /// its tree is that one or extends it (ask for the bundle with trusted_size=<its size>).
+        #[arg(long, value_name = "FILE")]
+        trusted_checkpoint: Option<PathBuf>,
+    },
     /// Print a signed checkpoint: the newest, or the one of a given tree size.
     Checkpoint {
         #[command(flatten)]
@@ -271,6 +288,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Export { dir, from, to } => export(&dir, from, to)?,
         Command::Verify { dir } => return verify(&dir),
+        Command::VerifyBundle { file, key, trusted_checkpoint } => {
+            return verify_bundle(&file, key.as_deref(), trusted_checkpoint.as_deref());
+        }
         Command::Checkpoint { dir, size } => {
             let io = StdIo::new(&dir.data);
             let note = auditrail_store::store::find_checkpoint(&io, &dir.keys()?, size)?;
@@ -698,4 +718,82 @@ fn verify(dir: &DataDir) -> Result<ExitCode> {
         println!("{} problems: {summary}", report.problems.len());
         Ok(ExitCode::from(1))
     }
+}
+
+/// How many failures `verify-bundle` prints before it only counts them.
+const BUNDLE_PROBLEMS_SHOWN_MAX: usize = 50;
+
+fn verify_bundle(file: &Path, key: Option<&str>, trusted: Option<&Path>) -> Result<ExitCode> {
+    use auditrail_core::evidence::{VerifyOptions, verify};
+    use auditrail_core::note::NoteVerifier;
+    let bytes = if file == Path::new("-") {
+        let mut b = Vec::new();
+        std::io::Read::read_to_end(&mut std::io::stdin().lock(), &mut b)?;
+        b
+    } else {
+        std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?
+    };
+    // A key given inline, or the path of a file holding one.
+    let key = key
+        .map(|k| match NoteVerifier::from_vkey(k) {
+            Ok(v) => Ok(v),
+            Err(inline) => {
+                let text = std::fs::read_to_string(k).map_err(|_| {
+                    anyhow::anyhow!("--key: not a verifier key ({inline}) nor a readable file")
+                })?;
+                NoteVerifier::from_vkey(text.trim())
+                    .with_context(|| format!("--key: {k} does not hold a verifier key"))
+            }
+        })
+        .transpose()?;
+    let trusted = trusted
+        .map(|p| {
+            std::fs::read_to_string(p)
+                .with_context(|| format!("--trusted-checkpoint: cannot read {}", p.display()))
+        })
+        .transpose()?;
+    let report = verify(
+        &bytes,
+        &VerifyOptions { key: key.as_ref(), trusted_checkpoint: trusted.as_deref() },
+    );
+    if report.bundled_key_only {
+        eprintln!(
+            "WARNING: checked against the key INSIDE the bundle (log.vkey). That proves only \
+             that the bundle is consistent with itself: anyone can make a key and sign a \
+             bundle with it. Pass --key with the log's public key as you obtained it from its \
+             operator."
+        );
+    }
+    for p in report.problems.iter().take(BUNDLE_PROBLEMS_SHOWN_MAX) {
+        println!("FAIL {p}");
+    }
+    if report.problems.len() > BUNDLE_PROBLEMS_SHOWN_MAX {
+        println!("... and {} more", report.problems.len() - BUNDLE_PROBLEMS_SHOWN_MAX);
+    }
+    if !report.ok() {
+        let n = report.problems.len();
+        let problems = if n == 1 { "1 problem".to_string() } else { format!("{n} problems") };
+        println!("{problems}: {} is NOT verified evidence", file.display());
+        return Ok(ExitCode::from(1));
+    }
+    use base64::Engine as _;
+    let root = report.root.map(|r| base64::engine::general_purpose::STANDARD.encode(r));
+    let mut summary = format!(
+        "ok: {} event(s) of {}, each in the signed checkpoint of tree size {} (root {})",
+        report.events_verified,
+        report.origin.unwrap_or_default(),
+        report.tree_size.unwrap_or(0),
+        root.unwrap_or_default(),
+    );
+    if let Some(old) = report.consistent_from {
+        summary += &format!(", which extends tree size {old}");
+    }
+    if report.trusted_checkpoint_holds {
+        summary += "; your trusted checkpoint holds";
+    }
+    if report.bundled_key_only {
+        summary += "; key: the bundle's own (see the warning)";
+    }
+    println!("{summary}");
+    Ok(ExitCode::SUCCESS)
 }

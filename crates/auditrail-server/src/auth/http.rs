@@ -74,7 +74,8 @@ fn read_action(path: &str) -> String {
         "/api/v1/events" => "events.search".into(),
         "/api/v1/events/{id}" => "events.read".into(),
         "/api/v1/events/stats" => "events.stats".into(),
-        "/api/v1/events/export" => "events.export".into(),
+        // An evidence bundle is an export too (the route in the context tells them apart).
+        "/api/v1/events/export" | "/api/v1/events/evidence" => "events.export".into(),
         "/fhir/AuditEvent" => "fhir.search".into(),
         "/fhir/AuditEvent/{id}" => "fhir.read".into(),
         other => {
@@ -193,11 +194,17 @@ pub async fn authorize(State(state): State<SharedState>, mut req: Request, next:
     if traced {
         let status = response.status();
         let outcome = if status.is_success() { "success" } else { "failure" };
+        let mut context = json!({"route": path});
+        if let Some(super::TraceDetail(serde_json::Value::Object(detail))) =
+            response.extensions().get::<super::TraceDetail>()
+        {
+            context.as_object_mut().expect("an object").extend(detail.clone());
+        }
         let mut event = super::repository_event(
             &principal.actor(),
             &read_action(&path),
             outcome,
-            json!({"route": path}),
+            context,
             vec![],
         );
         event["request"] = request(status.as_u16());

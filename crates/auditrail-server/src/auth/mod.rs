@@ -255,6 +255,11 @@ fn invalid_credentials() -> ApiError {
     )
 }
 
+/// What a read's handler adds to the context of the read's trace (an object's members), as a
+/// response extension: how many events an export held, say.
+#[derive(Debug, Clone)]
+pub struct TraceDetail(pub Value);
+
 pub fn forbidden(message: impl Into<String>) -> ApiError {
     ApiError::new(StatusCode::FORBIDDEN, "forbidden", message)
 }

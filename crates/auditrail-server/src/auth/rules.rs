@@ -39,6 +39,7 @@ pub fn rule(method: &Method, path: &str) -> Option<Rule> {
         }
         ("GET", "/fhir/AuditEvent" | "/fhir/AuditEvent/{id}") => Needs(EventsRead),
         ("GET" | "POST", "/api/v1/events/export") => Needs(EventsExport),
+        ("GET", "/api/v1/events/evidence") => Needs(EventsExport),
         // Methods FHIR does not allow on AuditEvent, and unknown FHIR types: answered 405/404
         // by the handlers whoever asks; they do nothing.
         ("PUT" | "PATCH" | "DELETE", "/fhir/AuditEvent") => Public,

@@ -485,8 +485,8 @@ fn documented_query_parameters_are_accepted() {
             checked += 1;
         }
     }
-    // 31 native parameters, and the FHIR search's 27 (its 26 declared ones and `_cursor`).
-    assert_eq!(checked, 31 + 27, "query parameters checked");
+    // 33 native parameters, and the FHIR search's 27 (its 26 declared ones and `_cursor`).
+    assert_eq!(checked, 33 + 27, "query parameters checked");
     // And an undocumented one is refused, so the check above can fail.
     let answer = server.get("/api/v1/events?nosuch=1");
     assert_eq!(answer.json::<ErrorBody>().error.code, "unknown_parameter");
@@ -608,6 +608,7 @@ const MATRIX: &[(&str, &str, &str)] = &[
     ("get", "/api/v1/events/{id}", "ASPUV"),
     ("get", "/api/v1/events/export", "ASP"),
     ("post", "/api/v1/events/export", "ASP"),
+    ("get", "/api/v1/events/evidence", "ASP"),
     ("get", "/fhir/AuditEvent", "ASPUV"),
     ("get", "/fhir/AuditEvent/{id}", "ASPUV"),
     ("put", "/fhir/AuditEvent", "public"),

@@ -1,6 +1,7 @@
 //! Exports and the governance settings that bind them, end to end: NDJSON streamed to the
-//! caller, an export written to a real S3 (SeaweedFS) and read back with boto3, the log's
-//! record of each export, and "disable local export / import" with per-project exceptions.
+//! caller, CSV and FHIR checked by Python's csv module and fhir.resources, an export written to
+//! a real S3 (SeaweedFS) and read back with boto3, the log's record of each export, and
+//! "disable local export / import" with per-project exceptions.
 
 use crate::archive::{WEED_LOCK, Weed};
 use crate::http::{Response, Server};
@@ -55,6 +56,7 @@ fn exports_stream_or_go_to_object_storage_as_governance_allows() {
     let r = s.get("/api/v1/events/export?project=cardiology");
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.header("content-type"), Some("application/x-ndjson"));
+    assert_eq!(r.header("x-export-total"), Some("1200"), "the count, known up front");
     let got = lines(&r);
     let ids: Vec<&str> = got.iter().map(|e| e["id"].as_str().unwrap()).collect();
     let expected: Vec<String> = (0..1200).map(|i| format!("exp-{i}")).collect();
@@ -132,6 +134,24 @@ fn exports_stream_or_go_to_object_storage_as_governance_allows() {
     assert!(exported.iter().all(|e| e["project"] == "oncology"));
     let recorded = search_all(&s, "category=repository&action=events.export", 2);
     assert!(recorded.iter().any(|e| e["context"]["object"] == object), "{recorded:?}");
+    // In another format: the object is named for it.
+    let r = post(
+        json!({"destination": DESTINATION, "filters": {"project": "oncology"}, "format": "csv"}),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    assert_eq!(
+        (r.json()["format"].as_str(), r.json()["events"].as_u64()),
+        (Some("csv"), Some(300))
+    );
+    let key =
+        r.json()["object"].as_str().unwrap().strip_prefix("s3://exports/").unwrap().to_string();
+    assert!(key.ends_with(".csv"), "{key}");
+    let o = weed.admin(&["get", "exports", &key, file.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let csv = std::fs::read_to_string(&file).unwrap();
+    assert!(csv.starts_with("seq,id,occurred_at,") && csv.lines().count() == 301, "{csv}");
+    let r = post(json!({"destination": DESTINATION, "format": "xml"}));
+    assert_eq!(code(&r), (400, "invalid_parameter".into()));
 
     // Import (uploading a file of events) disabled, cardiology excepted: line by line.
     governance(
@@ -167,6 +187,172 @@ fn exports_stream_or_go_to_object_storage_as_governance_allows() {
     // Every change of the settings is in the log with before and after.
     let changes = search_all(&s, "category=repository&action=settings.governance.change", 3);
     assert!(changes.iter().all(|e| !e["changes"].as_array().unwrap().is_empty()), "{changes:?}");
+}
+
+/// Cells a spreadsheet would run as formulas, and cells that need RFC 4180 quoting.
+const TRICKY: &[&str] = &[
+    "=HYPERLINK(\"http://evil\",\"x\")",
+    "+1+2",
+    "-3+4",
+    "@SUM(A1:A9)",
+    "a, b",
+    "say \"hi\"",
+    "two\nlines",
+];
+
+/// Python's csv module, strict, on `text`: the rows.
+fn python_csv(text: &str) -> Vec<Vec<String>> {
+    let script = "import csv, io, json, sys\n\
+        rows = list(csv.reader(io.TextIOWrapper(sys.stdin.buffer, encoding='utf-8', newline=''), strict=True))\n\
+        print(json.dumps(rows))";
+    let mut child = std::process::Command::new("python3")
+        .args(["-c", script])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3 runs");
+    let mut stdin = child.stdin.take().unwrap();
+    let input = text.as_bytes().to_vec();
+    let writer = std::thread::spawn(move || std::io::Write::write_all(&mut stdin, &input));
+    let o = child.wait_with_output().unwrap();
+    writer.join().unwrap().unwrap();
+    assert!(o.status.success(), "python csv: {}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+/// `scripts/fhir_check.py` (fhir.resources, R4B models) on one resource.
+fn fhir_check(resource: &[u8]) {
+    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), resource).unwrap();
+    let o = std::process::Command::new("python3")
+        .arg(root.join("scripts/fhir_check.py"))
+        .arg(file.path())
+        .output()
+        .expect("python3 runs (scripts/test installs fhir.resources)");
+    assert!(
+        o.status.success(),
+        "fhir.resources rejects the export:\n{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+#[test]
+fn csv_and_fhir_exports_parse_back_with_independent_tools() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Server::start(&tmp.path().join("data"));
+    // More than one index page (1,000), with the tricky values spread over names and context.
+    let events: Vec<Value> = (0..1100)
+        .map(|i| {
+            let mut e = event(i, "cardiology");
+            e["actor"]["name"] = TRICKY[i % TRICKY.len()].into();
+            e["actor"]["roles"] = json!(["physician", "on-call"]);
+            e["context"] = json!({"note": TRICKY[(i + 3) % TRICKY.len()]});
+            e
+        })
+        .collect();
+    for chunk in events.chunks(550) {
+        assert_eq!(s.post_json("/api/v1/events", &json!(chunk)).status, 201);
+    }
+    // One AuditEvent received over FHIR, stored as received.
+    let balp = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../../shared/corpus/balp/AuditEvent-ex-auditBasicCreate1.json");
+    let resource = std::fs::read(&balp).unwrap();
+    let r = s.request("POST", "/fhir/AuditEvent", "application/fhir+json", &resource);
+    assert_eq!(r.status, 201, "{}", r.text());
+    s.wait_indexed();
+    let total = 1101;
+
+    // CSV, strictly parsed by Python: the header, one row per event, neutralised formulas.
+    let r = s.get("/api/v1/events/export?format=csv");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("content-type"), Some("text/csv; charset=utf-8; header=present"));
+    assert_eq!(r.header("x-export-total"), Some(total.to_string().as_str()));
+    let rows = python_csv(&r.text());
+    assert_eq!(rows.len(), total + 1, "a header and one row per event");
+    let header: Vec<&str> = rows[0].iter().map(String::as_str).collect();
+    assert_eq!(
+        header[..7],
+        ["seq", "id", "occurred_at", "recorded_at", "category", "action", "outcome"]
+    );
+    assert_eq!(header.len(), 31);
+    assert!(rows.iter().all(|r| r.len() == 31));
+    let column = |name: &str| header.iter().position(|h| *h == name).unwrap();
+    let by_id: std::collections::HashMap<&str, &Vec<String>> =
+        rows[1..].iter().map(|r| (r[column("id")].as_str(), r)).collect();
+    for i in [0usize, 1, 2, 3, 4, 5, 6, 1099] {
+        let row = by_id[format!("exp-{i}").as_str()];
+        let sent = TRICKY[i % TRICKY.len()];
+        let expected = if sent.starts_with(['=', '+', '-', '@']) {
+            format!("'{sent}")
+        } else {
+            sent.to_string()
+        };
+        assert_eq!(row[column("actor_name")], expected, "exp-{i}");
+        assert_eq!(row[column("actor_roles")], "physician;on-call");
+        assert_eq!(row[column("patient_id")], format!("MRN{}", i % 5));
+        let context: Value = serde_json::from_str(&row[column("context")]).unwrap();
+        assert_eq!(context["note"], TRICKY[(i + 3) % TRICKY.len()]);
+    }
+    let seqs: Vec<u64> = rows[1..].iter().map(|r| r[column("seq")].parse().unwrap()).collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "oldest first");
+    assert!(rows.iter().flatten().all(|c| !c.starts_with(['=', '+', '-', '@'])), "no live formula");
+    // Chosen by Accept as well; masked for an exporter without patient identifiers.
+    let r = crate::http::request_with_headers(
+        &s.addr,
+        Some(&s.token),
+        "GET",
+        "/api/v1/events/export?patient=MRN3",
+        "",
+        b"",
+        &[("Accept", "text/csv")],
+    );
+    assert_eq!(python_csv(&r.text()).len(), 220 + 1);
+    let body = json!({"name": "exporter", "scopes": ["events:export"]});
+    let r = s.request("POST", "/api/v1/api-keys", "application/json", body.to_string().as_bytes());
+    let exporter = r.json()["key"].as_str().unwrap().to_string();
+    let r = s.request_as(
+        Some(&exporter),
+        "GET",
+        "/api/v1/events/export?format=csv&project=cardiology",
+        "",
+        b"",
+    );
+    let masked = python_csv(&r.text());
+    assert_eq!(masked.len(), 1100 + 1);
+    assert!(masked[1..].iter().all(|r| r[column("patient_id")] == "***"));
+
+    // FHIR: one searchset Bundle, valid for fhir.resources, every event an entry.
+    let r = s.get("/api/v1/events/export?format=fhir");
+    assert_eq!(r.header("content-type"), Some("application/fhir+json"));
+    let bundle = r.json();
+    assert_eq!(
+        (bundle["type"].as_str(), bundle["total"].as_u64()),
+        (Some("searchset"), Some(total as u64))
+    );
+    let entries = bundle["entry"].as_array().unwrap();
+    assert_eq!(entries.len(), total);
+    assert!(entries.iter().all(|e| e["resource"]["resourceType"] == "AuditEvent"));
+    assert!(entries.iter().any(|e| e["resource"]["agent"][0]["who"]["display"] == TRICKY[0]));
+    fhir_check(&r.body);
+    // By Accept, and with no match at all (FHIR has no empty arrays: no `entry`).
+    let r = crate::http::request_with_headers(
+        &s.addr,
+        Some(&s.token),
+        "GET",
+        "/api/v1/events/export?user=nobody",
+        "",
+        b"",
+        &[("Accept", "application/fhir+json")],
+    );
+    assert_eq!(
+        r.json(),
+        json!({"resourceType": "Bundle", "type": "searchset", "timestamp": r.json()["timestamp"], "total": 0})
+    );
+    fhir_check(&r.body);
+    assert_eq!(code(&s.get("/api/v1/events/export?format=xml")), (400, "invalid_parameter".into()));
 }
 
 /// Waits (boundedly) until a search finds at least `n` events; returns them.

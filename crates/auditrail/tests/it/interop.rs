@@ -4,7 +4,7 @@
 use crate::*;
 use std::process::Command;
 
-fn tlogverify() -> Command {
+pub(crate) fn tlogverify() -> Command {
     let path = std::env::var("TLOGVERIFY").expect(
         "set TLOGVERIFY to a built ../shared/tools/tlogverify binary; scripts/test builds it",
     );

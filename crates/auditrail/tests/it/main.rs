@@ -5,6 +5,7 @@ mod archive;
 mod at_rest;
 mod auth;
 mod cli;
+mod evidence;
 mod export;
 mod fhir;
 mod forward;
