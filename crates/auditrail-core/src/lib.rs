@@ -1,5 +1,5 @@
-//! auditrail's pure domain: the event model and its canonical bytes, commitments and leaf
-//! entries, RFC 6962 Merkle hashing and proofs, the C2SP tile layout, checkpoints and signed
+//! auditrail's pure domain: the event model and its canonical bytes, the privacy filter,
+//! commitments and leaf entries, RFC 6962 Merkle hashing and proofs, the C2SP tile layout, checkpoints and signed
 //! notes.
 //!
 //! Architecture invariant: this crate does no I/O, reads no clock and draws no randomness, so
@@ -13,5 +13,6 @@ pub mod leaf;
 pub mod limits;
 pub mod merkle;
 pub mod note;
+pub mod privacy;
 pub mod tile;
 pub mod time;
