@@ -422,6 +422,21 @@ impl Filter {
     /// order); `None` when nothing fired. Indicators already in the text are left alone, so
     /// masking twice changes nothing.
     pub fn mask_text(&self, text: &str) -> Option<(String, Vec<&str>)> {
+        self.mask_text_by(text, |_| true)
+    }
+
+    /// `text` with only its credentials masked (`secret` and `bearer`), for what the server
+    /// records about a request it answered: a query string's search terms are evidence of
+    /// what was looked up, but a token in it is still a token.
+    pub fn mask_credentials(&self, text: &str) -> Option<String> {
+        self.mask_text_by(text, |rule| rule == "secret" || rule == "bearer").map(|(s, _)| s)
+    }
+
+    fn mask_text_by(
+        &self,
+        text: &str,
+        applies: impl Fn(&str) -> bool,
+    ) -> Option<(String, Vec<&str>)> {
         let candidates = self.any.matches(text);
         if !candidates.matched_any() {
             return None;
@@ -434,7 +449,8 @@ impl Filter {
             taken.push((start, start + len + 1, None));
             from = start + len + 1;
         }
-        for (i, rule) in self.rules.iter().enumerate().filter(|(i, _)| candidates.matched(*i)) {
+        let rules = self.rules.iter().enumerate();
+        for (i, rule) in rules.filter(|(i, r)| candidates.matched(*i) && applies(&r.name)) {
             for c in rule.regex.captures_iter(text) {
                 let m = masked_span(&c, rule.span);
                 let overlaps = taken.iter().any(|t| t.0 < m.end() && m.start() < t.1);
@@ -852,6 +868,17 @@ mod tests {
             "password=[REDACTED:secret] [REDACTED:ssn]",
             "password=[REDACTED:secret] [REDACTED:ssn]",
         );
+    }
+
+    #[test]
+    fn credentials_alone_for_the_servers_own_records() {
+        let f = with_mrn();
+        let masked = f.mask_credentials("patient=MRN-0012345&user=a@b.org&access_token=x1");
+        assert_eq!(
+            masked.as_deref(),
+            Some("patient=MRN-0012345&user=a@b.org&access_token=[REDACTED:secret]")
+        );
+        assert_eq!(f.mask_credentials("patient=MRN-0012345"), None);
     }
 
     #[test]
