@@ -146,8 +146,10 @@ struct ValueRule {
 pub struct Filter {
     enabled: bool,
     action: SecretFieldAction,
-    /// The built-in markers apply (the `secret` rule is on).
-    secret_markers: bool,
+    /// [`SECRET_MARKERS`] compacted, when the `secret` rule is on.
+    secret_markers: Vec<String>,
+    /// [`NAMED_VALUES`] of the rules that are on.
+    named_values: Vec<(&'static str, &'static [&'static str])>,
     /// Configured secret names, compacted (lowercase letters and digits).
     secret_names: Vec<String>,
     /// The value rules in the order they claim text: an earlier rule's match wins an overlap.
@@ -232,6 +234,21 @@ fn compact(name: &str) -> String {
     name.chars().filter(char::is_ascii_alphanumeric).map(|c| c.to_ascii_lowercase()).collect()
 }
 
+/// Calls `f` with [`compact`]`(name)`, kept on the stack for the usual short names: this runs
+/// for every free-form member name of every event.
+fn with_compact<R>(name: &str, f: impl FnOnce(&str) -> R) -> R {
+    let mut buf = [0u8; 64];
+    let mut len = 0;
+    for b in name.bytes().filter(u8::is_ascii_alphanumeric) {
+        if len == buf.len() {
+            return f(&compact(name));
+        }
+        buf[len] = b.to_ascii_lowercase();
+        len += 1;
+    }
+    f(std::str::from_utf8(&buf[..len]).expect("ASCII letters and digits"))
+}
+
 /// The words of a name: split at anything but letters and digits and at lowercase-to-uppercase
 /// steps (`socialSecurityNumber` is social, security, number), lowercased.
 fn words(name: &str) -> Vec<String> {
@@ -289,14 +306,18 @@ impl Filter {
             secret_names.push(c);
         }
         let on = |name: &str| config.enabled && !config.disabled_rules.iter().any(|d| d == name);
-        let secret_markers = on("secret");
+        let secret_markers: Vec<String> = if on("secret") {
+            SECRET_MARKERS.iter().map(|m| m.concat()).collect()
+        } else {
+            Vec::new()
+        };
         // The names whose `name=value` is masked in text: a marker anywhere in a name, or a
         // configured name whole; `api_key`, `api-key` and `apiKey` alike.
         let spelled = |words: &[&str]| {
             words.iter().map(|w| regex::escape(w)).collect::<Vec<_>>().join("[-_. ]?")
         };
         let mut keys = Vec::new();
-        if secret_markers {
+        if !secret_markers.is_empty() {
             let markers: Vec<String> = SECRET_MARKERS.iter().map(|m| spelled(m)).collect();
             keys.push(format!("[A-Za-z0-9_.-]*(?:{})[A-Za-z0-9_.-]*", markers.join("|")));
         }
@@ -354,6 +375,7 @@ impl Filter {
             enabled: config.enabled,
             action: config.secret_field_action,
             secret_markers,
+            named_values: NAMED_VALUES.iter().copied().filter(|(rule, _)| on(rule)).collect(),
             secret_names: if config.enabled { secret_names } else { Vec::new() },
             rules,
             any,
@@ -391,29 +413,30 @@ impl Filter {
     }
 
     fn is_secret_name(&self, name: &str) -> bool {
-        if !self.secret_markers && self.secret_names.is_empty() {
+        if self.secret_markers.is_empty() && self.secret_names.is_empty() {
             return false;
         }
-        let c = compact(name);
-        (self.secret_markers && SECRET_MARKERS.iter().any(|m| c.contains(&m.concat())))
-            || self.secret_names.contains(&c)
+        with_compact(name, |c| {
+            self.secret_markers.iter().any(|m| c.contains(m.as_str()))
+                || self.secret_names.iter().any(|n| n == c)
+        })
     }
 
     /// The rule a member's name gives its whole value (`patient_ssn`: `ssn`), when it is on.
     /// A name this filter masked (`[REDACTED:ssn]`) names nothing.
     fn named_rule(&self, name: &str) -> Option<&'static str> {
-        if name.starts_with("[REDACTED:")
-            || !self.rules.iter().any(|r| r.name == "ssn" || r.name == "dob")
-        {
+        // Most names hold none of the words even as a substring: say so without splitting.
+        let mentioned = with_compact(name, |c| {
+            self.named_values.iter().any(|(_, names)| names.iter().any(|n| c.contains(n)))
+        });
+        if !mentioned || name.starts_with("[REDACTED:") {
             return None;
         }
         let w = words(name);
-        let (rule, _) = NAMED_VALUES.iter().find(|(rule, names)| {
-            self.rules.iter().any(|r| r.name == *rule)
-                && (0..w.len()).any(|i| {
-                    (1..=3)
-                        .any(|n| i + n <= w.len() && names.contains(&w[i..i + n].concat().as_str()))
-                })
+        let (rule, _) = self.named_values.iter().find(|(_, names)| {
+            (0..w.len()).any(|i| {
+                (1..=3).any(|n| i + n <= w.len() && names.contains(&w[i..i + n].concat().as_str()))
+            })
         })?;
         Some(rule)
     }
