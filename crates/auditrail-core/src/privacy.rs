@@ -158,7 +158,7 @@ pub struct Filter {
     any: RegexSet,
 }
 
-/// The built-in value rules' regexes. `\b`, `\d` and `\B` are made ASCII-only when compiled
+/// The built-in value rules' regexes. `\b` and `\d` are made ASCII-only when compiled
 /// (see [`ascii`]); a capture group marks the part masked when the rest is context.
 fn built_in_regex(name: &str, secret_keys: &str) -> String {
     match name {
