@@ -5,6 +5,7 @@
 //! executable form, and a test checks that both accept and reject the same fixtures.
 
 use crate::limits::*;
+use crate::privacy::Redactions;
 use crate::time::{UnixMillis, format_millis, parse_rfc3339};
 use serde_json::{Map, Value};
 use std::net::IpAddr;
@@ -40,8 +41,9 @@ pub struct ClientEvent {
     fields: Map<String, Value>,
 }
 
-/// Fields the server assigns; a client may send `id` but never these.
-pub const SERVER_FIELDS: [&str; 2] = ["seq", "recorded_at"];
+/// Fields the server assigns; a client may send `id` but never these. `redactions` is the
+/// privacy filter's record of what it masked (`crate::privacy`).
+pub const SERVER_FIELDS: [&str; 3] = ["seq", "recorded_at", "redactions"];
 
 struct Checker {
     errors: Vec<FieldError>,
@@ -154,6 +156,7 @@ const TOP_LEVEL: &[&str] = &[
     "fhir",
     "seq",
     "recorded_at",
+    "redactions",
 ];
 
 impl ClientEvent {
@@ -412,17 +415,7 @@ impl ClientEvent {
 
     /// Parses and validates one JSON document.
     pub fn from_json(bytes: &[u8]) -> Result<ClientEvent, InvalidEvent> {
-        if bytes.len() > EVENT_BYTES_MAX {
-            return Err(too_large());
-        }
-        let value: Value = serde_json::from_slice(bytes).map_err(|e| {
-            InvalidEvent(vec![FieldError {
-                field: String::new(),
-                code: "invalid_json",
-                message: format!("not valid JSON: {e}"),
-            }])
-        })?;
-        ClientEvent::validate(value)
+        ClientEvent::validate(parse_json(bytes)?)
     }
 
     /// The client's idempotency key, if it sent one.
@@ -442,6 +435,28 @@ impl ClientEvent {
     pub fn fields(&self) -> &Map<String, Value> {
         &self.fields
     }
+
+    /// Records what the privacy filter masked, when it masked anything.
+    pub fn with_redactions(mut self, redactions: &Redactions) -> ClientEvent {
+        if !redactions.is_empty() {
+            self.fields.insert("redactions".into(), redactions.to_json());
+        }
+        self
+    }
+}
+
+/// Parses one JSON document of at most [`EVENT_BYTES_MAX`] bytes (not yet validated).
+pub fn parse_json(bytes: &[u8]) -> Result<Value, InvalidEvent> {
+    if bytes.len() > EVENT_BYTES_MAX {
+        return Err(too_large());
+    }
+    serde_json::from_slice(bytes).map_err(|e| {
+        InvalidEvent(vec![FieldError {
+            field: String::new(),
+            code: "invalid_json",
+            message: format!("not valid JSON: {e}"),
+        }])
+    })
 }
 
 fn too_large() -> InvalidEvent {

@@ -17,6 +17,12 @@ pub const CHANGES_MAX: usize = 64;
 pub const CONTEXT_ENTRIES_MAX: usize = 32;
 /// How deeply a client may nest JSON anywhere in an event (`changes` values).
 pub const JSON_DEPTH_MAX: usize = 8;
+/// Patterns an operator may add to the privacy filter.
+pub const PRIVACY_PATTERNS_MAX: usize = 32;
+/// `(rule, field)` pairs recorded in an event's `redactions` (every rule that fired is listed
+/// even beyond it), and the longest field path recorded.
+pub const REDACTIONS_MAX: usize = 64;
+pub const REDACTED_FIELD_BYTES_MAX: usize = 256;
 /// The longest leaf entry: tlog-tiles frames entries with a `u16` length.
 pub const LEAF_ENTRY_BYTES_MAX: usize = u16::MAX as usize;
 

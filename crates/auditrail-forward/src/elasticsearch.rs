@@ -1,6 +1,7 @@
 //! The Elasticsearch / OpenSearch destination: an index template installed once at start
-//! (`PUT _index_template/<template>`, idempotent), then `_bulk` requests of `index` actions
-//! with `_id` = the event's `id`, so sending an event twice leaves one document.
+//! (`PUT _index_template/<template>`, idempotent) and the fields added since mapping version 1
+//! put on the index if it exists, then `_bulk` requests of `index` actions with `_id` =
+//! the event's `id`, so sending an event twice leaves one document.
 //!
 //! Per-item answers decide each event's fate: 2xx delivered; 429 and 5xx retried after a
 //! backoff; any other status (a mapping error, say) refused for good, reported with its seq
@@ -40,7 +41,7 @@ pub fn index_template(index: &str) -> Value {
     json!({
         "index_patterns": [index],
         "priority": 500,
-        "_meta": {"managed_by": "auditrail", "mapping_version": 1},
+        "_meta": {"managed_by": "auditrail", "mapping_version": 2},
         "template": {
             "mappings": {
                 "dynamic": "strict",
@@ -73,10 +74,18 @@ pub fn index_template(index: &str) -> Value {
                     "changes": {"type": "object", "dynamic": false, "properties": {"field": kw()}},
                     "context": {"type": "object", "dynamic": false},
                     "fhir": {"type": "object", "enabled": false},
+                    "redactions": redactions_mapping(),
                 }
             }
         }
     })
+}
+
+/// `redactions` (the privacy filter's record, mapped since version 2). An index created under
+/// version 1 lacks it and, being `strict`, would refuse every event carrying it, so it is put
+/// on the existing index at start too.
+fn redactions_mapping() -> Value {
+    json!({"properties": {"rule": {"type": "keyword"}, "field": {"type": "keyword"}}})
 }
 
 #[derive(Deserialize)]
@@ -194,6 +203,20 @@ impl Elasticsearch {
             return Err(ForwardError::Unavailable(format!(
                 "installing the index template {}: HTTP {status}: {}",
                 self.template,
+                crate::status::truncate(String::from_utf8_lossy(&body).into_owned(), 512)
+            )));
+        }
+        // A new property may be added to an existing strict mapping; 404: no index yet, and
+        // the template will create it complete.
+        let request = self
+            .request(reqwest::Method::PUT, &format!("{}/_mapping", self.index))
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(json!({"properties": {"redactions": redactions_mapping()}}).to_string());
+        let (status, body) = self.call(request, "adding fields to the index mapping").await?;
+        if !(200..300).contains(&status) && status != 404 {
+            return Err(ForwardError::Unavailable(format!(
+                "adding fields to the mapping of {}: HTTP {status}: {}",
+                self.index,
                 crate::status::truncate(String::from_utf8_lossy(&body).into_owned(), 512)
             )));
         }
@@ -356,7 +379,7 @@ mod tests {
                 }
             }
         }
-        for name in ["seq", "recorded_at"] {
+        for name in ["seq", "recorded_at", "redactions"] {
             assert!(mapped.get(name).is_some(), "{name} is not in the mapping");
         }
         assert_eq!(mapped["actor"]["properties"]["ip"]["type"], "ip");

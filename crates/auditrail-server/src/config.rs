@@ -103,6 +103,9 @@ pub struct Config {
     /// directory alone is unreadable; unset: `<data>/keys/master.keys`. Must be mode 0600
     /// (or stricter).
     pub master_key_file: Option<PathBuf>,
+    /// The privacy filter every ingest path runs (`[privacy]`; `AUDITRAIL_PRIVACY_*`): on by
+    /// default with the built-in rules. docs/privacy.md.
+    pub privacy: auditrail_core::privacy::PrivacyConfig,
     /// The master key text itself, from `AUDITRAIL_MASTER_KEYS` only (never from the file):
     /// for containers and secret managers.
     #[serde(skip)]
@@ -176,6 +179,7 @@ impl Default for Config {
             trusted_proxies: Vec::new(),
             export_destinations: Vec::new(),
             master_key_file: None,
+            privacy: auditrail_core::privacy::PrivacyConfig::default(),
             master_keys: None,
         }
     }
@@ -307,6 +311,8 @@ impl Config {
             auditrail_archive::destination::Destination::open(url)
                 .map_err(|e| format!("export_destinations: {e}"))?;
         }
+        // A bad pattern stops the server at start, never the first event that reaches it.
+        auditrail_core::privacy::Filter::new(&self.privacy).map_err(|e| e.to_string())?;
         crate::retention::policy(self).check(self.retention_force)?;
         self.master_key_source()?;
         self.forward.check().map_err(|e| e.to_string())?;
@@ -350,6 +356,15 @@ impl Config {
             (!v.is_empty()).then(|| PathBuf::from(v))
         }
         if self.forward.set(key, value)? {
+            return Ok(());
+        }
+        // `AUDITRAIL_PRIVACY_PATTERN_MRN='MRN-?[0-9]{6,10}'`: one variable per pattern, since a
+        // regular expression may hold any separator; empty removes it.
+        if let Some(name) = key.strip_prefix("privacy_pattern_") {
+            match value {
+                "" => self.privacy.patterns.remove(name),
+                _ => self.privacy.patterns.insert(name.to_string(), value.to_string()),
+            };
             return Ok(());
         }
         match key {
@@ -414,6 +429,12 @@ impl Config {
             "export_destinations" => self.export_destinations = list(value),
             // `10.0.0.0/8,192.0.2.10`, or empty
             "trusted_proxies" => self.trusted_proxies = list(value),
+            "privacy_enabled" => self.privacy.enabled = flag(value)?,
+            // `phone,dob`, or empty
+            "privacy_disabled_rules" => self.privacy.disabled_rules = list(value),
+            // `pin_code,otp`, or empty
+            "privacy_secret_fields" => self.privacy.secret_fields = list(value),
+            "privacy_secret_field_action" => self.privacy.secret_field_action = value.parse()?,
             "master_key_file" => {
                 self.master_key_file = (!value.is_empty()).then(|| PathBuf::from(value))
             }
@@ -518,6 +539,43 @@ mod tests {
         let env = [("AUDITRAIL_FORWARD_SYSLOG_ADDRESS".to_string(), "nohost".to_string())];
         let e = Config::load(None, env).unwrap_err().to_string();
         assert!(e.contains("host:port"), "{e}");
+    }
+}
+
+#[cfg(test)]
+mod privacy_tests {
+    use super::*;
+    use auditrail_core::privacy::SecretFieldAction;
+
+    #[test]
+    fn privacy_table_then_environment_and_bad_patterns_stop_the_start() {
+        assert!(Config::load(None, []).unwrap().privacy.enabled, "on by default");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("auditrail.toml");
+        let text = "[privacy]\ndisabled_rules = [\"phone\"]\nsecret_fields = [\"pin\"]\n\
+                    secret_field_action = \"drop\"\n[privacy.patterns]\nmrn = 'MRN-?\\d{6,10}'\n";
+        std::fs::write(&path, text).unwrap();
+        let env = [
+            ("AUDITRAIL_PRIVACY_SECRET_FIELDS".to_string(), "pin, otp".to_string()),
+            ("AUDITRAIL_PRIVACY_PATTERN_BADGE".to_string(), "B[0-9]{5}".to_string()),
+        ];
+        let c = Config::load(Some(&path), env).unwrap();
+        assert_eq!(c.privacy.disabled_rules, ["phone"]);
+        assert_eq!(c.privacy.secret_fields, ["pin", "otp"]);
+        assert_eq!(c.privacy.secret_field_action, SecretFieldAction::Drop);
+        assert_eq!(c.privacy.patterns["mrn"], r"MRN-?\d{6,10}");
+        assert_eq!(c.privacy.patterns["badge"], "B[0-9]{5}");
+
+        let env = [("AUDITRAIL_PRIVACY_PATTERN_MRN".to_string(), "MRN[0-9".to_string())];
+        let e = Config::load(Some(&path), env).unwrap_err().to_string();
+        assert!(e.contains("privacy: patterns.mrn: not a valid regular expression"), "{e}");
+        let env = [("AUDITRAIL_PRIVACY_DISABLED_RULES".to_string(), "fone".to_string())];
+        let e = Config::load(None, env).unwrap_err().to_string();
+        assert!(e.contains("\"fone\" is not a built-in rule"), "{e}");
+        let env = [("AUDITRAIL_PRIVACY_SECRET_FIELD_ACTION".to_string(), "hide".to_string())];
+        assert!(Config::load(None, env).unwrap_err().to_string().contains("mask or drop"));
+        std::fs::write(&path, "[privacy]\nenable = false\n").unwrap();
+        assert!(Config::load(Some(&path), []).unwrap_err().to_string().contains("enable"));
     }
 }
 

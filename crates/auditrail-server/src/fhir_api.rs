@@ -8,7 +8,7 @@ use crate::openapi::OperationOutcome;
 use crate::openapi::{AuditEvent, AuditEventOrOutcome, Bundle, CapabilityStatement};
 use crate::query::{find_by_id, pairs};
 use crate::{ApiError, SharedState, blocking};
-use auditrail_core::event::ClientEvent;
+use auditrail_core::event::{ClientEvent, InvalidEvent};
 use auditrail_core::fhir::{self, Issue, Search, Sort};
 use auditrail_core::time::format_millis;
 use auditrail_index::Query;
@@ -102,24 +102,30 @@ fn parse_resource(bytes: &[u8]) -> Result<Value, FhirError> {
 /// with its stored view) and the warnings it is stored with.
 type Mapped = (auditrail_core::event::PreparedEvent, Map<String, Value>, Vec<Issue>);
 
-/// Maps one received AuditEvent to a prepared native event plus its warnings.
+/// Masks one received AuditEvent (see `auditrail_core::privacy`), then maps it to a prepared
+/// native event plus its warnings. Masking comes first, so the native fields mapped from the
+/// resource, the warnings and the stored resource all see only the masked text.
 fn map_audit_event(
     resource: &Value,
     at: &str,
     writable: &crate::auth::Scope,
+    privacy: &auditrail_core::privacy::Filter,
 ) -> Result<Mapped, Vec<Issue>> {
-    let (map, warnings) = fhir::to_canonical(resource).map_err(|issues| prefix(issues, at))?;
-    let prepared = crate::ingest::check_project(&map, writable)
-        .map_err(auditrail_core::event::InvalidEvent)
-        .and_then(|_| ClientEvent::validate(Value::Object(map.clone())))
-        .and_then(ClientEvent::prepare)
-        .map_err(|e| {
-            e.0.iter()
-                .map(|f| {
-                    Issue::error("invalid", format!("{}: {} ({})", f.field, f.message, f.code), at)
-                })
-                .collect::<Vec<_>>()
-        })?;
+    let mut resource = resource.clone();
+    let redactions = privacy.mask_audit_event(&mut resource);
+    let (map, warnings) = fhir::to_canonical(&resource).map_err(|issues| prefix(issues, at))?;
+    let invalid = |e: InvalidEvent| {
+        e.0.iter()
+            .map(|f| {
+                Issue::error("invalid", format!("{}: {} ({})", f.field, f.message, f.code), at)
+            })
+            .collect::<Vec<_>>()
+    };
+    crate::ingest::check_project(&map, writable).map_err(|e| invalid(InvalidEvent(e)))?;
+    let event =
+        ClientEvent::validate(Value::Object(map)).map_err(invalid)?.with_redactions(&redactions);
+    let map = event.fields().clone();
+    let prepared = event.prepare().map_err(invalid)?;
     Ok((prepared, map, warnings))
 }
 
@@ -173,7 +179,9 @@ non-conformance (BALP); only a resource that cannot be mapped to an event is ref
 answer is the stored resource (with `id` and `meta.lastUpdated`), or, when the resource drew \
 warnings or with `Prefer: return=OperationOutcome`, an OperationOutcome listing them; \
 `Prefer: return=representation` always returns the resource. The answer comes once the event \
-is durable.",
+is durable. Secrets and identifiers in free text are masked before anything else \
+(docs/privacy.md); the stored resource then carries the security label `REDACTED` and one \
+`https://auditrail.dev/fhir/StructureDefinition/redaction` extension per masked field.",
     params(
         ("Prefer" = Option<String>, Header, description = "`return=representation` or `return=OperationOutcome`."),
     ),
@@ -210,7 +218,7 @@ pub async fn create(
     let bytes = read_body(body, state.config.body_bytes_max).await?;
     let resource = parse_resource(&bytes)?;
     let writable = principal.scope(crate::auth::roles::Permission::EventsWrite);
-    let (prepared, map, warnings) = map_audit_event(&resource, "", &writable)
+    let (prepared, map, warnings) = map_audit_event(&resource, "", &writable, &state.privacy)
         .map_err(|issues| FhirError { status: StatusCode::BAD_REQUEST, issues })?;
     let receipts = append(&state, vec![prepared], bytes.len()).await?;
     let r = &receipts[0];
@@ -328,7 +336,7 @@ pub async fn bundle(
                 continue;
             }
         }
-        match map_audit_event(resource, &format!("{at}.resource"), &writable) {
+        match map_audit_event(resource, &format!("{at}.resource"), &writable, &state.privacy) {
             Ok((p, m, w)) => {
                 prepared.push(p);
                 maps.push(m);

@@ -6,6 +6,7 @@ use crate::openapi::{BulkFailure, BulkResult, ErrorBody, EventOrEvents, ReceiptO
 use crate::{ApiError, SharedState, blocking};
 use auditrail_core::event::{ClientEvent, FieldError, PreparedEvent};
 use auditrail_core::limits::EVENT_BYTES_MAX;
+use auditrail_core::privacy::Filter;
 use auditrail_store::Receipt;
 use axum::body::{Body, Bytes};
 use axum::extract::State;
@@ -106,9 +107,13 @@ pub fn check_project(
     }])
 }
 
-/// Validates and prepares one event given as JSON, written by a caller who may write to
-/// `writable` projects.
-pub fn prepare(v: Value, writable: &crate::auth::Scope) -> Result<PreparedEvent, Vec<FieldError>> {
+/// Masks (see `auditrail_core::privacy`), validates and prepares one event given as JSON,
+/// written by a caller who may write to `writable` projects.
+pub fn prepare(
+    v: Value,
+    writable: &crate::auth::Scope,
+    privacy: &Filter,
+) -> Result<PreparedEvent, Vec<FieldError>> {
     if let Value::Object(m) = &v {
         check_project(m, writable)?;
     }
@@ -125,7 +130,7 @@ pub fn prepare(v: Value, writable: &crate::auth::Scope) -> Result<PreparedEvent,
             message: "repository is reserved for the events auditrail records about itself".into(),
         }]);
     }
-    ClientEvent::validate(v).and_then(ClientEvent::prepare).map_err(|e| e.0)
+    privacy.validate(v).and_then(ClientEvent::prepare).map_err(|e| e.0)
 }
 
 /// Appends prepared events once the byte budget allows; answers 503 at once when it does not.
@@ -181,7 +186,8 @@ fn rejected(state: &SharedState, e: ApiError) -> ApiError {
 events (the answer is `receipts`, in order). An array is all or nothing: one invalid event \
 rejects the request and nothing is stored. The answer comes only once the events are durable. \
 An event whose `id` is already stored is not stored again: its original receipt comes back \
-with `duplicate: true`.",
+with `duplicate: true`. Before validation, secrets and identifiers in free text are masked \
+(docs/privacy.md); the stored event lists what fired in `redactions`.",
     request_body(
         content = EventOrEvents,
         content_type = "application/json",
@@ -233,7 +239,7 @@ async fn post_events_inner(
             let mut prepared = Vec::with_capacity(items.len());
             let mut errors = Vec::new();
             for (i, item) in items.into_iter().enumerate() {
-                match prepare(item, writable) {
+                match prepare(item, writable, &state.privacy) {
                     Ok(p) => prepared.push(p),
                     Err(e) => errors.extend(prefix_fields(e, &format!("[{i}]."))),
                 }
@@ -248,7 +254,8 @@ async fn post_events_inner(
             Ok((status, axum::Json(body)).into_response())
         }
         Value::Object(_) => {
-            let prepared = prepare(value, writable).map_err(ApiError::invalid_event)?;
+            let prepared =
+                prepare(value, writable, &state.privacy).map_err(ApiError::invalid_event)?;
             let receipts = append(state, vec![prepared], bytes.len()).await?;
             let r = &receipts[0];
             let status = if r.duplicate { StatusCode::OK } else { StatusCode::CREATED };
@@ -278,7 +285,7 @@ struct Bulk {
 }
 
 impl Bulk {
-    fn add_line(&mut self, number: usize, text: &[u8]) {
+    fn add_line(&mut self, privacy: &Filter, number: usize, text: &[u8]) {
         let result = if text.len() > EVENT_BYTES_MAX {
             Err(ApiError::too_large(format!("an event holds at most {EVENT_BYTES_MAX} bytes")))
         } else {
@@ -286,7 +293,7 @@ impl Bulk {
                 .map_err(|e| ApiError::bad_request("invalid_json", format!("not JSON: {e}")))
                 .and_then(|v| {
                     if v.is_object() {
-                        prepare(v, &self.writable).map_err(ApiError::invalid_event)
+                        prepare(v, &self.writable, privacy).map_err(ApiError::invalid_event)
                     } else {
                         Err(ApiError::bad_request("wrong_type", "each line must be a JSON object"))
                     }
@@ -325,7 +332,7 @@ order; every non-blank line gets its own result (a receipt, or an error with the
 have had alone), so one bad line costs only itself. The answer comes once the stored lines are \
 durable. When the request fails part way (the body exceeds its limit, the log refuses writes), \
 the answer carries the error and the results of the lines read before it: those stored are \
-durable.",
+durable. Each line is masked like a single event (docs/privacy.md).",
     request_body(
         description = "NDJSON: one event per line, each matching schema/event.schema.json.",
         content(
@@ -434,7 +441,7 @@ async fn bulk_inner(
             line_no += 1;
             let line = line.strip_suffix(b"\r").unwrap_or(line);
             if !line.iter().all(u8::is_ascii_whitespace) {
-                bulk.add_line(line_no, line);
+                bulk.add_line(&state.privacy, line_no, line);
             }
             start += nl + 1;
         }
@@ -443,7 +450,7 @@ async fn bulk_inner(
             line_no += 1;
             let line = std::mem::take(&mut pending);
             if !line.iter().all(u8::is_ascii_whitespace) {
-                bulk.add_line(line_no, &line);
+                bulk.add_line(&state.privacy, line_no, &line);
             }
         }
         if pending.len() > EVENT_BYTES_MAX + 1024 {

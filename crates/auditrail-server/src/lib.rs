@@ -125,6 +125,8 @@ pub struct AppState {
     pub forwarding: auditrail_forward::Forwarding,
     /// Scheduled backup's progress, when `archive_url` is set.
     pub backup: Option<Arc<backup::BackupMonitor>>,
+    /// Masks secrets and identifiers in every event before it is stored (docs/privacy.md).
+    pub privacy: auditrail_core::privacy::Filter,
     /// Accounts, sessions and the repository's record of its own use.
     pub auth: auth::Auth,
     /// Alert rules, alerts and their deliveries.
@@ -503,6 +505,8 @@ pub fn start(config: Config) -> Result<Service, String> {
         );
     }
     config.check()?;
+    let privacy =
+        auditrail_core::privacy::Filter::new(&config.privacy).map_err(|e| e.to_string())?;
     let options = auditrail_store::Options {
         publish_interval_ms: config.publish_interval_ms,
         segment_bytes_max: config.segment_bytes_max,
@@ -554,6 +558,7 @@ pub fn start(config: Config) -> Result<Service, String> {
     )?;
     let state = Arc::new(AppState {
         alerts,
+        privacy,
         auth,
         login_limiter: auth::http::RateLimiter::default(),
         forwarding,

@@ -208,15 +208,19 @@ pub struct RetentionSection {
 
 /// One audit event as a client sends it: a JSON object. Its schema is the JSON Schema
 /// `schema/event.schema.json` (draft 2020-12, `$id` https://auditrail.dev/schema/event/v1):
-/// `action` and `outcome` are required, unknown fields are rejected, `seq` and `recorded_at`
-/// are assigned by the server, and `id` (an idempotency key) is assigned when absent.
+/// `action` and `outcome` are required, unknown fields are rejected, `seq`, `recorded_at` and
+/// `redactions` are assigned by the server, and `id` (an idempotency key) is assigned when
+/// absent. Before validation the privacy filter masks secrets and identifiers in free text
+/// (docs/privacy.md), so what is stored never holds them.
 #[derive(Debug, Deserialize, ToSchema)]
 #[schema(value_type = Object)]
 pub struct Event(pub Value);
 
-/// A stored event: the object the client sent (see `schema/event.schema.json`) plus the
-/// server-assigned `id` (when the client gave none), `seq` (its position in the log) and
-/// `recorded_at` (RFC 3339, when the server stored it).
+/// A stored event: the object the client sent (see `schema/event.schema.json`) as the privacy
+/// filter masked it, plus the server-assigned `id` (when the client gave none), `seq` (its
+/// position in the log), `recorded_at` (RFC 3339, when the server stored it) and, when the
+/// filter masked anything, `redactions`: `[{"rule": "ssn", "field": "context.note"}, ...]`,
+/// each rule that fired and where, never the value (`$defs/redactions` of the schema).
 #[derive(Debug, Deserialize, ToSchema)]
 #[schema(value_type = Object)]
 pub struct StoredEvent(pub Value);

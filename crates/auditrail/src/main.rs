@@ -11,7 +11,8 @@ mod bench_http;
 mod generator;
 
 use anyhow::{Context as _, Result, bail};
-use auditrail_core::event::{ClientEvent, PreparedEvent};
+use auditrail_core::event::{InvalidEvent, PreparedEvent, parse_json};
+use auditrail_core::privacy::Filter;
 use auditrail_store::audit::audit;
 use auditrail_store::io::StdIo;
 use auditrail_store::keys::{Keys, MasterKeySource};
@@ -115,12 +116,17 @@ enum Command {
         #[command(subcommand)]
         command: KeyCommand,
     },
-    /// Append NDJSON events durably; prints one JSON summary line.
+    /// Append NDJSON events durably; prints one JSON summary line. Events pass the same
+    /// privacy filter as under `serve` (the `[privacy]` settings of --config and
+    /// AUDITRAIL_PRIVACY_* variables).
     Import {
         #[command(flatten)]
         dir: DataDir,
         /// A file of one JSON event per line, or '-' for standard input.
         file: PathBuf,
+        /// The server's TOML settings file, for its `[privacy]` section [AUDITRAIL_CONFIG].
+        #[arg(long)]
+        config: Option<PathBuf>,
         /// Events per append (one block, one fsync, all or nothing).
         #[arg(long, default_value_t = 8192)]
         chunk_lines: usize,
@@ -283,8 +289,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Key { command: KeyCommand::Rewrap { dir, retire_old } } => {
             rewrap(&dir, retire_old)?
         }
-        Command::Import { dir, file, chunk_lines, report_chunks } => {
-            return import(&dir, &file, chunk_lines, report_chunks);
+        Command::Import { dir, file, config, chunk_lines, report_chunks } => {
+            let config = config.or_else(|| std::env::var_os("AUDITRAIL_CONFIG").map(PathBuf::from));
+            let settings = auditrail_server::Config::load(config.as_deref(), std::env::vars())?;
+            let privacy = Filter::new(&settings.privacy)?;
+            return import(&dir, &file, &privacy, chunk_lines, report_chunks);
         }
         Command::Export { dir, from, to } => export(&dir, from, to)?,
         Command::Verify { dir } => return verify(&dir),
@@ -578,7 +587,13 @@ fn rewrap(dir: &DataDir, retire_old: bool) -> Result<()> {
     Ok(())
 }
 
-fn import(dir: &DataDir, file: &Path, chunk_lines: usize, report_chunks: bool) -> Result<ExitCode> {
+fn import(
+    dir: &DataDir,
+    file: &Path,
+    privacy: &Filter,
+    chunk_lines: usize,
+    report_chunks: bool,
+) -> Result<ExitCode> {
     anyhow::ensure!(chunk_lines > 0, "--chunk-lines must be at least 1");
     let from_stdin = file == Path::new("-");
     let open = || -> Result<Box<dyn std::io::BufRead>> {
@@ -600,7 +615,7 @@ fn import(dir: &DataDir, file: &Path, chunk_lines: usize, report_chunks: bool) -
             if line.trim().is_empty() {
                 continue;
             }
-            if let Err(e) = ClientEvent::from_json(line.as_bytes()).and_then(ClientEvent::prepare) {
+            if let Err(e) = prepare(privacy, &line) {
                 bail!("line {}: {e}; nothing was imported", n + 1);
             }
         }
@@ -636,7 +651,7 @@ fn import(dir: &DataDir, file: &Path, chunk_lines: usize, report_chunks: bool) -
         if line.trim().is_empty() {
             continue;
         }
-        match ClientEvent::from_json(line.as_bytes()).and_then(ClientEvent::prepare) {
+        match prepare(privacy, &line) {
             Ok(e) => chunk.push(e),
             Err(e) => {
                 bail!(
@@ -660,6 +675,11 @@ fn import(dir: &DataDir, file: &Path, chunk_lines: usize, report_chunks: bool) -
     }
     println!("{summary}");
     Ok(ExitCode::SUCCESS)
+}
+
+/// One line of an import: parsed, masked, validated and prepared, as the server would.
+fn prepare(privacy: &Filter, line: &str) -> Result<PreparedEvent, InvalidEvent> {
+    privacy.validate(parse_json(line.as_bytes())?)?.prepare()
 }
 
 fn export(dir: &DataDir, from: u64, to: Option<u64>) -> Result<()> {

@@ -23,6 +23,8 @@ struct Cluster {
     /// How often each `_id` was written (a redelivery writes it again).
     writes: HashMap<String, u32>,
     templates: HashMap<String, Value>,
+    /// Mappings put on an existing index (`PUT <index>/_mapping`), by index.
+    mappings: HashMap<String, Value>,
     /// Every request answers 503.
     unavailable: bool,
     /// Per `_id`: how many more times its item answers 429.
@@ -53,6 +55,21 @@ async fn put_template(
     }
     let template: Value = serde_json::from_slice(&body).unwrap();
     c.templates.insert(name, template);
+    axum::Json(json!({"acknowledged": true})).into_response()
+}
+
+async fn put_mapping(
+    State(c): State<Shared>,
+    Path(index): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let mut c = c.lock().unwrap();
+    c.authorizations.push(auth(&headers));
+    if c.unavailable {
+        return (StatusCode::SERVICE_UNAVAILABLE, "cluster unavailable").into_response();
+    }
+    c.mappings.insert(index, serde_json::from_slice(&body).unwrap());
     axum::Json(json!({"acknowledged": true})).into_response()
 }
 
@@ -129,6 +146,7 @@ impl FakeEs {
         let app = Router::new()
             .route("/_bulk", post(bulk))
             .route("/_index_template/{name}", put(put_template))
+            .route("/{index}/_mapping", put(put_mapping))
             .with_state(self.cluster.clone());
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(async move {
@@ -236,6 +254,9 @@ async fn bulk_partial_failures_outages_redelivery_and_restart() {
         assert_eq!(mapping["dynamic"], "strict");
         assert_eq!(mapping["properties"]["seq"]["type"], "long");
         assert_eq!(mapping["properties"]["patient"]["properties"]["id"]["type"], "keyword");
+        // An index made under mapping version 1 gets the fields added since.
+        let added = &c.mappings["audit-test"]["properties"]["redactions"]["properties"];
+        assert_eq!(added["rule"]["type"], "keyword");
         assert!(
             c.authorizations.iter().all(|a| a == "ApiKey aWQ6c2VjcmV0"),
             "{:?}",

@@ -166,9 +166,11 @@ pub async fn authorize(State(state): State<SharedState>, mut req: Request, next:
     };
     let request = |status: u16| {
         // The route pattern, never the concrete path: an id may be a patient's identifier in a
-        // FHIR reference. The query string carries the parameters.
+        // FHIR reference. The query string carries the parameters (what was searched for is
+        // the record; a credential a client put there is masked).
         let mut r = json!({"method": method.as_str(), "path": path, "status": status});
         if let Some(q) = &query {
+            let q = state.privacy.mask_credentials(q).unwrap_or_else(|| q.clone());
             r["query"] = q.chars().take(4000).collect::<String>().into();
         }
         r

@@ -340,7 +340,7 @@ fn canaries_never_reach_the_server_output_or_rest_in_the_clear() {
     ]);
     curl(&["-H", &auth, &format!("{base}/api/v1/events?patient={patient}")]);
     std::thread::sleep(std::time::Duration::from_millis(1500));
-    let log = s.stderr();
+    let log = s.output();
     assert!(s.stop().success());
     let secrets =
         [patient, password, one_time.as_str(), token.as_str(), refresh.as_str(), s_token(&auth)];

@@ -81,7 +81,7 @@ fn searches_for(r: &Value) -> Vec<String> {
     out
 }
 
-fn fhir_check(resources: &[Value]) {
+pub(crate) fn fhir_check(resources: &[Value]) {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
     let file = tempfile::NamedTempFile::new().unwrap();
     let ndjson: String = resources.iter().map(|r| r.to_string() + "\n").collect();

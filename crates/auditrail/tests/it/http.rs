@@ -1,7 +1,7 @@
 //! A running `auditrail serve` on 127.0.0.1:0 and a minimal HTTP/1.1 client for talking to it
 //! (one connection per request, so each test step is independent).
 
-use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+use std::io::{BufRead, BufReader, Read as _, Write as _};
 use std::net::TcpStream;
 use std::path::Path;
 use std::process::{Child, Stdio};
@@ -15,8 +15,19 @@ pub struct Server {
     /// Events in the log when the server started (the repository's own record of its first
     /// administrator and of the test's key included): the seq of the test's first event.
     pub base: u64,
-    /// What the server wrote to stderr so far ([`Server::start_tls`] only).
+    /// What the server wrote so far: stderr, and stdout after its first line.
     log: Arc<Mutex<String>>,
+}
+
+/// Copies a server's output to the test's stderr, line by line, and keeps it in `log`.
+fn keep(output: impl BufRead + Send + 'static, log: &Arc<Mutex<String>>) {
+    let log = log.clone();
+    std::thread::spawn(move || {
+        for line in output.lines().map_while(Result::ok) {
+            eprintln!("{line}");
+            log.lock().unwrap().push_str(&(line + "\n"));
+        }
+    });
 }
 
 /// Every permission an API key can hold (all but `emergency:access`, which is for people).
@@ -85,15 +96,19 @@ impl Server {
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().unwrap();
+        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+        let log = Arc::new(Mutex::new(String::new()));
+        keep(BufReader::new(child.stderr.take().unwrap()), &log);
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
         let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        stdout.read_line(&mut line).unwrap();
+        keep(stdout, &log);
         let addr = line
             .trim()
             .strip_prefix("listening on http://")
             .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
             .to_string();
-        let server = Server { child, addr, token, base, log: Arc::default() };
+        let server = Server { child, addr, token, base, log };
         // Ready once the index has caught up with the log.
         for _ in 0..600 {
             if server.get("/readyz").status == 200 {
@@ -106,7 +121,7 @@ impl Server {
 
     /// `serve` over HTTPS on 127.0.0.1:0 with extra `args` and `env`; ready once `/readyz`
     /// answers 200 to `curl` with `curl_args` (`--cacert CA`, a client certificate if the
-    /// server wants one). Its stderr is kept for [`Server::stderr`] (and copied to the test's).
+    /// server wants one).
     pub fn start_tls(
         data: &Path,
         args: &[&str],
@@ -128,16 +143,11 @@ impl Server {
         }
         let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
         let log = Arc::new(Mutex::new(String::new()));
-        let stderr = BufReader::new(child.stderr.take().unwrap());
-        let copy = log.clone();
-        std::thread::spawn(move || {
-            for line in stderr.lines().map_while(Result::ok) {
-                eprintln!("{line}");
-                copy.lock().unwrap().push_str(&(line + "\n"));
-            }
-        });
+        keep(BufReader::new(child.stderr.take().unwrap()), &log);
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
         let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        stdout.read_line(&mut line).unwrap();
+        keep(stdout, &log);
         let addr = line
             .trim()
             .strip_prefix("listening on https://")
@@ -161,7 +171,8 @@ impl Server {
         panic!("the server did not become ready over HTTPS");
     }
 
-    pub fn stderr(&self) -> String {
+    /// What the server wrote (its stderr, and stdout after the address line), so far.
+    pub fn output(&self) -> String {
         self.log.lock().unwrap().clone()
     }
 

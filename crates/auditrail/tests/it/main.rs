@@ -12,6 +12,7 @@ mod forward;
 mod http;
 mod interop;
 mod kill;
+mod privacy;
 mod retention;
 mod serve;
 mod tamper;

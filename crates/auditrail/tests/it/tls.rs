@@ -123,15 +123,15 @@ fn assert_ok(o: &Output) {
     );
 }
 
-/// Waits (bounded) until the server's stderr holds `n` lines containing `needle`.
+/// Waits (bounded) until the server's output holds `n` lines containing `needle`.
 fn wait_stderr(server: &Server, needle: &str, n: usize) {
     for _ in 0..400 {
-        if server.stderr().matches(needle).count() >= n {
+        if server.output().matches(needle).count() >= n {
             return;
         }
         std::thread::sleep(std::time::Duration::from_millis(25));
     }
-    panic!("no {n} × {needle:?} in the server's stderr: {}", server.stderr());
+    panic!("no {n} × {needle:?} in the server's output: {}", server.output());
 }
 
 /// `serve` that must refuse to start: its stderr, after it exited non-zero on its own.
@@ -309,7 +309,7 @@ fn self_signed_development_certificate_works_with_curl() {
     let server = Server::start_tls(&data, &["--tls-self-signed"], &[], &trusting(&crt));
     let fingerprint = file_fingerprint(&crt);
     let printed = fingerprint.strip_prefix("sha256 Fingerprint=").unwrap();
-    let log = server.stderr();
+    let log = server.output();
     assert!(log.contains(&format!("{} (SHA-256 {printed})", crt.display())), "{log}");
     assert!(log.contains(&format!("curl --cacert {}", crt.display())), "{log}");
     {
