@@ -47,6 +47,9 @@ pub struct AuditReport {
     pub purged_segments: u64,
     pub purged_events: u64,
     pub problems: Vec<Problem>,
+    /// The compact range of the published tree's leaves as recomputed from the events: where
+    /// an incremental verification (`verify.rs`) goes on from. Meaningful only without problems.
+    pub range: CompactRange,
 }
 
 impl AuditReport {
@@ -593,6 +596,7 @@ pub fn audit(
         }
     }
     forgive_partials_removed_by_a_later_publication(io, &verifier, published, &mut report.problems);
+    report.range = cr;
     Ok(report)
 }
 
@@ -633,7 +637,7 @@ fn check_root(c: &Checkpoint, cr: &CompactRange, problems: &mut Vec<Problem>) {
 }
 
 /// A checkpoint note checked against the log's key.
-fn open_checkpoint(bytes: &[u8], verifier: &NoteVerifier) -> Result<Checkpoint, String> {
+pub(crate) fn open_checkpoint(bytes: &[u8], verifier: &NoteVerifier) -> Result<Checkpoint, String> {
     let s = std::str::from_utf8(bytes).map_err(|_| "not UTF-8".to_string())?;
     let text = note::open(s, std::slice::from_ref(verifier)).map_err(|e| e.to_string())?;
     let cp = Checkpoint::parse(text).map_err(|e| e.to_string())?;

@@ -15,6 +15,7 @@ pub mod sim;
 pub mod store;
 pub mod tail;
 pub mod tree;
+pub mod verify;
 
 pub use error::StoreError;
 pub use store::{Options, Receipt, Stages, Store, init, init_with};

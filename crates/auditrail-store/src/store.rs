@@ -508,6 +508,24 @@ impl Store {
         self.purged.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
+    /// The full audit ([`crate::audit::audit`]) of this live store: it may keep appending and
+    /// publishing meanwhile.
+    pub fn audit(
+        &self,
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<crate::audit::AuditReport, StoreError> {
+        crate::audit::audit(self.io.as_ref(), &self.keys, progress)
+    }
+
+    /// The events published since the prefix `verified` covers, checked against the newest
+    /// signed checkpoint ([`crate::verify::verify_increment`]).
+    pub fn verify_increment(
+        &self,
+        verified: &merkle::CompactRange,
+    ) -> Result<crate::verify::IncrementReport, StoreError> {
+        crate::verify::verify_increment(self.io.as_ref(), &self.keys, verified)
+    }
+
     /// The leaf entry of `seq` in the newest published tree (it outlives a purge).
     pub fn leaf_entry(&self, seq: u64) -> Result<LeafEntry, StoreError> {
         crate::retention::leaf_entry(self.io.as_ref(), seq, self.stages().published)

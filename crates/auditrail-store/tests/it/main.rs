@@ -5,6 +5,7 @@ mod basics;
 mod crash;
 mod rekey;
 mod retention;
+mod verify;
 
 use auditrail_core::event::{ClientEvent, PreparedEvent};
 use serde_json::json;
