@@ -61,9 +61,7 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     hex(&sha2::Sha256::digest(bytes))
 }
 
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
+pub use auditrail_core::hex::encode as hex;
 
 /// Whether `path` may appear in a manifest: only the files a data directory is rebuilt from,
 /// never keys, and never a path that could escape the directory being restored.

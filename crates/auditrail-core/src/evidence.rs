@@ -87,9 +87,7 @@ pub struct Consistency {
 #[error("evidence bundle: {0}")]
 pub struct EvidenceError(pub String);
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
+use crate::hex::encode as hex;
 
 fn sha256_hex(bytes: &[u8]) -> String {
     hex(&Sha256::digest(bytes))

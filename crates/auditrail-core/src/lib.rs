@@ -11,6 +11,7 @@ pub mod checkpoint;
 pub mod event;
 pub mod evidence;
 pub mod fhir;
+pub mod hex;
 pub mod leaf;
 pub mod limits;
 pub mod merkle;

@@ -47,6 +47,11 @@ pub struct Config {
     pub retention_check_interval_ms: u64,
     /// A log segment rolls at this size (and at each UTC day): the unit retention purges.
     pub segment_bytes_max: u64,
+    /// How often the server verifies the events published since the last verification
+    /// (0: only on request).
+    pub integrity_incremental_interval_ms: u64,
+    /// How often the server audits the whole log (0: only on request).
+    pub integrity_full_interval_ms: u64,
     /// Forwarding the log to Elasticsearch/OpenSearch and syslog (`[forward.elasticsearch]`,
     /// `[forward.syslog]`; `AUDITRAIL_FORWARD_ELASTICSEARCH_*`, `AUDITRAIL_FORWARD_SYSLOG_*`).
     pub forward: auditrail_forward::ForwardConfig,
@@ -156,6 +161,8 @@ impl Default for Config {
             retention_force: false,
             retention_check_interval_ms: 3_600_000,
             segment_bytes_max: 64 << 20,
+            integrity_incremental_interval_ms: 300_000,
+            integrity_full_interval_ms: 86_400_000,
             forward: auditrail_forward::ForwardConfig::default(),
             alerts: crate::alerts::AlertsConfig::default(),
             archive_url: String::new(),
@@ -406,6 +413,10 @@ impl Config {
             }
             "retention_check_interval_ms" => self.retention_check_interval_ms = num(value)?,
             "segment_bytes_max" => self.segment_bytes_max = num(value)?,
+            "integrity_incremental_interval_ms" => {
+                self.integrity_incremental_interval_ms = num(value)?
+            }
+            "integrity_full_interval_ms" => self.integrity_full_interval_ms = num(value)?,
             "archive_url" => self.archive_url = value.to_string(),
             "archive_interval_ms" => self.archive_interval_ms = num(value)?,
             "access_token_ttl_ms" => self.access_token_ttl_ms = num(value)?,

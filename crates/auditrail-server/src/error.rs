@@ -53,6 +53,7 @@ how long.
 says which.
 - `alert_state` (409): the alert cannot move to that state (only an open alert is acknowledged; a \
 resolved one stays resolved).
+- `verification_running` (409): a verification of the log is running; the message names it.
 - `conflict` (409): the change conflicts with what exists (a taken name, the last administrator).
 - `rate_limited` (429, with `Retry-After`): too many authentication attempts from this address.
 - `not_found` (404): no such event, tile or endpoint.

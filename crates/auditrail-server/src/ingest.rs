@@ -32,9 +32,7 @@ pub fn receipt_json(r: &Receipt) -> Value {
     })
 }
 
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
+pub use auditrail_core::hex::encode as hex;
 
 /// Checks that the request says it carries `expected` (a media type without parameters).
 pub fn require_content_type(headers: &HeaderMap, expected: &[&str]) -> Result<(), ApiError> {

@@ -15,6 +15,7 @@ pub mod export;
 pub mod export_format;
 pub mod fhir_api;
 pub mod ingest;
+pub mod integrity;
 pub mod logapi;
 pub mod openapi;
 pub mod query;
@@ -131,6 +132,8 @@ pub struct AppState {
     pub auth: auth::Auth,
     /// Alert rules, alerts and their deliveries.
     pub alerts: alerts::Alerts,
+    /// Verifications of the log, scheduled and on request.
+    pub integrity: Arc<integrity::Integrity>,
     pub login_limiter: auth::http::RateLimiter,
 }
 
@@ -199,6 +202,8 @@ pub(crate) fn routes() -> Vec<(&'static str, MethodRouter<SharedState>)> {
         ("/api/v1/log/proof/inclusion", get(logapi::inclusion)),
         ("/api/v1/log/proof/consistency", get(logapi::consistency)),
         ("/api/v1/security/status", get(security::status)),
+        ("/api/v1/security/audit-log/integrity", get(integrity::get_state).post(integrity::start)),
+        ("/api/v1/security/audit-log/integrity/jobs/{id}", get(integrity::get_job)),
         ("/api/v1/security/alerts", get(alerts::http::list)),
         ("/api/v1/security/alerts/{id}", get(alerts::http::get_one)),
         ("/api/v1/security/alerts/{id}/acknowledge", post(alerts::http::acknowledge)),
@@ -479,6 +484,7 @@ pub struct Service {
     stop: Arc<AtomicBool>,
     follower: std::thread::JoinHandle<()>,
     retention: std::thread::JoinHandle<()>,
+    integrity: std::thread::JoinHandle<()>,
     alerts: Option<std::thread::JoinHandle<()>>,
     /// Stops webhook delivery.
     deliveries: tokio::sync::watch::Sender<bool>,
@@ -556,8 +562,10 @@ pub fn start(config: Config) -> Result<Service, String> {
         config.alerts.clone(),
         store.stages().sequenced,
     )?;
+    let integrity = Arc::new(integrity::Integrity::open(&data)?);
     let state = Arc::new(AppState {
         alerts,
+        integrity,
         privacy,
         auth,
         login_limiter: auth::http::RateLimiter::default(),
@@ -588,6 +596,14 @@ pub fn start(config: Config) -> Result<Service, String> {
             .spawn(move || retention::scheduled(&state, &stop))
             .map_err(|e| e.to_string())?
     };
+    let integrity = {
+        let state = state.clone();
+        let stop = stop.clone();
+        std::thread::Builder::new()
+            .name("integrity".into())
+            .spawn(move || integrity::scheduled(&state, &stop))
+            .map_err(|e| e.to_string())?
+    };
     let alerts = match state.config.alerts.enabled {
         true => {
             let state = state.clone();
@@ -603,7 +619,7 @@ pub fn start(config: Config) -> Result<Service, String> {
     };
     let (deliveries, stop_deliveries) = tokio::sync::watch::channel(false);
     runtime.spawn(alerts::webhook::deliver(state.clone(), stop_deliveries));
-    Ok(Service { state, stop, follower, retention, alerts, deliveries, runtime })
+    Ok(Service { state, stop, follower, retention, integrity, alerts, deliveries, runtime })
 }
 
 /// The follower loop: index what is durable, then wait briefly for more. The index is
@@ -648,6 +664,7 @@ impl Service {
         let _ = self.deliveries.send(true);
         let _ = self.follower.join();
         let _ = self.retention.join();
+        let _ = self.integrity.join();
         if let Some(alerts) = self.alerts {
             let _ = alerts.join();
         }

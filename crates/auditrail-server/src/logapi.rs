@@ -68,7 +68,10 @@ pub async fn tile(
         .ok_or_else(|| ApiError::not_found(format!("{full} is not a tile path")))?;
     let s = state.clone();
     let bytes = blocking(move || match s.store.io().read(&format!("log/{}", id.path())) {
-        Ok(b) => Ok(b),
+        // A tile of a coming publication can be caught while being written: it is not served
+        // (a full one would be cached for good) until it holds its whole width.
+        Ok(b) if whole(&id, &b) => Ok(b),
+        Ok(_) => Err(ApiError::not_found(format!("{full} does not exist yet"))),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             Err(ApiError::not_found(format!("{full} does not exist (yet)")))
         }
@@ -82,6 +85,16 @@ pub async fn tile(
         bytes,
     )
         .into_response())
+}
+
+/// Whether `bytes` hold all of `id`'s width: 32-byte hashes, or leaf entries of a bundle.
+fn whole(id: &TileId, bytes: &[u8]) -> bool {
+    match id.level {
+        Some(_) => bytes.len() == id.width as usize * 32,
+        None => {
+            auditrail_core::tile::decode_bundle(bytes).is_some_and(|e| e.len() == id.width as usize)
+        }
+    }
 }
 
 fn number(param: &str, v: &str) -> Result<u64, ApiError> {

@@ -48,6 +48,9 @@ The prose reference is docs/api.md; the event schema is schema/event.schema.json
         crate::logapi::inclusion,
         crate::logapi::consistency,
         crate::security::status,
+        crate::integrity::get_state,
+        crate::integrity::start,
+        crate::integrity::get_job,
         crate::alerts::http::list,
         crate::alerts::http::get_one,
         crate::alerts::http::acknowledge,
@@ -154,6 +157,25 @@ pub struct SecurityStatus {
     pub service: ServiceSection,
     pub log: LogSection,
     pub alerts: AlertsSection,
+    pub integrity: IntegritySection,
+}
+
+/// Verification of the log (details: `GET /api/v1/security/audit-log/integrity`).
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct IntegritySection {
+    /// The size of the prefix of the log verified so far.
+    pub verified_through: u64,
+    /// The newest full and incremental verifications: `id`, `status` (`passed`, `failed`,
+    /// `error`), `finished_at`, `tree_size`, `problem_count`; null before the first.
+    #[schema(value_type = Option<Object>)]
+    pub last_full: Option<serde_json::Value>,
+    #[schema(value_type = Option<Object>)]
+    pub last_incremental: Option<serde_json::Value>,
+    /// Whether a verification is running.
+    pub running: bool,
+    pub incremental_interval_ms: u64,
+    pub full_interval_ms: u64,
 }
 
 /// The running server.

@@ -58,8 +58,9 @@ pub async fn status(State(state): State<SharedState>) -> Result<Response, ApiErr
             "unresolved": s.alerts.unresolved_by_severity(),
             "webhooks": s.alerts.webhook_status(),
         });
+        let integrity = s.integrity.status(&s.config);
         let body: Value = json!({"backup": backup, "forwarding": forwarding, "retention": retention,
-            "service": service, "log": log, "alerts": alerts});
+            "service": service, "log": log, "alerts": alerts, "integrity": integrity});
         Ok(axum::Json(body).into_response())
     })
     .await

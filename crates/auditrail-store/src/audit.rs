@@ -344,6 +344,9 @@ impl TileChecker<'_> {
                     location: path,
                     detail: "differs from the tile recomputed from the leaves".into(),
                 }),
+                // Listed when the audit began, since deleted: a live store removes the partials
+                // a wider one supersedes, as tlog-tiles allows.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => {
                     problems.push(Problem { location: path, detail: format!("cannot read: {e}") })
                 }
@@ -701,12 +704,18 @@ fn read_checkpoints(
                 .push(Problem { location: format!("{HISTORY_PATH} offset {off}"), detail: e }),
         }
     }
-    // An older file is only right if a publication replaced it while this ran.
+    // An older file is only right while a publication is replacing it: a live store appends to
+    // the history, then renames the new file into place a few milliseconds later.
     let replaced_since = |cp: &Checkpoint| {
-        io.read(CHECKPOINT_PATH)
-            .ok()
-            .and_then(|b| parse(&b).ok())
-            .is_some_and(|now| now.size > cp.size)
+        (0..50).any(|attempt| {
+            if attempt > 0 {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            io.read(CHECKPOINT_PATH)
+                .ok()
+                .and_then(|b| parse(&b).ok())
+                .is_some_and(|now| now.size > cp.size)
+        })
     };
     match checkpoint_file {
         Some(Ok(cp)) if out.last() == Some(&cp) => {}

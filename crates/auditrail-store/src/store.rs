@@ -508,22 +508,10 @@ impl Store {
         self.purged.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// The full audit ([`crate::audit::audit`]) of this live store: it may keep appending and
-    /// publishing meanwhile.
-    pub fn audit(
-        &self,
-        progress: &mut dyn FnMut(u64),
-    ) -> Result<crate::audit::AuditReport, StoreError> {
-        crate::audit::audit(self.io.as_ref(), &self.keys, progress)
-    }
-
-    /// The events published since the prefix `verified` covers, checked against the newest
-    /// signed checkpoint ([`crate::verify::verify_increment`]).
-    pub fn verify_increment(
-        &self,
-        verified: &merkle::CompactRange,
-    ) -> Result<crate::verify::IncrementReport, StoreError> {
-        crate::verify::verify_increment(self.io.as_ref(), &self.keys, verified)
+    /// Verifies this live store while it goes on appending and publishing; independent of the
+    /// store's lifetime, so a long audit never holds up closing it.
+    pub fn auditor(&self) -> crate::verify::Auditor {
+        crate::verify::Auditor { io: self.io.clone(), keys: self.keys.clone() }
     }
 
     /// The leaf entry of `seq` in the newest published tree (it outlives a purge).

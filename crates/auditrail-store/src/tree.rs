@@ -198,7 +198,9 @@ impl SubtreeRange {
 }
 
 /// Reads tiles from `log/`, falling back from a missing partial to the full tile or to a wider
-/// partial of the same tile (both start with the same hashes).
+/// partial of the same tile (both start with the same hashes). A file too short for the width
+/// asked for is passed over like a missing one: on a live store it is a tile of a coming
+/// publication caught while being written.
 #[derive(Clone, Copy)]
 pub struct DiskTiles<'a> {
     pub io: &'a dyn Io,
@@ -210,18 +212,17 @@ impl DiskTiles<'_> {
             Some(l) => TileId::hashes(l, index, w),
             None => TileId::entries(index, w),
         };
-        match self.io.read(&tile_path(&make(256))) {
-            Ok(b) => return Ok(b),
-            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
-            Err(_) => {}
-        }
-        if width < 256 {
-            for w in width..256 {
-                match self.io.read(&tile_path(&make(w))) {
-                    Ok(b) => return Ok(b),
-                    Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
-                    Err(_) => {}
-                }
+        let long_enough = |b: &[u8]| match level {
+            Some(_) => b.len() >= width as usize * 32,
+            None => tile::decode_bundle(b).is_some_and(|e| e.len() >= width as usize),
+        };
+        let candidates = std::iter::once(256).chain(width..256);
+        for w in candidates {
+            match self.io.read(&tile_path(&make(w))) {
+                Ok(b) if long_enough(&b) => return Ok(b),
+                Ok(_) => {}
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                Err(_) => {}
             }
         }
         Err(io::Error::new(

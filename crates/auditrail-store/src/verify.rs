@@ -21,6 +21,28 @@ use auditrail_core::leaf::{self, LeafEntry};
 use auditrail_core::merkle::{self, CompactRange};
 use auditrail_core::tile::{self, TILE_WIDTH, TileId, TileNodes};
 
+/// What verifying a log needs: its files and its keys ([`crate::Store::auditor`]).
+#[derive(Clone)]
+pub struct Auditor {
+    pub io: std::sync::Arc<dyn Io>,
+    pub keys: Keys,
+}
+
+impl Auditor {
+    /// The full audit ([`crate::audit::audit`]).
+    pub fn audit(
+        &self,
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<crate::audit::AuditReport, StoreError> {
+        crate::audit::audit(self.io.as_ref(), &self.keys, progress)
+    }
+
+    /// The events published since the prefix `verified` covers ([`verify_increment`]).
+    pub fn verify_increment(&self, verified: &CompactRange) -> Result<IncrementReport, StoreError> {
+        verify_increment(self.io.as_ref(), &self.keys, verified)
+    }
+}
+
 /// The outcome of one increment.
 #[derive(Debug, Clone)]
 pub struct IncrementReport {

@@ -46,6 +46,12 @@ pub fn rule(method: &Method, path: &str) -> Option<Rule> {
         ("POST" | "PUT" | "PATCH" | "DELETE", "/fhir/AuditEvent/{id}") => Public,
         (_, "/fhir/{*rest}") => Public,
         ("GET", "/api/v1/security/status") => Needs(SecurityRead),
+        (
+            "GET",
+            "/api/v1/security/audit-log/integrity"
+            | "/api/v1/security/audit-log/integrity/jobs/{id}",
+        ) => NeedsAny(&[SecurityRead, IntegrityVerify]),
+        ("POST", "/api/v1/security/audit-log/integrity") => Needs(IntegrityVerify),
         ("GET", "/api/v1/security/alerts" | "/api/v1/security/alerts/{id}") => {
             NeedsAny(&[SecurityRead, AlertsManage])
         }

@@ -33,21 +33,21 @@ fn append(store: &Store, from_batch: u64, batches: u64) {
 #[test]
 fn increments_cover_new_events_only_and_agree_with_the_full_audit() {
     let (_disk, store) = log_of(10);
-    let first = store.verify_increment(&CompactRange::new()).unwrap();
+    let first = store.auditor().verify_increment(&CompactRange::new()).unwrap();
     assert!(first.ok(), "{:?}", first.problems);
     assert_eq!((first.from, first.to, first.events), (0, 370, 370));
-    let full = store.audit(&mut |_| {}).unwrap();
+    let full = store.auditor().audit(&mut |_| {}).unwrap();
     assert!(full.ok(), "{:?}", full.problems);
     assert_eq!(full.range, first.range, "both recompute the same tree");
 
     append(&store, 10, 7);
-    let second = store.verify_increment(&first.range).unwrap();
+    let second = store.auditor().verify_increment(&first.range).unwrap();
     assert!(second.ok(), "{:?}", second.problems);
     assert_eq!((second.from, second.to, second.events), (370, 629, 259));
-    assert_eq!(second.range, store.audit(&mut |_| {}).unwrap().range);
+    assert_eq!(second.range, store.auditor().audit(&mut |_| {}).unwrap().range);
 
     // Nothing new: nothing to open, still ok.
-    let idle = store.verify_increment(&second.range).unwrap();
+    let idle = store.auditor().verify_increment(&second.range).unwrap();
     assert!(idle.ok());
     assert_eq!((idle.from, idle.to, idle.events), (629, 629, 0));
     store.close().unwrap();
@@ -56,7 +56,7 @@ fn increments_cover_new_events_only_and_agree_with_the_full_audit() {
 #[test]
 fn a_changed_event_in_the_increment_is_found_and_an_older_one_is_left_to_the_full_audit() {
     let (disk, store) = log_of(10);
-    let verified = store.verify_increment(&CompactRange::new()).unwrap().range;
+    let verified = store.auditor().verify_increment(&CompactRange::new()).unwrap().range;
     let old_segments = list_segments(&disk).unwrap();
     append(&store, 10, 10);
     store.close().unwrap();
@@ -86,7 +86,7 @@ fn a_changed_event_in_the_increment_is_found_and_an_older_one_is_left_to_the_ful
 #[test]
 fn a_wrong_prefix_or_a_changed_tile_fails_the_increment() {
     let (disk, store) = log_of(3);
-    let verified = store.verify_increment(&CompactRange::new()).unwrap().range;
+    let verified = store.auditor().verify_increment(&CompactRange::new()).unwrap().range;
     append(&store, 3, 3);
     store.close().unwrap();
     let keys = Keys::load(&disk).unwrap();
@@ -151,7 +151,7 @@ fn purged_events_are_checked_against_their_leaf_entries() {
         .unwrap();
     assert!(!gone.is_empty());
     store.publish().unwrap();
-    let report = store.verify_increment(&CompactRange::new()).unwrap();
+    let report = store.auditor().verify_increment(&CompactRange::new()).unwrap();
     assert!(report.ok(), "{:?}", report.problems);
     assert_eq!(report.to, store.stages().published);
     store.close().unwrap();

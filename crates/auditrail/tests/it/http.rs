@@ -72,6 +72,40 @@ pub fn provision_key(data: &Path, scopes: &[&str], env: &[(&str, &str)]) -> Stri
     crate::stdout(&o).trim().to_string()
 }
 
+/// Starts `serve` on 127.0.0.1:0; returns the child, its first line (the address) and what it
+/// writes from then on.
+fn spawn_serve(
+    data: &Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (std::process::Child, String, Arc<Mutex<String>>) {
+    let mut cmd = crate::bin();
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--data"]).arg(data).args(args);
+    // Alerts and scheduled verifications append events of their own, at times that depend on
+    // the wall clock: tests that count the log's events exactly leave them off; the alert and
+    // integrity tests turn them on.
+    for quiet in [
+        ("AUDITRAIL_ALERTS_ENABLED", "false"),
+        ("AUDITRAIL_INTEGRITY_INCREMENTAL_INTERVAL_MS", "0"),
+        ("AUDITRAIL_INTEGRITY_FULL_INTERVAL_MS", "0"),
+    ] {
+        if !env.iter().any(|(k, _)| *k == quiet.0) {
+            cmd.env(quiet.0, quiet.1);
+        }
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let log = Arc::new(Mutex::new(String::new()));
+    keep(BufReader::new(child.stderr.take().unwrap()), &log);
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    keep(stdout, &log);
+    (child, line, log)
+}
+
 impl Server {
     pub fn start(data: &Path) -> Server {
         Server::start_with(data, &[])
@@ -85,24 +119,7 @@ impl Server {
     pub fn start_with_args(data: &Path, args: &[&str], env: &[(&str, &str)]) -> Server {
         let token = provision_key(data, ALL_SCOPES, env);
         let base = events_in_log(data, env);
-        let mut cmd = crate::bin();
-        cmd.args(["serve", "--listen", "127.0.0.1:0", "--data"]).arg(data).args(args);
-        // Alerts append `alert.raised` events of their own, at times that depend on the wall
-        // clock (after-hours rules): tests that count the log's events exactly leave them off;
-        // the alert tests turn them on.
-        if !env.iter().any(|(k, _)| *k == "AUDITRAIL_ALERTS_ENABLED") {
-            cmd.env("AUDITRAIL_ALERTS_ENABLED", "false");
-        }
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
-        let log = Arc::new(Mutex::new(String::new()));
-        keep(BufReader::new(child.stderr.take().unwrap()), &log);
-        let mut stdout = BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        stdout.read_line(&mut line).unwrap();
-        keep(stdout, &log);
+        let (child, line, log) = spawn_serve(data, args, env);
         let addr = line
             .trim()
             .strip_prefix("listening on http://")
@@ -130,24 +147,7 @@ impl Server {
     ) -> Server {
         let token = provision_key(data, ALL_SCOPES, env);
         let base = events_in_log(data, env);
-        let mut cmd = crate::bin();
-        cmd.args(["serve", "--listen", "127.0.0.1:0", "--data"]).arg(data).args(args);
-        // Alerts append `alert.raised` events of their own, at times that depend on the wall
-        // clock (after-hours rules): tests that count the log's events exactly leave them off;
-        // the alert tests turn them on.
-        if !env.iter().any(|(k, _)| *k == "AUDITRAIL_ALERTS_ENABLED") {
-            cmd.env("AUDITRAIL_ALERTS_ENABLED", "false");
-        }
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
-        let log = Arc::new(Mutex::new(String::new()));
-        keep(BufReader::new(child.stderr.take().unwrap()), &log);
-        let mut stdout = BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        stdout.read_line(&mut line).unwrap();
-        keep(stdout, &log);
+        let (child, line, log) = spawn_serve(data, args, env);
         let addr = line
             .trim()
             .strip_prefix("listening on https://")

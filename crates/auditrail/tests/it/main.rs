@@ -10,6 +10,7 @@ mod export;
 mod fhir;
 mod forward;
 mod http;
+mod integrity;
 mod interop;
 mod kill;
 mod privacy;
