@@ -158,6 +158,60 @@ pub struct SecurityStatus {
     pub log: LogSection,
     pub alerts: AlertsSection,
     pub integrity: IntegritySection,
+    pub access: AccessSection,
+    pub tls: TlsSection,
+    pub keys: KeysSection,
+}
+
+/// The repository's own accounts: MFA coverage, lockouts, failed logins.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AccessSection {
+    /// Enabled user accounts.
+    pub users: u64,
+    /// Users with a confirmed TOTP second factor.
+    pub mfa_enrolled: u64,
+    /// `mfa_enrolled / users` (1 with no users).
+    pub mfa_coverage: f64,
+    /// Roles whose holders must use MFA (`*`: everyone).
+    pub mfa_required_roles: Vec<String>,
+    /// Users who must use MFA and have not enrolled yet (they can only enrol until they do).
+    pub mfa_required_but_not_enrolled: u64,
+    /// Accounts locked out now after failed logins.
+    pub locked_now: u64,
+    /// `auth.login` failures recorded in the last 24 hours.
+    pub failed_logins_24h: u64,
+    /// Accounts locked out (`auth.lockout`) in the last 24 hours.
+    pub lockouts_24h: u64,
+}
+
+/// TLS as this server terminates it (a proxy in front is not seen from here).
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    pub enabled: bool,
+    /// `1.3` or `1.2`; null without TLS.
+    pub min_version: Option<String>,
+    /// `off`, `ingest` or `all`.
+    pub client_auth: String,
+    /// The development certificate `tls_self_signed` made.
+    pub self_signed: bool,
+    pub cert_file: Option<String>,
+}
+
+/// The keys in use and their age, from their files' modification times (a key file is
+/// rewritten only when a key is added).
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct KeysSection {
+    /// The checkpoint signing key: `modified_at`, `age_days`.
+    #[schema(value_type = Object)]
+    pub signing_key: serde_json::Value,
+    /// `from` (where they were read), `versions`, `current_version` (new segments are wrapped
+    /// with it) and `file` (`modified_at`, `age_days`; null when they come from the
+    /// environment).
+    #[schema(value_type = Object)]
+    pub master_keys: serde_json::Value,
 }
 
 /// Verification of the log (details: `GET /api/v1/security/audit-log/integrity`).

@@ -33,7 +33,7 @@ pub const HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
 pub const HANDSHAKES_IN_FLIGHT_MAX: usize = 1024;
 
 /// The oldest TLS version the server accepts (`tls_min_version`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 pub enum TlsVersion {
     #[serde(rename = "1.2")]
     V1_2,
@@ -53,7 +53,7 @@ impl std::str::FromStr for TlsVersion {
 }
 
 /// Which connections must show a client certificate (`tls_client_auth`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ClientAuth {
     Off,

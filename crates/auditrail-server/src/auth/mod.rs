@@ -1085,6 +1085,30 @@ impl Auth {
 
     // ---- administration ----
 
+    /// Accounts at a glance, for the security status: how many use MFA, how many that must
+    /// do not, how many are locked out now.
+    pub fn account_summary(&self) -> Value {
+        let now = self.now_ms();
+        let accounts = self.read();
+        let active: Vec<&User> = accounts.users.iter().filter(|u| !u.disabled).collect();
+        let enrolled = active.iter().filter(|u| u.mfa_enrolled()).count();
+        let required_without =
+            active.iter().filter(|u| self.mfa_required_for(u) && !u.mfa_enrolled()).count();
+        let locked = active.iter().filter(|u| u.locked_until_ms > now).count();
+        let coverage = match active.len() {
+            0 => 1.0,
+            n => enrolled as f64 / n as f64,
+        };
+        json!({
+            "users": active.len(),
+            "mfa_enrolled": enrolled,
+            "mfa_coverage": (coverage * 1000.0).round() / 1000.0,
+            "mfa_required_roles": self.settings.mfa_required_roles,
+            "mfa_required_but_not_enrolled": required_without,
+            "locked_now": locked,
+        })
+    }
+
     pub fn users(&self) -> Vec<Value> {
         self.read().users.iter().map(User::public).collect()
     }

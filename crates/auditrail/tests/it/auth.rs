@@ -219,6 +219,38 @@ fn a_new_operator_logs_in_and_every_read_leaves_a_trace() {
     let r = call(&s, &none, "GET", "/api/v1/events", &Value::Null);
     assert_eq!((r.status, r.header("www-authenticate")), (401, Some("Bearer")));
 
+    // Failed logins lock vera out; the security status counts them, from the log.
+    let status_of = || {
+        // Once the index has read everything the log holds.
+        let mut status = Value::Null;
+        for _ in 0..100 {
+            status = call(&s, &admin, "GET", "/api/v1/security/status", &Value::Null).json();
+            let indexed = status["log"]["indexed_through"].as_u64().unwrap();
+            if indexed >= status["log"]["size"].as_u64().unwrap() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        status
+    };
+    // (The admin's first login, without its TOTP code, was a failure too.)
+    let failed_before = status_of()["access"]["failed_logins_24h"].as_u64().unwrap();
+    for _ in 0..5 {
+        let r = login(&s, "vera", "not her password at all", None);
+        assert!(matches!(r.status, 401 | 403), "{}", r.text());
+    }
+    let status = status_of();
+    let access = &status["access"];
+    assert_eq!(access["failed_logins_24h"].as_u64().unwrap(), failed_before + 5, "{status}");
+    assert_eq!(access["lockouts_24h"], 1, "{status}");
+    assert_eq!(access["locked_now"], 1, "{status}");
+    assert_eq!(access["users"], 2, "{status}");
+    assert_eq!(access["mfa_enrolled"], 1, "the admin enrolled TOTP: {status}");
+    assert_eq!(access["mfa_coverage"], 0.5, "{status}");
+    assert_eq!(status["tls"]["enabled"], false);
+    assert_eq!(status["keys"]["signing_key"]["age_days"], 0, "{status}");
+    assert_eq!(status["keys"]["master_keys"]["current_version"], 1, "{status}");
+
     // Logout ends the session at once.
     assert_eq!(call(&s, &vera, "POST", "/api/v1/auth/logout", &Value::Null).status, 204);
     assert_eq!(call(&s, &vera, "GET", "/api/v1/auth/me", &Value::Null).status, 401);
