@@ -660,6 +660,7 @@ fn search_bundle(
         (hits.seqs, next)
     };
     let mut entries = Vec::with_capacity(seqs.len());
+    state.warm_blocks(&seqs);
     for seq in seqs {
         let mut event = state.read_event(seq).map_err(FhirError::from)?;
         view.apply(&mut event);
