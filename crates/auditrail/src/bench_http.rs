@@ -246,6 +246,8 @@ async fn lookup_phase(args: &HttpArgs, addr: &str, report: &mut Value) -> Result
     let warm_up = (args.lookups / 10).max(1);
     let mut latencies = Vec::with_capacity(args.lookups);
     let mut server_side = Vec::with_capacity(args.lookups);
+    // The server's time in the index and reading events from the log, per lookup.
+    let (mut in_index, mut in_log) = (Vec::new(), Vec::new());
     let mut found = 0usize;
     for i in 0..warm_up + args.lookups {
         let path = format!("/api/v1/events?patient={}&from={from}&limit=50", patients.patient_id());
@@ -256,6 +258,13 @@ async fn lookup_phase(args: &HttpArgs, addr: &str, report: &mut Value) -> Result
         if i >= warm_up {
             latencies.push(took);
             server_side.push(conn.server_time.context("no Server-Timing total")?);
+            for (name, d) in &conn.server_timing {
+                match name.as_str() {
+                    "index" => in_index.push(*d),
+                    "log" => in_log.push(*d),
+                    _ => {}
+                }
+            }
             let page: Value = serde_json::from_slice(&body)?;
             found += page["events"].as_array().map_or(0, Vec::len);
         }
@@ -276,6 +285,14 @@ async fn lookup_phase(args: &HttpArgs, addr: &str, report: &mut Value) -> Result
         server.ms(0.5),
         server.ms(0.99),
         server.ms(0.999),
+    );
+    let (in_index, in_log) = (Percentiles::of(in_index), Percentiles::of(in_log));
+    println!(
+        "    of which index  {:>12.3} ms p50, {:.3} ms p99; log {:.3} ms p50, {:.3} ms p99",
+        in_index.ms(0.5),
+        in_index.ms(0.99),
+        in_log.ms(0.5),
+        in_log.ms(0.99),
     );
     report["lookup_p50_ms"] = json!(round3(lat.ms(0.5)));
     report["lookup_p99_ms"] = json!(round3(lat.ms(0.99)));
@@ -437,6 +454,8 @@ struct Conn {
     sender: SendRequest<Full<Bytes>>,
     /// The `total` the server reported in `Server-Timing` for the last answer.
     server_time: Option<Duration>,
+    /// Every metric of that `Server-Timing` (`total`, and `index` and `log` for searches).
+    server_timing: Vec<(String, Duration)>,
 }
 
 impl Conn {
@@ -446,7 +465,7 @@ impl Conn {
         let (sender, connection) =
             hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
         tokio::spawn(connection);
-        Ok(Conn { sender, server_time: None })
+        Ok(Conn { sender, server_time: None, server_timing: Vec::new() })
     }
 
     async fn request(
@@ -467,15 +486,18 @@ impl Conn {
         self.sender.ready().await?;
         let response = self.sender.send_request(request.body(Full::new(body))?).await?;
         let status = response.status().as_u16();
-        self.server_time = response
+        self.server_timing = response
             .headers()
             .get_all("server-timing")
             .iter()
-            .filter_map(|v| {
-                v.to_str().ok()?.split(',').find_map(|m| m.trim().strip_prefix("total;dur="))
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|m| {
+                let (name, ms) = m.trim().split_once(";dur=")?;
+                Some((name.to_string(), Duration::from_secs_f64(ms.parse::<f64>().ok()? / 1e3)))
             })
-            .find_map(|ms| ms.parse::<f64>().ok())
-            .map(|ms| Duration::from_secs_f64(ms / 1e3));
+            .collect();
+        self.server_time = self.server_timing.iter().find(|m| m.0 == "total").map(|m| m.1);
         let body = response.into_body().collect().await?.to_bytes();
         Ok((status, body))
     }
