@@ -13,6 +13,7 @@ mod http;
 mod interop;
 mod kill;
 mod privacy;
+mod reports;
 mod retention;
 mod serve;
 mod tamper;
