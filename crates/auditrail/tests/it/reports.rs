@@ -63,6 +63,9 @@ fn expected_disclosure(e: &Value) -> bool {
         || (purposes.is_empty() && e["action"] == "patient.disclose")
 }
 
+/// A patient access group: (user, organisation, purpose of use) -> (events, disclosures).
+type GroupCounts = BTreeMap<(String, Option<String>, Option<String>), (u64, u64)>;
+
 fn code(r: &Response) -> (u16, String) {
     (r.status, r.json()["error"]["code"].as_str().unwrap_or_default().to_string())
 }
@@ -150,8 +153,7 @@ fn patient_access_report_matches_the_search_and_marks_the_accounting_of_disclosu
     let by_id: BTreeMap<&str, &Value> =
         sent.iter().map(|e| (e["id"].as_str().unwrap(), e)).collect();
     let mut disclosures = 0;
-    let mut expected_groups: BTreeMap<(String, Option<String>, Option<String>), (u64, u64)> =
-        BTreeMap::new();
+    let mut expected_groups = GroupCounts::new();
     for e in events {
         let original = by_id[e["event"]["id"].as_str().unwrap()];
         let marked = expected_disclosure(original);
@@ -181,7 +183,7 @@ fn patient_access_report_matches_the_search_and_marks_the_accounting_of_disclosu
     assert!(reasons.iter().any(|r| r.contains("PUBHLTH")), "{reasons:?}");
     assert!(reasons.iter().any(|r| r.contains("no purpose")), "{reasons:?}");
     // Grouped by user, organisation and purpose of use.
-    let groups: BTreeMap<(String, Option<String>, Option<String>), (u64, u64)> = report["groups"]
+    let groups: GroupCounts = report["groups"]
         .as_array()
         .unwrap()
         .iter()
