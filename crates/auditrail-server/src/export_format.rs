@@ -167,6 +167,24 @@ fn write_row<'a>(cells: impl Iterator<Item = &'a str>, out: &mut Vec<u8>) {
     out.extend_from_slice(b"\r\n");
 }
 
+/// One CSV row of these cells (RFC 4180, formula injection neutralised).
+pub(crate) fn write_csv_cells<'a>(cells: impl Iterator<Item = &'a str>, out: &mut Vec<u8>) {
+    write_row(cells, out);
+}
+
+/// A CSV header row: the `leading` columns (a report's own), then the export's [`CSV_COLUMNS`].
+pub(crate) fn write_csv_header(leading: &[&str], out: &mut Vec<u8>) {
+    write_row(leading.iter().copied().chain(CSV_COLUMNS.iter().map(|c| c.0)), out);
+}
+
+/// A CSV row: the `leading` cells, then the export's columns of `event` (as the caller may see
+/// it: masked already). Every cell is neutralised against formula injection.
+pub(crate) fn write_csv_row(leading: &[&str], event: &Value, out: &mut Vec<u8>) {
+    let cells: Vec<String> =
+        CSV_COLUMNS.iter().map(|(_, at)| cell_text(event.pointer(at))).collect();
+    write_row(leading.iter().copied().chain(cells.iter().map(String::as_str)), out);
+}
+
 /// Writes an export in one format, event by event.
 pub struct Encoder {
     format: Format,
@@ -184,7 +202,7 @@ impl Encoder {
     pub fn begin(&mut self, total: u64, timestamp: &str, out: &mut Vec<u8>) {
         match self.format {
             Format::Ndjson => {}
-            Format::Csv => write_row(CSV_COLUMNS.iter().map(|c| c.0), out),
+            Format::Csv => write_csv_header(&[], out),
             Format::Fhir => out.extend_from_slice(
                 format!(
                     r#"{{"resourceType":"Bundle","type":"searchset","timestamp":"{timestamp}","total":{total}"#
@@ -213,11 +231,7 @@ impl Encoder {
         }
         match self.format {
             Format::Ndjson => unreachable!("written above"),
-            Format::Csv => {
-                let cells: Vec<String> =
-                    CSV_COLUMNS.iter().map(|(_, at)| cell_text(event.pointer(at))).collect();
-                write_row(cells.iter().map(String::as_str), out);
-            }
+            Format::Csv => write_csv_row(&[], &event, out),
             Format::Fhir => {
                 // FHIR JSON has no empty arrays: `entry` opens with the first event.
                 out.extend_from_slice(if self.events == 0 { b",\"entry\":[" } else { b"," });

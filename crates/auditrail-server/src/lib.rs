@@ -19,6 +19,7 @@ pub mod integrity;
 pub mod logapi;
 pub mod openapi;
 pub mod query;
+pub mod reports;
 pub mod retention;
 pub mod security;
 pub mod tls;
@@ -234,6 +235,11 @@ pub(crate) fn routes() -> Vec<(&'static str, MethodRouter<SharedState>)> {
         ("/api/v1/events/export", get(export::export).post(export::export_to_storage)),
         ("/api/v1/events/evidence", get(evidence::evidence)),
         ("/api/v1/events/{id}", get(query::get_event)),
+        ("/api/v1/reports/patient-access", get(reports::patient_access)),
+        ("/api/v1/reports/user-activity", get(reports::user_activity)),
+        ("/api/v1/reports/failed-access", get(reports::failed_access)),
+        ("/api/v1/reports/security-changes", get(reports::security_changes)),
+        ("/api/v1/reports/alerts", get(reports::alerts)),
         ("/api/v1/log/proof/inclusion", get(logapi::inclusion)),
         ("/api/v1/log/proof/consistency", get(logapi::consistency)),
         ("/api/v1/security/status", get(security::status)),

@@ -45,6 +45,11 @@ The prose reference is docs/api.md; the event schema is schema/event.schema.json
         crate::export::export_to_storage,
         crate::evidence::evidence,
         crate::query::get_event,
+        crate::reports::patient_access,
+        crate::reports::user_activity,
+        crate::reports::failed_access,
+        crate::reports::security_changes,
+        crate::reports::alerts,
         crate::logapi::inclusion,
         crate::logapi::consistency,
         crate::security::status,
@@ -113,6 +118,10 @@ operation states the permission it needs; send `Authorization: Bearer` with an a
 (from login) or an API key (`atk_…`)."),
         (name = "retention", description = "Retention, legal holds and purging (crypto-erasure \
 of whole log segments; the tree and every proof stay)."),
+        (name = "reports", description = "Compliance reports (docs/reports.md): patient \
+access with the accounting of disclosures, user activity, failed access attempts, security \
+configuration changes and the alert summary, as JSON or CSV. Each needs `reports:run`, and each \
+run is recorded in the log."),
         (name = "security", description = "Alerts raised by rules evaluated on every new event, \
 the rules themselves, and the log's integrity verification."),
     )

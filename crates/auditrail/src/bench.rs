@@ -41,6 +41,9 @@ pub enum BenchCommand {
     /// The service end to end over loopback HTTP: bulk and single-event ingest, patient lookups,
     /// 30-day counts, bytes on disk; with ratios to a PostgreSQL baseline when given one.
     Http(crate::bench_http::HttpArgs),
+    /// The patient access report of one patient with many events in a large log, against
+    /// paging through the same events with the search, in the same session.
+    Report(crate::bench_report::ReportArgs),
 }
 
 pub fn run(cmd: BenchCommand) -> Result<()> {
@@ -49,6 +52,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             (events, producers, batch, dir, no_verify, keep)
         }
         BenchCommand::Http(args) => return crate::bench_http::run(args),
+        BenchCommand::Report(args) => return crate::bench_report::run(args),
     };
     let dir = match dir {
         Some(d) => d,

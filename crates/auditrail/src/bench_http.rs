@@ -397,7 +397,7 @@ async fn single_phase(args: &HttpArgs, addr: &str, report: &mut Value) -> Result
 }
 
 /// Waits until every durable event is searchable and returns how many that is.
-async fn wait_indexed(addr: &str) -> Result<u64> {
+pub(crate) async fn wait_indexed(addr: &str) -> Result<u64> {
     let mut conn = Conn::open(addr).await?;
     for _ in 0..60_000 {
         let m = conn.metrics().await?;
@@ -450,7 +450,7 @@ fn read_baseline(arg: &str) -> Result<Value> {
 static TOKEN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
 /// One HTTP/1.1 keep-alive connection.
-struct Conn {
+pub(crate) struct Conn {
     sender: SendRequest<Full<Bytes>>,
     /// The `total` the server reported in `Server-Timing` for the last answer.
     server_time: Option<Duration>,
@@ -459,7 +459,7 @@ struct Conn {
 }
 
 impl Conn {
-    async fn open(addr: &str) -> Result<Conn> {
+    pub(crate) async fn open(addr: &str) -> Result<Conn> {
         let stream = tokio::net::TcpStream::connect(addr).await?;
         stream.set_nodelay(true)?;
         let (sender, connection) =
@@ -468,7 +468,7 @@ impl Conn {
         Ok(Conn { sender, server_time: None, server_timing: Vec::new() })
     }
 
-    async fn request(
+    pub(crate) async fn request(
         &mut self,
         method: &str,
         path: &str,
@@ -524,18 +524,24 @@ struct Metrics {
 }
 
 /// `auditrail serve` as a child process, so its memory and CPU are its own.
-struct ServerProcess {
+pub(crate) struct ServerProcess {
     child: Child,
-    addr: String,
+    pub(crate) addr: String,
 }
 
 impl ServerProcess {
-    fn spawn(dir: &Path) -> Result<ServerProcess> {
+    pub(crate) fn spawn(dir: &Path) -> Result<ServerProcess> {
         if !dir.join("keys").exists() {
             auditrail_store::init(dir, "bench.auditrail.local/log")?;
         }
-        let scopes = ["events:write", "events:read", "events:patient_identifiers", "security:read"]
-            .map(String::from);
+        let scopes = [
+            "events:write",
+            "events:read",
+            "events:patient_identifiers",
+            "security:read",
+            "reports:run",
+        ]
+        .map(String::from);
         let token = crate::create_api_key(
             dir,
             auditrail_store::Options::default(),
@@ -579,12 +585,12 @@ impl ServerProcess {
         Ok(ServerProcess { addr: addr.to_string(), child })
     }
 
-    fn rss_kib(&self, field: &str) -> u64 {
+    pub(crate) fn rss_kib(&self, field: &str) -> u64 {
         status_kib(&self.child.id().to_string(), field)
     }
 
     /// SIGTERM, then wait for the clean stop (index flushed, final checkpoint published).
-    fn stop(&mut self) -> Result<()> {
+    pub(crate) fn stop(&mut self) -> Result<()> {
         terminate(self.child.id());
         for _ in 0..1200 {
             if let Some(status) = self.child.try_wait()? {
@@ -615,16 +621,16 @@ impl Drop for ServerProcess {
     }
 }
 
-struct Percentiles(Vec<Duration>);
+pub(crate) struct Percentiles(Vec<Duration>);
 
 impl Percentiles {
-    fn of(mut samples: Vec<Duration>) -> Percentiles {
+    pub(crate) fn of(mut samples: Vec<Duration>) -> Percentiles {
         samples.sort_unstable();
         Percentiles(samples)
     }
 
     /// Nearest-rank percentile `p` (0..1) in milliseconds.
-    fn ms(&self, p: f64) -> f64 {
+    pub(crate) fn ms(&self, p: f64) -> f64 {
         if self.0.is_empty() {
             return f64::NAN;
         }
@@ -637,6 +643,6 @@ fn round1(x: f64) -> f64 {
     (x * 10.0).round() / 10.0
 }
 
-fn round3(x: f64) -> f64 {
+pub(crate) fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
 }

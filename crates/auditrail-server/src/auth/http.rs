@@ -76,6 +76,8 @@ fn read_action(path: &str) -> String {
         "/api/v1/events/stats" => "events.stats".into(),
         // An evidence bundle is an export too (the route in the context tells them apart).
         "/api/v1/events/export" | "/api/v1/events/evidence" => "events.export".into(),
+        // Every report run, whichever report (the route in the context tells them apart).
+        r if r.starts_with("/api/v1/reports/") => "report.run".into(),
         "/fhir/AuditEvent" => "fhir.search".into(),
         "/fhir/AuditEvent/{id}" => "fhir.read".into(),
         other => {

@@ -1659,6 +1659,15 @@ impl EventView {
         }
     }
 
+    /// What a report shows: the events where the caller may run reports, masked as for
+    /// reading.
+    pub fn for_reports(p: &Principal) -> EventView {
+        EventView {
+            read: p.scope(Permission::ReportsRun),
+            identifiers: p.scope(Permission::PatientIdentifiers),
+        }
+    }
+
     /// The projects the view is limited to, given a `project` the caller asked for; `None`:
     /// every project.
     pub fn projects(&self, requested: Option<&str>) -> Option<BTreeSet<String>> {

@@ -40,6 +40,14 @@ pub fn rule(method: &Method, path: &str) -> Option<Rule> {
         ("GET", "/fhir/AuditEvent" | "/fhir/AuditEvent/{id}") => Needs(EventsRead),
         ("GET" | "POST", "/api/v1/events/export") => Needs(EventsExport),
         ("GET", "/api/v1/events/evidence") => Needs(EventsExport),
+        (
+            "GET",
+            "/api/v1/reports/patient-access"
+            | "/api/v1/reports/user-activity"
+            | "/api/v1/reports/failed-access"
+            | "/api/v1/reports/security-changes"
+            | "/api/v1/reports/alerts",
+        ) => Needs(ReportsRun),
         // Methods FHIR does not allow on AuditEvent, and unknown FHIR types: answered 405/404
         // by the handlers whoever asks; they do nothing.
         ("PUT" | "PATCH" | "DELETE", "/fhir/AuditEvent") => Public,

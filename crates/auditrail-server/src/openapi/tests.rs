@@ -485,8 +485,9 @@ fn documented_query_parameters_are_accepted() {
             checked += 1;
         }
     }
-    // 33 native parameters, and the FHIR search's 27 (its 26 declared ones and `_cursor`).
-    assert_eq!(checked, 33 + 27, "query parameters checked");
+    // 33 native parameters and the reports' 17, and the FHIR search's 27 (its 26 declared
+    // ones and `_cursor`).
+    assert_eq!(checked, 33 + 17 + 27, "query parameters checked");
     // And an undocumented one is refused, so the check above can fail.
     let answer = server.get("/api/v1/events?nosuch=1");
     assert_eq!(answer.json::<ErrorBody>().error.code, "unknown_parameter");
@@ -609,6 +610,11 @@ const MATRIX: &[(&str, &str, &str)] = &[
     ("get", "/api/v1/events/export", "ASP"),
     ("post", "/api/v1/events/export", "ASP"),
     ("get", "/api/v1/events/evidence", "ASP"),
+    ("get", "/api/v1/reports/patient-access", "ASPU"),
+    ("get", "/api/v1/reports/user-activity", "ASPU"),
+    ("get", "/api/v1/reports/failed-access", "ASPU"),
+    ("get", "/api/v1/reports/security-changes", "ASPU"),
+    ("get", "/api/v1/reports/alerts", "ASPU"),
     ("get", "/fhir/AuditEvent", "ASPUV"),
     ("get", "/fhir/AuditEvent/{id}", "ASPUV"),
     ("put", "/fhir/AuditEvent", "public"),

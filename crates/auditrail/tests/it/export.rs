@@ -201,7 +201,7 @@ const TRICKY: &[&str] = &[
 ];
 
 /// Python's csv module, strict, on `text`: the rows.
-fn python_csv(text: &str) -> Vec<Vec<String>> {
+pub(crate) fn python_csv(text: &str) -> Vec<Vec<String>> {
     let script = "import csv, io, json, sys\n\
         rows = list(csv.reader(io.TextIOWrapper(sys.stdin.buffer, encoding='utf-8', newline=''), strict=True))\n\
         print(json.dumps(rows))";

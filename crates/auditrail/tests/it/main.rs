@@ -14,6 +14,7 @@ mod integrity;
 mod interop;
 mod kill;
 mod privacy;
+mod reports;
 mod retention;
 mod serve;
 mod tamper;
