@@ -718,6 +718,19 @@ impl Follower {
         store: &Store,
         blocks_max: usize,
     ) -> Result<u64, IndexError> {
+        self.step_and_pass_on(index, store, blocks_max, |_| {})
+    }
+
+    /// Like [`Follower::step`], then hands `pass_on` the events it indexed, `(seq, stored
+    /// bytes)` in seq order, for another reader of the log that would otherwise decrypt and
+    /// decompress the same blocks again.
+    pub fn step_and_pass_on(
+        &mut self,
+        index: &Index,
+        store: &Store,
+        blocks_max: usize,
+        pass_on: impl FnOnce(Vec<(u64, Vec<u8>)>),
+    ) -> Result<u64, IndexError> {
         assert_eq!(self.tail.next_seq(), index.indexed_through(), "one follower per index");
         let durable = store.stages().sequenced;
         if let Some(skipped) = self.tail.skip_purged(&store.purged()) {
@@ -753,6 +766,9 @@ impl Follower {
             let room = index.memtable_room();
             index.add(docs.by_ref().take(room).collect());
             index.flush(false)?;
+        }
+        if !records.is_empty() {
+            pass_on(records.into_iter().map(|(_, seq, bytes)| (seq, bytes)).collect());
         }
         Ok(n)
     }

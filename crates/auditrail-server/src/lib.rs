@@ -621,12 +621,20 @@ pub fn start(config: Config) -> Result<Service, String> {
         backup,
     });
     let stop = Arc::new(AtomicBool::new(false));
+    // The alert engine takes the events the index follower decoded (when it keeps up).
+    let (to_alerts, decoded) = match state.config.alerts.enabled {
+        true => {
+            let (tx, rx) = std::sync::mpsc::sync_channel(alerts::DECODED_IN_FLIGHT);
+            (Some(tx), Some(rx))
+        }
+        false => (None, None),
+    };
     let follower = {
         let state = state.clone();
         let stop = stop.clone();
         std::thread::Builder::new()
             .name("index-follower".into())
-            .spawn(move || follow(&state, &stop))
+            .spawn(move || follow(&state, &stop, to_alerts))
             .map_err(|e| e.to_string())?
     };
     let retention = {
@@ -645,18 +653,18 @@ pub fn start(config: Config) -> Result<Service, String> {
             .spawn(move || integrity::scheduled(&state, &stop))
             .map_err(|e| e.to_string())?
     };
-    let alerts = match state.config.alerts.enabled {
-        true => {
+    let alerts = match decoded {
+        Some(decoded) => {
             let state = state.clone();
             let stop = stop.clone();
             Some(
                 std::thread::Builder::new()
                     .name("alerts".into())
-                    .spawn(move || alerts::follow(&state, &stop))
+                    .spawn(move || alerts::follow(&state, &stop, decoded))
                     .map_err(|e| e.to_string())?,
             )
         }
-        false => None,
+        None => None,
     };
     let (deliveries, stop_deliveries) = tokio::sync::watch::channel(false);
     runtime.spawn(alerts::webhook::deliver(state.clone(), stop_deliveries));
@@ -665,11 +673,22 @@ pub fn start(config: Config) -> Result<Service, String> {
 
 /// The follower loop: index what is durable, then wait briefly for more. The index is
 /// searchable within a few milliseconds of an event becoming durable.
-fn follow(state: &AppState, stop: &AtomicBool) {
+fn follow(
+    state: &AppState,
+    stop: &AtomicBool,
+    to_alerts: Option<std::sync::mpsc::SyncSender<alerts::Decoded>>,
+) {
     let mut follower = Follower::new(&state.index, &state.store);
+    // Never waits for the alert engine: a batch it has no room for is dropped, and the engine
+    // reads those events from the log.
+    let pass_on = |decoded| {
+        if let Some(tx) = &to_alerts {
+            let _ = tx.try_send(decoded);
+        }
+    };
     loop {
         let stopping = stop.load(Ordering::SeqCst);
-        match follower.step(&state.index, &state.store, 64) {
+        match follower.step_and_pass_on(&state.index, &state.store, 64, pass_on) {
             Ok(0) => {
                 state.ready.store(true, Ordering::SeqCst);
                 if stopping {

@@ -607,37 +607,129 @@ fn record_raised(state: &AppState, alert: &Alert) -> Result<(), ApiError> {
     )
 }
 
-/// The engine's loop: read what is durable past the cursor, evaluate, raise, save.
-pub fn follow(state: &AppState, stop: &AtomicBool) {
+/// Events the index follower decoded, `(seq, stored bytes)` in seq order, passed on so the
+/// engine need not decrypt and decompress the same blocks again.
+pub type Decoded = Vec<(u64, Vec<u8>)>;
+
+/// How many decoded batches may wait for the engine; past that the index follower drops them
+/// (it never waits for alerting) and the engine reads those events from the log itself.
+pub const DECODED_IN_FLIGHT: usize = 32;
+
+/// How long the engine waits for the index follower before reading the log itself: at start
+/// (its cursor behind the index's), after dropped batches, or while the index is stuck.
+const FEED_PATIENCE: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// Where the engine reads events: the batches the index follower passes on, and the log for
+/// whatever they do not cover. Both in seq order from `cursor`.
+struct Source<'a> {
+    state: &'a AppState,
+    decoded: std::sync::mpsc::Receiver<Decoded>,
+    cursor: u64,
+    /// Positioned at `cursor` when the log was last read; dropped when a batch moves on.
+    tail: Option<auditrail_store::tail::LogTail>,
+    last_fed: std::time::Instant,
+}
+
+impl Source<'_> {
+    fn observe(&self, seq: u64, stored: &[u8], out: &mut Vec<Observed>) {
+        let token = |p: &str| hex(&self.state.index.patients().term(p));
+        if let Some(e) = Observed::from_stored(seq, stored, token)
+            && !e.is_alert_record()
+        {
+            out.push(e);
+        }
+    }
+
+    /// Reads durable events from the log, from the cursor up to `end`, 64 blocks at most.
+    fn read_log(&mut self, end: u64, out: &mut Vec<Observed>) -> Result<u64, String> {
+        let store = &self.state.store;
+        let cursor = self.cursor;
+        let tail = self.tail.get_or_insert_with(|| store.tail(cursor));
+        // Retention purged what lies ahead: nothing there to evaluate.
+        if tail.skip_purged(&store.purged()).is_some() {
+            self.cursor = tail.next_seq();
+            return Ok(1);
+        }
+        let end = end.min(store.stages().sequenced);
+        let mut observed = Vec::new();
+        let n = tail
+            .read(end, 64, |_, seq, record| {
+                observed.push((seq, record.canonical.to_vec()));
+                Ok(())
+            })
+            .map_err(|e| e.to_string())?;
+        self.cursor = tail.next_seq();
+        for (seq, bytes) in &observed {
+            self.observe(*seq, bytes, out);
+        }
+        Ok(n)
+    }
+
+    /// The next events to evaluate; how many seqs the cursor moved (0: nothing new).
+    fn next(&mut self, out: &mut Vec<Observed>) -> Result<u64, String> {
+        let before = self.cursor;
+        match self.decoded.recv_timeout(std::time::Duration::from_millis(20)) {
+            Ok(batch) => {
+                self.last_fed = std::time::Instant::now();
+                let (Some(first), Some(last)) = (batch.first(), batch.last()) else { return Ok(0) };
+                let (first, end) = (first.0, last.0 + 1);
+                if end <= self.cursor {
+                    return Ok(0);
+                }
+                // Batches were dropped while the engine was behind: the gap first, from the log.
+                while self.cursor < first {
+                    if self.read_log(first, out)? == 0 {
+                        return Err(format!(
+                            "cannot read seqs {}..{first} from the log",
+                            self.cursor
+                        ));
+                    }
+                }
+                for (seq, bytes) in batch.iter().filter(|e| e.0 >= self.cursor) {
+                    self.observe(*seq, bytes, out);
+                }
+                self.cursor = end;
+                self.tail = None;
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+                if self.last_fed.elapsed() < FEED_PATIENCE => {}
+            // Nothing passed on for a while, or the index follower has stopped: the log.
+            Err(_) => {
+                if self.read_log(u64::MAX, out)? == 0 {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+            }
+        }
+        Ok(self.cursor - before)
+    }
+}
+
+/// The engine's loop: take what is durable past the cursor (from the index follower, else from
+/// the log), evaluate, raise, save.
+pub fn follow(state: &AppState, stop: &AtomicBool, decoded: std::sync::mpsc::Receiver<Decoded>) {
     let alerts = &state.alerts;
-    let mut tail = state.store.tail(alerts.cursor());
+    let mut source = Source {
+        state,
+        decoded,
+        cursor: alerts.cursor(),
+        tail: None,
+        last_fed: std::time::Instant::now(),
+    };
     let mut last_save = std::time::Instant::now();
     loop {
         let stopping = stop.load(Ordering::SeqCst);
-        let durable = state.store.stages().sequenced;
-        // Retention purged what lies ahead: nothing there to evaluate.
-        if tail.skip_purged(&state.store.purged()).is_some() {
-            continue;
-        }
         let mut events = Vec::new();
-        let read = tail.read(durable, 64, |_, seq, record| {
-            let token = |p: &str| hex(&state.index.patients().term(p));
-            if let Some(e) = Observed::from_stored(seq, record.canonical, token)
-                && !e.is_alert_record()
-            {
-                events.push(e);
-            }
-            Ok(())
-        });
-        match read {
-            Ok(n) => {
-                let raised = alerts.observe(&events, tail.next_seq());
-                for alert in &raised {
-                    if let Err(e) = record_raised(state, alert) {
-                        eprintln!(
-                            "auditrail: alerts: cannot record alert {}: {}",
-                            alert.id, e.message
-                        );
+        match source.next(&mut events) {
+            Ok(moved) => {
+                if moved > 0 {
+                    let raised = alerts.observe(&events, source.cursor);
+                    for alert in &raised {
+                        if let Err(e) = record_raised(state, alert) {
+                            eprintln!(
+                                "auditrail: alerts: cannot record alert {}: {}",
+                                alert.id, e.message
+                            );
+                        }
                     }
                 }
                 if last_save.elapsed() >= std::time::Duration::from_millis(500) || stopping {
@@ -646,15 +738,14 @@ pub fn follow(state: &AppState, stop: &AtomicBool) {
                     }
                     last_save = std::time::Instant::now();
                 }
-                if n == 0 {
-                    if stopping {
-                        break;
-                    }
-                    std::thread::sleep(std::time::Duration::from_millis(20));
+                // Stopping: once everything durable has been evaluated.
+                if stopping && moved == 0 && source.cursor >= state.store.stages().sequenced {
+                    break;
                 }
             }
             Err(e) => {
                 eprintln!("auditrail: alerts: cannot read the log: {e}");
+                source.tail = None;
                 if stopping {
                     break;
                 }
