@@ -522,4 +522,25 @@ mod tests {
         }
         assert_eq!(fired(&mut engine, &more), ["bulk-patient-access:dave"]);
     }
+
+    #[test]
+    fn reports_count_towards_bulk_export_like_exports() {
+        let mut engine = Engine::new(builtin_rules(), Seen::default());
+        let handed_out = |seq: u64, action: &str, events: u64| {
+            let mut e = ev(
+                seq,
+                MONDAY_NOON + seq as i64 * 60_000,
+                "repository",
+                action,
+                "success",
+                "erin",
+                "10.0.0.9",
+            );
+            e.numbers = vec![("events".into(), events)];
+            e
+        };
+        let quiet = [handed_out(1, "report.run", 4_000), handed_out(2, "events.export", 4_000)];
+        assert!(fired(&mut engine, &quiet).is_empty());
+        assert_eq!(fired(&mut engine, &[handed_out(3, "report.run", 2_500)]), ["bulk-export:erin"]);
+    }
 }

@@ -364,7 +364,9 @@ pub fn builtin_rules() -> Vec<Rule> {
         Severity::High,
         "Possible exfiltration: one user exported 10,000 events or records within an hour.",
     );
-    r.matcher.actions = strings(&["*export*"]);
+    // Exports, evidence bundles (`events.export`) and compliance reports (`report.run`): each
+    // hands events out of the repository, and each records how many in `context.events`.
+    r.matcher.actions = strings(&["*export*", "report.run"]);
     r.matcher.outcome = Some("success".into());
     (r.group_by, r.sum, r.threshold, r.window_secs) =
         (Some(Key::User), Some("events".into()), 10_000, 3600);
