@@ -160,7 +160,6 @@ pub struct Integrity {
     inner: Mutex<Inner>,
     /// Progress of the running verification, in events.
     progress: AtomicU64,
-    running: AtomicBool,
     finished_tx: Mutex<mpsc::Sender<Finished>>,
     finished_rx: Mutex<mpsc::Receiver<Finished>>,
 }
@@ -179,7 +178,6 @@ impl Integrity {
             path,
             inner: Mutex::new(Inner { saved, jobs: VecDeque::new() }),
             progress: AtomicU64::new(0),
-            running: AtomicBool::new(false),
             finished_tx: Mutex::new(tx),
             finished_rx: Mutex::new(rx),
         })
@@ -254,12 +252,14 @@ impl Integrity {
         requested_by: &str,
         actor: Value,
     ) -> Result<Verification, String> {
-        if self.running.swap(true, Ordering::SeqCst) {
-            return Err(self.running().map(|j| j.id).unwrap_or_default());
+        // Checked and claimed under one lock: at most one job in `jobs` is running.
+        let mut inner = self.lock();
+        if let Some(running) = inner.jobs.iter().find(|j| j.status == Outcome::Running) {
+            return Err(running.id.clone());
         }
         self.progress.store(0, Ordering::Relaxed);
         let now = crate::now_ms();
-        let verified = self.lock().saved.verified();
+        let verified = inner.saved.verified();
         let job = Verification {
             id: uuid::Uuid::now_v7().to_string(),
             mode,
@@ -276,13 +276,11 @@ impl Integrity {
             error: None,
             recorded_seq: None,
         };
-        {
-            let mut inner = self.lock();
-            inner.jobs.push_back(job.clone());
-            while inner.jobs.len() > JOBS_KEPT {
-                inner.jobs.pop_front();
-            }
+        inner.jobs.push_back(job.clone());
+        while inner.jobs.len() > JOBS_KEPT {
+            inner.jobs.pop_front();
         }
+        drop(inner);
         let this = self.clone();
         let id = job.id.clone();
         let tx = self.finished_tx.lock().unwrap_or_else(|e| e.into_inner()).clone();
@@ -309,7 +307,6 @@ impl Integrity {
                     tx.send(Finished { id, actor, outcome: outcome.map_err(|e| e.to_string()) });
             });
         if let Err(e) = spawned {
-            self.running.store(false, Ordering::SeqCst);
             let mut inner = self.lock();
             if let Some(j) = inner.jobs.iter_mut().find(|j| j.id == job.id) {
                 j.status = Outcome::Error;
@@ -392,7 +389,6 @@ impl Integrity {
             }
             self.save(&inner.saved);
             drop(inner);
-            self.running.store(false, Ordering::SeqCst);
         }
     }
 }
