@@ -534,8 +534,48 @@ pub async fn get_state(State(state): State<SharedState>) -> Result<Response, Api
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct StartBody {
-    /// `full` or `incremental`.
-    pub mode: Mode,
+    /// `full` (the default) or `incremental`.
+    pub mode: Option<Mode>,
+}
+
+/// The mode asked for in the body or as `?mode=`; a full verification when neither says.
+fn requested_mode(raw_query: Option<&str>, body: &[u8]) -> Result<Mode, ApiError> {
+    let mut from_query = None;
+    for (k, v) in crate::query::pairs(raw_query)? {
+        match k.as_str() {
+            "mode" => {
+                from_query = Some(match v.as_str() {
+                    "full" => Mode::Full,
+                    "incremental" => Mode::Incremental,
+                    _ => {
+                        return Err(ApiError::bad_request(
+                            "invalid_parameter",
+                            "mode must be full or incremental",
+                        ));
+                    }
+                })
+            }
+            _ => return Err(ApiError::unknown_parameter(&k)),
+        }
+    }
+    let from_body = if body.iter().all(u8::is_ascii_whitespace) {
+        None
+    } else {
+        let parsed: StartBody = serde_json::from_slice(body).map_err(|e| {
+            ApiError::bad_request(
+                "invalid_json",
+                format!("expected {{\"mode\": \"full\" | \"incremental\"}}: {e}"),
+            )
+        })?;
+        parsed.mode
+    };
+    match (from_body, from_query) {
+        (Some(b), Some(q)) if b != q => Err(ApiError::bad_request(
+            "invalid_parameter",
+            "the body and ?mode= ask for different modes",
+        )),
+        (b, q) => Ok(b.or(q).unwrap_or(Mode::Full)),
+    }
 }
 
 /// `POST /api/v1/security/audit-log/integrity`
@@ -548,34 +588,27 @@ pub struct StartBody {
     description = "Starts a `full` verification (every event, block, leaf, tile and \
 checkpoint, as `auditrail verify` does) or an `incremental` one (the events published since \
 the verified prefix, against the newest signed checkpoint, with a consistency proof) as a \
-background job. Answers 202 with the job and its `Location`; follow it with \
-`GET /api/v1/security/audit-log/integrity/jobs/{id}`. One verification runs at a time: while \
-one runs, 409 `verification_running` names it.",
-    request_body(content = StartBody, content_type = "application/json"),
+background job. The mode comes from the body (`{\"mode\": \"incremental\"}`) or `?mode=`; \
+without either (an empty body), a full one. Answers 202 with the job and its `Location`; \
+follow it with `GET /api/v1/security/audit-log/integrity/jobs/{id}`. One verification runs at \
+a time: while one runs, 409 `verification_running` names it.",
+    params(("mode" = Option<String>, Query, description = "`full` (the default) or `incremental`, instead of the body.")),
+    request_body(content = StartBody, content_type = "application/json", description = "Optional."),
     responses(
         (status = 202, description = "Started.", body = Verification),
-        (status = 400, description = "`invalid_json`: not `{\"mode\": \"full\"}` or `{\"mode\": \"incremental\"}`.", body = ErrorBody),
+        (status = 400, description = "`invalid_json` (a body that is not `{\"mode\": ...}`), `invalid_parameter` (a mode that is not `full` or `incremental`, or two that differ) or `unknown_parameter`.", body = ErrorBody),
         (status = 409, description = "`verification_running`.", body = ErrorBody),
     )
 )]
 pub async fn start(
     State(state): State<SharedState>,
     axum::Extension(principal): axum::Extension<Principal>,
+    axum::extract::RawQuery(raw): axum::extract::RawQuery,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
-    let body: StartBody = serde_json::from_slice(&body).map_err(|e| {
-        ApiError::bad_request(
-            "invalid_json",
-            format!("expected {{\"mode\": \"full\" | \"incremental\"}}: {e}"),
-        )
-    })?;
+    let mode = requested_mode(raw.as_deref(), &body)?;
     blocking(move || {
-        match state.integrity.start(
-            state.store.auditor(),
-            body.mode,
-            &principal.id,
-            principal.actor(),
-        ) {
+        match state.integrity.start(state.store.auditor(), mode, &principal.id, principal.actor()) {
             Ok(job) => {
                 let location = format!("/api/v1/security/audit-log/integrity/jobs/{}", job.id);
                 Ok((StatusCode::ACCEPTED, [(header::LOCATION, location)], Json(job))

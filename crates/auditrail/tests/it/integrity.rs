@@ -129,6 +129,16 @@ fn the_live_log_is_verified_on_schedule_and_on_request_and_tampering_raises_a_cr
     let bad = start(&s, "partial");
     assert_eq!((bad.status, bad.json()["error"]["code"].as_str()), (400, Some("invalid_json")));
     assert_eq!(s.get(&format!("{INTEGRITY}/jobs/nosuch")).status, 404);
+    let bad = s.request("POST", &format!("{INTEGRITY}?mode=sometimes"), "", b"");
+    assert_eq!(
+        (bad.status, bad.json()["error"]["code"].as_str()),
+        (400, Some("invalid_parameter"))
+    );
+    // Without a body, a full verification; `?mode=` says otherwise.
+    let plain = follow(&s, &s.request("POST", INTEGRITY, "", b""));
+    assert_eq!((plain["mode"].as_str(), plain["status"].as_str()), (Some("full"), Some("passed")));
+    let by_query = s.request("POST", &format!("{INTEGRITY}?mode=incremental"), "", b"");
+    assert_eq!(follow(&s, &by_query)["mode"], "incremental");
 
     // The verified prefix and the last results outlive a restart. From here verifications
     // run only on request, so none covers the events below before their byte changes.
@@ -144,7 +154,7 @@ fn the_live_log_is_verified_on_schedule_and_on_request_and_tampering_raises_a_cr
     let s = Server::start_with(&data, on_request);
     let state = s.get(INTEGRITY).json();
     assert_eq!(state["verified_through"].as_u64().unwrap(), verified, "{state}");
-    assert_eq!(state["last_full"]["id"], full["id"]);
+    assert_eq!(state["last_full"]["id"], plain["id"]);
 
     // New events, signed; then a byte of the newest segment changes under the running server.
     ingest(&s, "c", 200);
