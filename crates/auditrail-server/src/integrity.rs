@@ -477,6 +477,11 @@ pub fn scheduled(state: &SharedState, stop: &AtomicBool) {
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct IntegrityState {
+    /// The newest finished verification's result (`passed`, `failed` or `error`); null
+    /// before the first.
+    pub status: Option<Outcome>,
+    /// When it finished.
+    pub verified_at: Option<String>,
     /// The newest finished verification, full or incremental; null before the first.
     pub last: Option<Verification>,
     pub last_full: Option<Verification>,
@@ -518,8 +523,11 @@ pub async fn get_state(State(state): State<SharedState>) -> Result<Response, Api
             inner.saved.verified_size,
         )
     };
+    let last = i.last();
     let body = IntegrityState {
-        last: i.last(),
+        status: last.as_ref().map(|l| l.status),
+        verified_at: last.as_ref().and_then(|l| l.finished_at.clone()),
+        last,
         last_full: inner_saved.0,
         last_incremental: inner_saved.1,
         running: i.running(),

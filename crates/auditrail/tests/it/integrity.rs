@@ -99,6 +99,8 @@ fn the_live_log_is_verified_on_schedule_and_on_request_and_tampering_raises_a_cr
             && v["last_incremental"]["tree_size"].as_u64().unwrap() >= size
     });
     assert!(state["verified_through"].as_u64().unwrap() >= size, "{state}");
+    assert_eq!(state["status"], "passed");
+    assert_eq!(state["verified_at"], state["last"]["finished_at"]);
     let inc = &state["last_incremental"];
     assert_eq!(inc["requested_by"], "system:integrity");
     assert_eq!(inc["problem_count"], 0);
