@@ -615,9 +615,14 @@ pub type Decoded = Vec<(u64, Vec<u8>)>;
 /// (it never waits for alerting) and the engine reads those events from the log itself.
 pub const DECODED_IN_FLIGHT: usize = 32;
 
-/// How long the engine waits for the index follower before reading the log itself: at start
-/// (its cursor behind the index's), after dropped batches, or while the index is stuck.
+/// How long the engine waits for the index follower before reading what the index has read
+/// from the log itself: at start (its cursor behind the index's) or after dropped batches.
 const FEED_PATIENCE: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// How long the engine waits for the index follower before reading past it: the index is
+/// stuck or rebuilding. Longer than the index's usual lag, so the engine does not get ahead
+/// of it (and decode every block again) while it merely flushes.
+const INDEX_STUCK: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Where the engine reads events: the batches the index follower passes on, and the log for
 /// whatever they do not cover. Both in seq order from `cursor`.
@@ -667,15 +672,18 @@ impl Source<'_> {
 
     /// The next events to evaluate; how many seqs the cursor moved (0: nothing new).
     fn next(&mut self, out: &mut Vec<Observed>) -> Result<u64, String> {
+        use std::sync::mpsc::RecvTimeoutError;
         let before = self.cursor;
-        match self.decoded.recv_timeout(std::time::Duration::from_millis(20)) {
-            Ok(batch) => {
+        let received = self.decoded.recv_timeout(std::time::Duration::from_millis(20));
+        // Events evaluated already (an index being rebuilt replays the log from the start) do
+        // not count as being fed.
+        let useful = received.as_ref().ok().and_then(|batch| {
+            let (first, last) = (batch.first()?.0, batch.last()?.0);
+            (last >= self.cursor).then_some((first, last + 1))
+        });
+        match (received, useful) {
+            (Ok(batch), Some((first, end))) => {
                 self.last_fed = std::time::Instant::now();
-                let (Some(first), Some(last)) = (batch.first(), batch.last()) else { return Ok(0) };
-                let (first, end) = (first.0, last.0 + 1);
-                if end <= self.cursor {
-                    return Ok(0);
-                }
                 // Batches were dropped while the engine was behind: the gap first, from the log.
                 while self.cursor < first {
                     if self.read_log(first, out)? == 0 {
@@ -691,12 +699,23 @@ impl Source<'_> {
                 self.cursor = end;
                 self.tail = None;
             }
-            Err(std::sync::mpsc::RecvTimeoutError::Timeout)
-                if self.last_fed.elapsed() < FEED_PATIENCE => {}
-            // Nothing passed on for a while, or the index follower has stopped: the log.
-            Err(_) => {
+            // The index follower has stopped: the log only.
+            (Err(RecvTimeoutError::Disconnected), _) => {
                 if self.read_log(u64::MAX, out)? == 0 {
                     std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+            }
+            // Nothing useful passed on for a while. Behind the index (at start, or batches were
+            // dropped): catch up to it from the log. Not behind, and still nothing after a
+            // longer wait (the index is stuck, or rebuilding from the start): go on from the
+            // log without it.
+            _ => {
+                let waited = self.last_fed.elapsed();
+                let indexed = self.state.index.indexed_through();
+                if self.cursor < indexed && waited >= FEED_PATIENCE {
+                    self.read_log(indexed, out)?;
+                } else if waited >= INDEX_STUCK {
+                    self.read_log(u64::MAX, out)?;
                 }
             }
         }
