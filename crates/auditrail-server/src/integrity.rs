@@ -168,8 +168,16 @@ impl Integrity {
     pub fn open(data: &std::path::Path) -> Result<Integrity, String> {
         let path = data.join(STATE_PATH);
         let saved = match std::fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .map_err(|e| format!("{}: not an integrity state: {e}", path.display()))?,
+            // Derived state: a damaged file costs the next increment a walk from the first
+            // event, never the start.
+            Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+                eprintln!(
+                    "auditrail: integrity: {} is not an integrity state ({e}); the next \
+                     increment verifies from the first event",
+                    path.display()
+                );
+                Saved::default()
+            }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Saved::default(),
             Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
         };

@@ -207,4 +207,12 @@ fn the_live_log_is_verified_on_schedule_and_on_request_and_tampering_raises_a_cr
     let again = follow(&s, &start(&s, "incremental"));
     assert_eq!(again["status"], "passed", "{again}");
     assert_eq!(again["from_size"].as_u64().unwrap(), verified);
+
+    // A damaged state file does not stop the server: the next increment starts from nothing.
+    assert!(s.stop().success());
+    std::fs::write(data.join("integrity/state.json"), b"{not json").unwrap();
+    let s = Server::start_with(&data, on_request);
+    assert_eq!(s.get(INTEGRITY).json()["verified_through"], 0);
+    let fresh = follow(&s, &start(&s, "incremental"));
+    assert_eq!((fresh["status"].as_str(), fresh["from_size"].as_u64()), (Some("passed"), Some(0)));
 }
