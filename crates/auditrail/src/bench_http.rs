@@ -52,28 +52,53 @@ pub struct HttpArgs {
     /// 30-day counts to time.
     #[arg(long, default_value_t = 50)]
     count_runs: usize,
-    /// The data directory (a fresh temporary one by default; cleared first).
-    #[arg(long)]
-    dir: Option<PathBuf>,
-    /// Keep the data directory afterwards (then `--reuse` it to skip the bulk load next time).
-    #[arg(long)]
-    keep: bool,
-    /// Use the events already in `--dir` instead of clearing it and loading new ones.
-    #[arg(long, requires = "dir")]
-    reuse: bool,
+    #[command(flatten)]
+    data: BenchDir,
     /// PostgreSQL's figures: the JSON line `bench/postgres-baseline.sh` printed last, or a file
     /// holding it.
     #[arg(long)]
     baseline: Option<String>,
 }
 
-pub fn run(args: HttpArgs) -> Result<()> {
-    let dir = args.dir.clone().unwrap_or_else(|| {
-        std::env::temp_dir().join(format!("auditrail-bench-http-{}", std::process::id()))
-    });
-    if !args.reuse && dir.exists() {
-        std::fs::remove_dir_all(&dir).with_context(|| format!("cannot clear {}", dir.display()))?;
+/// Where a benchmark's server keeps its data, shared by `bench http` and `bench report`.
+#[derive(clap::Args)]
+pub struct BenchDir {
+    /// The data directory (a fresh temporary one by default; cleared first).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// Keep the data directory afterwards (then `--reuse` it to skip the load next time).
+    #[arg(long)]
+    pub keep: bool,
+    /// Use the events already in `--dir` instead of clearing it and loading new ones.
+    #[arg(long, requires = "dir")]
+    pub reuse: bool,
+}
+
+impl BenchDir {
+    /// The directory to use, cleared unless reused; `name` tells temporary ones apart.
+    pub fn prepare(&self, name: &str) -> Result<PathBuf> {
+        let dir = self.dir.clone().unwrap_or_else(|| {
+            std::env::temp_dir().join(format!("auditrail-bench-{name}-{}", std::process::id()))
+        });
+        if !self.reuse && dir.exists() {
+            std::fs::remove_dir_all(&dir)
+                .with_context(|| format!("cannot clear {}", dir.display()))?;
+        }
+        Ok(dir)
     }
+
+    /// Keeps the directory when asked to (or reused), else removes it.
+    pub fn finish(&self, dir: &std::path::Path) {
+        if self.keep || self.reuse {
+            println!("\nkept the data in {}", dir.display());
+        } else {
+            std::fs::remove_dir_all(dir).ok();
+        }
+    }
+}
+
+pub fn run(args: HttpArgs) -> Result<()> {
+    let dir = args.data.prepare("http")?;
     let baseline = args.baseline.as_deref().map(read_baseline).transpose()?;
     let runtime =
         tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
@@ -104,11 +129,7 @@ pub fn run(args: HttpArgs) -> Result<()> {
     if let Some(pg) = &baseline {
         print_ratios(&report, pg);
     }
-    if args.keep || args.reuse {
-        println!("\nkept the data in {}", dir.display());
-    } else {
-        std::fs::remove_dir_all(&dir).ok();
-    }
+    args.data.finish(&dir);
     println!("{report}");
     Ok(())
 }
@@ -116,7 +137,7 @@ pub fn run(args: HttpArgs) -> Result<()> {
 async fn workload(args: &HttpArgs, addr: &str, server: &ServerProcess) -> Result<Value> {
     let mut report = json!({"system": "auditrail", "events": args.events});
     let end_ms = now_millis();
-    if !args.reuse {
+    if !args.data.reuse {
         bulk_phase(args, addr, end_ms, &mut report).await?;
     }
     let through = wait_indexed(addr).await?;

@@ -19,7 +19,6 @@ use anyhow::{Context as _, Result, bail, ensure};
 use auditrail_store::sim::Rng;
 use hyper::body::Bytes;
 use serde_json::{Value, json};
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -45,15 +44,8 @@ pub struct ReportArgs {
     /// NDJSON lines per bulk request.
     #[arg(long, default_value_t = 10_000)]
     bulk_lines: usize,
-    /// The data directory (a fresh temporary one by default; cleared first).
-    #[arg(long)]
-    dir: Option<PathBuf>,
-    /// Keep the data directory afterwards (then `--reuse` it to skip the load next time).
-    #[arg(long)]
-    keep: bool,
-    /// Use the events already in `--dir` instead of loading new ones.
-    #[arg(long, requires = "dir")]
-    reuse: bool,
+    #[command(flatten)]
+    data: crate::bench_http::BenchDir,
 }
 
 /// The patient's `k`-th event's purpose of use and action: 94% treatment, payment or
@@ -76,17 +68,12 @@ pub fn run(args: ReportArgs) -> Result<()> {
         args.patient_events >= 1 && args.patient_events <= args.events,
         "--patient-events must be 1 to --events"
     );
-    let dir = args.dir.clone().unwrap_or_else(|| {
-        std::env::temp_dir().join(format!("auditrail-bench-report-{}", std::process::id()))
-    });
-    if !args.reuse && dir.exists() {
-        std::fs::remove_dir_all(&dir).with_context(|| format!("cannot clear {}", dir.display()))?;
-    }
+    let dir = args.data.prepare("report")?;
     let runtime =
         tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let mut server = ServerProcess::spawn(&dir)?;
     let mut expected_disclosures = None;
-    if !args.reuse {
+    if !args.data.reuse {
         let started = Instant::now();
         expected_disclosures = Some(runtime.block_on(load(&args, &server.addr))?);
         println!(
@@ -100,7 +87,7 @@ pub fn run(args: ReportArgs) -> Result<()> {
 
     let mut runs: Vec<Run> = Vec::new();
     for round in 0..args.rounds {
-        if round > 0 || !args.reuse {
+        if round > 0 || !args.data.reuse {
             // A restart empties the server's block cache: the first read of a round is cold.
             server.stop()?;
             server = ServerProcess::spawn(&dir)?;
@@ -130,7 +117,7 @@ pub fn run(args: ReportArgs) -> Result<()> {
     // Every run saw the same events.
     let reference = &runs[0].seqs;
     ensure!(
-        reference.len() as u64 == args.patient_events || args.reuse,
+        reference.len() as u64 == args.patient_events || args.data.reuse,
         "the patient has {} events, expected {}",
         reference.len(),
         args.patient_events
@@ -181,11 +168,7 @@ pub fn run(args: ReportArgs) -> Result<()> {
         disclosures.first().copied().unwrap_or(0),
         expected_disclosures.map_or("unknown with --reuse".to_string(), |d| d.to_string())
     );
-    if args.keep || args.reuse {
-        println!("kept the data in {}", dir.display());
-    } else {
-        std::fs::remove_dir_all(&dir).ok();
-    }
+    args.data.finish(&dir);
     println!(
         "{}",
         json!({

@@ -52,15 +52,6 @@ fn verify_bundle(file: &Path, args: &[&str]) -> Output {
     bin().arg("verify-bundle").arg(file).args(args).output().unwrap()
 }
 
-fn sequenced(s: &Server) -> u64 {
-    s.get("/metrics")
-        .text()
-        .lines()
-        .find_map(|l| l.strip_prefix("auditrail_log_sequenced "))
-        .and_then(|v| v.parse().ok())
-        .expect("the sequenced gauge")
-}
-
 fn code(r: &Response) -> (u16, String) {
     (r.status, r.json()["error"]["code"].as_str().unwrap_or_default().to_string())
 }
@@ -75,9 +66,9 @@ fn evidence_bundle_verifies_offline_and_every_byte_of_it_matters() {
 
     // Three rounds of events, a checkpoint kept after the first two (the recipient's).
     ingest(&s, 0, 6);
-    let early = checkpoint_at_least(&s, sequenced(&s));
+    let early = checkpoint_at_least(&s, s.sequenced());
     ingest(&s, 6, 6);
-    let trusted = checkpoint_at_least(&s, sequenced(&s));
+    let trusted = checkpoint_at_least(&s, s.sequenced());
     ingest(&s, 12, 6);
     let (early_size, trusted_size) = (tree_size(&early), tree_size(&trusted));
     assert!(early_size < trusted_size);
@@ -363,12 +354,7 @@ fn evidence_is_refused_with_a_reason() {
     // Governance: local export off means no bundles either.
     let body = json!({"only_admins_create_projects": true, "local_export_disabled": true,
         "local_export_exceptions": [], "local_import_disabled": false, "local_import_exceptions": []});
-    let r = s.request(
-        "PUT",
-        "/api/v1/settings/governance",
-        "application/json",
-        body.to_string().as_bytes(),
-    );
+    let r = s.put_json("/api/v1/settings/governance", &body);
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(
         code(&s.get("/api/v1/events/evidence?patient=MRN1")),

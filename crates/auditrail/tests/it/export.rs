@@ -21,12 +21,7 @@ fn lines(r: &Response) -> Vec<Value> {
 }
 
 fn governance(s: &Server, body: Value) {
-    let r = s.request(
-        "PUT",
-        "/api/v1/settings/governance",
-        "application/json",
-        body.to_string().as_bytes(),
-    );
+    let r = s.put_json("/api/v1/settings/governance", &body);
     assert_eq!(r.status, 200, "{}", r.text());
 }
 

@@ -190,12 +190,7 @@ impl Server {
     /// Waits (boundedly) until the index covers every event sequenced so far, the repository's
     /// own read traces included, so a search sees everything the test has written.
     pub fn wait_indexed(&self) {
-        let metrics = self.get("/metrics").text();
-        let sequenced: u64 = metrics
-            .lines()
-            .find_map(|l| l.strip_prefix("auditrail_log_sequenced "))
-            .and_then(|v| v.parse().ok())
-            .expect("the sequenced gauge");
+        let sequenced = self.sequenced();
         for _ in 0..400 {
             let r = self.get("/api/v1/events?limit=1");
             if r.json()["indexed_through"].as_u64().unwrap() >= sequenced {
@@ -224,6 +219,20 @@ impl Server {
 
     pub fn post_json(&self, path: &str, body: &serde_json::Value) -> Response {
         self.request("POST", path, "application/json", body.to_string().as_bytes())
+    }
+
+    pub fn put_json(&self, path: &str, body: &serde_json::Value) -> Response {
+        self.request("PUT", path, "application/json", body.to_string().as_bytes())
+    }
+
+    /// Events in the log (durable), from `/metrics`.
+    pub fn sequenced(&self) -> u64 {
+        let metrics = self.get("/metrics").text();
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("auditrail_log_sequenced "))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no auditrail_log_sequenced in {metrics}"))
     }
 
     /// SIGTERM, then wait: the clean shutdown path.

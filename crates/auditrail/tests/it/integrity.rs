@@ -35,18 +35,9 @@ fn wait_for(s: &Server, path: &str, what: &str, done: impl Fn(&Value) -> bool) -
     panic!("{what} within 30 s; last: {}\nserver: {}", s.get(path).text(), s.output());
 }
 
-fn sequenced(s: &Server) -> u64 {
-    s.get("/metrics")
-        .text()
-        .lines()
-        .find_map(|l| l.strip_prefix("auditrail_log_sequenced "))
-        .and_then(|v| v.parse().ok())
-        .expect("the sequenced gauge")
-}
-
 /// Waits until everything appended so far is signed (published) and read by the alert engine.
 fn settle(s: &Server) {
-    let size = sequenced(s);
+    let size = s.sequenced();
     wait_for(s, INTEGRITY, "publication", |v| v["published"].as_u64().unwrap() >= size);
     wait_for(s, "/api/v1/security/status", "the alert engine", |v| {
         v["alerts"]["next_seq"].as_u64().unwrap() >= size
@@ -61,8 +52,21 @@ fn flip_byte(path: &std::path::Path, at: u64) {
     file.write_all_at(&[byte[0] ^ 0x01], at).unwrap();
 }
 
+/// `POST` to start a verification, once none is running (a scheduled one may be).
+fn post_when_idle(s: &Server, path: &str, body: &[u8]) -> Response {
+    let content_type = if body.is_empty() { "" } else { "application/json" };
+    for _ in 0..300 {
+        let r = s.request("POST", path, content_type, body);
+        if r.status != 409 {
+            return r;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    panic!("a verification was still running after 30 s: {}", s.get(INTEGRITY).text());
+}
+
 fn start(s: &Server, mode: &str) -> Response {
-    s.post_json(INTEGRITY, &json!({"mode": mode}))
+    post_when_idle(s, INTEGRITY, json!({"mode": mode}).to_string().as_bytes())
 }
 
 fn follow(s: &Server, started: &Response) -> Value {
@@ -75,7 +79,7 @@ fn follow(s: &Server, started: &Response) -> Value {
 /// The `integrity.verify.*` events in the log, oldest first, once indexed. (Only repository
 /// events are read: once a byte of a segment changes, the events it holds cannot be.)
 fn recorded(s: &Server, action: &str) -> Vec<Value> {
-    let size = sequenced(s);
+    let size = s.sequenced();
     let path = format!("/api/v1/events?category=repository&action={action}&limit=1");
     wait_for(s, &path, "indexing", |v| v["indexed_through"].as_u64().unwrap() >= size);
     let v = s
@@ -113,7 +117,7 @@ fn the_live_log_is_verified_on_schedule_and_on_request_and_tampering_raises_a_cr
 
     // A full audit on request, followed as a job; a second request meanwhile is refused.
     let started = start(&s, "full");
-    let again = start(&s, "incremental");
+    let again = s.post_json(INTEGRITY, &json!({"mode": "incremental"}));
     assert_eq!(again.status, 409, "{}", again.text());
     assert_eq!(again.json()["error"]["code"], "verification_running");
     let full = follow(&s, &started);
@@ -137,9 +141,9 @@ fn the_live_log_is_verified_on_schedule_and_on_request_and_tampering_raises_a_cr
         (400, Some("invalid_parameter"))
     );
     // Without a body, a full verification; `?mode=` says otherwise.
-    let plain = follow(&s, &s.request("POST", INTEGRITY, "", b""));
+    let plain = follow(&s, &post_when_idle(&s, INTEGRITY, b""));
     assert_eq!((plain["mode"].as_str(), plain["status"].as_str()), (Some("full"), Some("passed")));
-    let by_query = s.request("POST", &format!("{INTEGRITY}?mode=incremental"), "", b"");
+    let by_query = post_when_idle(&s, &format!("{INTEGRITY}?mode=incremental"), b"");
     assert_eq!(follow(&s, &by_query)["mode"], "incremental");
 
     // The verified prefix and the last results outlive a restart. From here verifications

@@ -302,7 +302,7 @@ fn failed_access_security_changes_user_activity_and_alert_summary() {
     assert_eq!(s.post_json("/api/v1/events", &events).status, 201);
     // The repository's own: a change of each kind, a refused request and a failed login.
     let put = |path: &str, body: Value| {
-        let r = s.request("PUT", path, "application/json", body.to_string().as_bytes());
+        let r = s.put_json(path, &body);
         assert_eq!(r.status, 200, "{path}: {}", r.text());
     };
     put("/api/v1/roles/report-reader", json!({"permissions": ["reports:run"]}));

@@ -217,14 +217,8 @@ fn ingest_search_proofs_and_the_log_end_to_end() {
         assert_eq!(r.json()["error"]["code"], "invalid_parameter", "tree_size={size}");
     }
 
-    let metrics = server.get("/metrics").text();
-    let sequenced: u64 = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("auditrail_log_sequenced "))
-        .unwrap()
-        .parse()
-        .unwrap();
-    assert!(sequenced >= 100 + b, "{metrics}");
+    let sequenced = server.sequenced();
+    assert!(sequenced >= 100 + b, "{sequenced} events in the log");
 
     // A clean stop keeps everything; the restarted server answers from its index files.
     let status = server.stop();

@@ -36,6 +36,7 @@ fn verify_reports_every_altered_file_by_location() {
     // Two imports: two checkpoints in the history; 1000 events = 3 full tiles and .p/232.
     std::fs::write(&file, ndjson("t", 700)).unwrap();
     assert!(import_file(&data, &file).status.success());
+    let first_checkpoint = std::fs::read(data.join("log/checkpoint")).unwrap();
     std::fs::write(&file, ndjson("u", 300)).unwrap();
     assert!(import_file(&data, &file).status.success());
     assert!(verify(&data).status.success());
@@ -64,8 +65,14 @@ fn verify_reports_every_altered_file_by_location() {
             "flip at {rel}:{offset}: the report does not name {expect}:\n{report}"
         );
     }
-    // Removing files is tampering too.
-    for rel in ["log/tile/entries/001", "log/tile/0/002"] {
+    // Removing files is tampering too, the right-edge partials of the newest checkpoint
+    // included (a live store removes older ones, never those).
+    for rel in [
+        "log/tile/entries/001",
+        "log/tile/0/002",
+        "log/tile/0/003.p/232",
+        "log/tile/entries/003.p/232",
+    ] {
         let path = data.join(rel);
         let original = std::fs::read(&path).unwrap();
         std::fs::remove_file(&path).unwrap();
@@ -74,6 +81,13 @@ fn verify_reports_every_altered_file_by_location() {
         assert_eq!(o.status.code(), Some(1), "{rel} removed");
         assert!(stdout(&o).contains(rel), "{}", stdout(&o));
     }
+    // So is putting back an older signed checkpoint: valid, in the history, but not the newest.
+    let newest_checkpoint = std::fs::read(data.join("log/checkpoint")).unwrap();
+    std::fs::write(data.join("log/checkpoint"), &first_checkpoint).unwrap();
+    let o = verify(&data);
+    std::fs::write(data.join("log/checkpoint"), newest_checkpoint).unwrap();
+    assert_eq!(o.status.code(), Some(1), "an older checkpoint file went unnoticed");
+    assert!(stdout(&o).contains("log/checkpoint"), "{}", stdout(&o));
     assert!(verify(&data).status.success(), "every file was restored");
 
     // The first import's right-edge partials were superseded and removed by the second import.
