@@ -14,7 +14,7 @@ use auditrail_core::checkpoint::Checkpoint;
 use auditrail_core::tile;
 use auditrail_store::retention::{HOLDS_PATH, PURGED_PATH, Purged};
 use auditrail_store::segment::{
-    BLOCK_HEADER_BYTES, BlockHeader, SEGMENT_HEADER_BYTES, parse_segment_file_name,
+    BLOCK_HEADER_BYTES, BlockHeader, OPENING_PREFIX_BYTES, opening_len, parse_segment_file_name,
 };
 use auditrail_store::store::{CHECKPOINT_PATH, HISTORY_PATH, history};
 use std::collections::BTreeMap;
@@ -220,7 +220,12 @@ fn take_once(data: &Path, known_lengths: &BTreeMap<String, u64>) -> Result<Snaps
 fn cut_segment(path: &Path, first_seq: u64, size: u64) -> Result<(u64, u64), ArchiveError> {
     let file = std::fs::File::open(path).map_err(|e| ArchiveError::io(path.display(), e))?;
     let file_len = file.metadata().map_err(|e| ArchiveError::io(path.display(), e))?.len();
-    let mut offset = SEGMENT_HEADER_BYTES as u64;
+    // Blocks begin after the header and, in a segment that has one, the sealed dictionary.
+    let mut prefix = vec![0u8; OPENING_PREFIX_BYTES.min(file_len as usize)];
+    file.read_exact_at(&mut prefix, 0).map_err(|e| ArchiveError::io(path.display(), e))?;
+    let mut offset = opening_len(&prefix).map_err(|e| {
+        ArchiveError::InvalidInput(format!("{}: segment header: {e}", path.display()))
+    })? as u64;
     let mut end_seq = first_seq;
     let mut header = [0u8; BLOCK_HEADER_BYTES];
     while offset + BLOCK_HEADER_BYTES as u64 <= file_len {

@@ -73,6 +73,9 @@ pub struct SegmentKeys {
     pub data: Sealer,
     /// Derives each event's commitment salt from the segment's salt key.
     pub salts: auditrail_core::leaf::SaltDeriver,
+    /// The segment's compression dictionary, if it has one (`crate::dictionary`): opening a
+    /// block needs it as much as the data key, and it is sealed under that key.
+    pub dictionary: Option<std::sync::Arc<crate::dictionary::Dictionary>>,
 }
 
 impl std::fmt::Debug for SegmentKeys {
@@ -88,6 +91,7 @@ impl SegmentKeys {
         SegmentKeys {
             data: Sealer::new(&data),
             salts: auditrail_core::leaf::SaltDeriver::new(&salt_key),
+            dictionary: None,
         }
     }
 }

@@ -4,6 +4,7 @@
 
 pub mod audit;
 pub mod crypto;
+pub mod dictionary;
 pub mod error;
 pub mod io;
 pub mod keys;

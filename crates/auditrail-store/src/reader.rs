@@ -29,6 +29,8 @@ pub struct LoadedSegment {
     pub path: String,
     pub header: SegmentHeader,
     pub keys: SegmentKeys,
+    /// Where the first block begins: after the header and the dictionary.
+    pub blocks_start: usize,
     pub bytes: Vec<u8>,
 }
 
@@ -39,11 +41,43 @@ pub fn load_segment(
 ) -> Result<LoadedSegment, StoreError> {
     let path = segment_path(first_seq);
     let bytes = io.read(&path)?;
-    let (header, keys) = open_segment_header(&path, &bytes, master, first_seq)?;
-    Ok(LoadedSegment { first_seq, path, header, keys, bytes })
+    let (header, keys, blocks_start) = open_segment(&path, &bytes, master, first_seq)?;
+    Ok(LoadedSegment { first_seq, path, header, keys, blocks_start, bytes })
 }
 
-/// Decodes and checks a segment header (it must name `first_seq`) and unwraps its keys.
+/// Reads a segment's opening (its header and dictionary) and opens it: see [`open_segment`].
+pub fn read_segment_opening(
+    io: &dyn Io,
+    master: &MasterKeys,
+    first_seq: u64,
+) -> Result<(SegmentHeader, SegmentKeys, usize), StoreError> {
+    let path = segment_path(first_seq);
+    let mut opening = io.read_at(&path, 0, segment::OPENING_PREFIX_BYTES)?;
+    if let Ok(len) = segment::opening_len(&opening)
+        && len > opening.len()
+    {
+        opening = io.read_at(&path, 0, len)?;
+    }
+    open_segment(&path, &opening, master, first_seq)
+}
+
+/// Opens a segment from its first bytes (`opening`: at least its header and dictionary): the
+/// header, the keys with the dictionary, and where the blocks begin.
+pub fn open_segment(
+    path: &str,
+    opening: &[u8],
+    master: &MasterKeys,
+    first_seq: u64,
+) -> Result<(SegmentHeader, SegmentKeys, usize), StoreError> {
+    let (header, mut keys) = open_segment_header(path, opening, master, first_seq)?;
+    let corrupted = |e| StoreError::corrupted(format!("{path} offset {SEGMENT_HEADER_BYTES}"), e);
+    let blocks_start = segment::opening_len(opening).map_err(corrupted)?;
+    header.open_dictionary(opening, &mut keys).map_err(corrupted)?;
+    Ok((header, keys, blocks_start))
+}
+
+/// Decodes and checks a segment header (it must name `first_seq`) and unwraps its keys,
+/// without the dictionary (that needs the bytes after the header: [`open_segment`]).
 pub fn open_segment_header(
     path: &str,
     bytes: &[u8],
@@ -101,7 +135,7 @@ impl LoadedSegment {
     /// bodies). Stops at the first problem.
     pub fn blocks(&self) -> (Vec<BlockAt<'_>>, BlocksEnd) {
         let mut out = Vec::new();
-        let mut offset = SEGMENT_HEADER_BYTES;
+        let mut offset = self.blocks_start;
         let mut expect = self.first_seq;
         while offset < self.bytes.len() {
             let header = match BlockHeader::decode(&self.bytes[offset..]) {

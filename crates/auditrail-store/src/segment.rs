@@ -1,18 +1,33 @@
-//! Segment files: the payload store and the write-ahead log in one. A segment is a header
-//! followed by blocks; each block holds about 32 KiB of plaintext of one group commit: its
-//! events' records, zstd-compressed,
-//! then sealed with AES-256-GCM under the segment's data key. Byte layouts are in
-//! `docs/format.md`; every structure carries a version byte and a CRC-32C.
+//! Segment files: the payload store and the write-ahead log in one. A segment is a header,
+//! its compression dictionary if it has one, and blocks; each block holds a few KiB of
+//! plaintext of one group commit: its events' records, zstd-compressed (with the segment's
+//! dictionary, when it has one), then sealed with AES-256-GCM under the segment's data key.
+//! Byte layouts are in `docs/format.md`; every structure carries a version byte and a CRC-32C.
+
+use std::sync::Arc;
 
 use crate::crypto::{self, KEY_BYTES, NONCE_BYTES, Sealer, SegmentKeys, TAG_BYTES};
+use crate::dictionary::Dictionary;
 
 pub const SEGMENT_MAGIC: &[u8; 8] = b"ATRLSEG1";
+/// A segment without a dictionary: blocks start right after the header.
 pub const SEGMENT_VERSION: u8 = 1;
+/// A segment whose header is followed by its sealed dictionary.
+pub const SEGMENT_VERSION_DICTIONARY: u8 = 2;
 pub const SEGMENT_HEADER_BYTES: usize = 96;
+pub const DICTIONARY_MAGIC: &[u8; 4] = b"ATDC";
+/// The dictionary's framing: magic, sealed length (u32), nonce, CRC-32C of the sealed bytes.
+pub const DICTIONARY_FRAME_BYTES: usize = 24;
+/// The largest sealed dictionary a reader accepts: anything larger is corruption.
+pub const DICTIONARY_SEALED_BYTES_MAX: usize = 1 << 20;
+/// Enough of a segment's start to learn where its blocks begin ([`opening_len`]).
+pub const OPENING_PREFIX_BYTES: usize = SEGMENT_HEADER_BYTES + DICTIONARY_FRAME_BYTES;
 pub const BLOCK_MAGIC: &[u8; 4] = b"ATBK";
 pub const BLOCK_VERSION: u8 = 1;
 pub const BLOCK_HEADER_BYTES: usize = 52;
 const COMPRESSION_ZSTD: u8 = 1;
+/// zstd with the segment's dictionary.
+const COMPRESSION_ZSTD_DICTIONARY: u8 = 2;
 /// Bytes of a block header that the GCM tag authenticates (everything but the nonce and CRCs).
 const BLOCK_AAD_BYTES: usize = 32;
 /// Per-record framing inside a block's plaintext: `recorded_at` (u64) and length (u32).
@@ -34,6 +49,8 @@ pub fn parse_segment_file_name(name: &str) -> Option<u64> {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SegmentHeader {
+    /// [`SEGMENT_VERSION`] or [`SEGMENT_VERSION_DICTIONARY`].
+    pub version: u8,
     pub key_version: u32,
     pub first_seq: u64,
     pub created_ms: i64,
@@ -62,16 +79,22 @@ pub enum FormatError {
 }
 
 impl SegmentHeader {
-    /// A new segment's header, with a fresh secret wrapped under `master` (version `key_version`).
+    /// A new segment's header, with a fresh secret wrapped under `master` (version
+    /// `key_version`), its keys, and its opening: the bytes that start the file (the header,
+    /// then `dictionary` sealed under the new data key, if given).
     pub fn create(
         key_version: u32,
         master: &Sealer,
         first_seq: u64,
         created_ms: i64,
-    ) -> (SegmentHeader, SegmentKeys) {
+        dictionary: Option<Arc<Dictionary>>,
+    ) -> (SegmentHeader, SegmentKeys, Vec<u8>) {
         let secret: [u8; KEY_BYTES] = crypto::random();
         let wrap_nonce = crypto::random();
+        let version =
+            if dictionary.is_some() { SEGMENT_VERSION_DICTIONARY } else { SEGMENT_VERSION };
         let mut h = SegmentHeader {
+            version,
             key_version,
             first_seq,
             created_ms,
@@ -80,13 +103,19 @@ impl SegmentHeader {
         };
         let sealed = master.seal(&wrap_nonce, &h.aad(), &secret);
         h.wrapped_secret.copy_from_slice(&sealed);
-        (h, SegmentKeys::derive(&secret))
+        let mut keys = SegmentKeys::derive(&secret);
+        let mut opening = h.encode().to_vec();
+        if let Some(d) = dictionary {
+            opening.extend_from_slice(&h.seal_dictionary(&keys, d.raw()));
+            keys.dictionary = Some(d);
+        }
+        (h, keys, opening)
     }
 
     fn aad(&self) -> [u8; 32] {
         let mut a = [0u8; 32];
         a[..8].copy_from_slice(SEGMENT_MAGIC);
-        a[8] = SEGMENT_VERSION;
+        a[8] = self.version;
         a[12..16].copy_from_slice(&self.key_version.to_be_bytes());
         a[16..24].copy_from_slice(&self.first_seq.to_be_bytes());
         a[24..32].copy_from_slice(&self.created_ms.to_be_bytes());
@@ -113,10 +142,11 @@ impl SegmentHeader {
         if crc32c::crc32c(&b[..92]).to_be_bytes() != b[92..96] {
             return Err(FormatError::HeaderChecksum);
         }
-        if b[8] != SEGMENT_VERSION {
+        if b[8] != SEGMENT_VERSION && b[8] != SEGMENT_VERSION_DICTIONARY {
             return Err(FormatError::UnsupportedVersion(b[8]));
         }
         Ok(SegmentHeader {
+            version: b[8],
             key_version: u32::from_be_bytes(b[12..16].try_into().unwrap()),
             first_seq: u64::from_be_bytes(b[16..24].try_into().unwrap()),
             created_ms: i64::from_be_bytes(b[24..32].try_into().unwrap()),
@@ -135,6 +165,59 @@ impl SegmentHeader {
             .open(&self.wrap_nonce, &self.aad(), &self.wrapped_secret)
             .map_err(|_| FormatError::Authentication)?;
         secret.try_into().map_err(|_| FormatError::Malformed("secret length"))
+    }
+
+    /// What the dictionary's seal authenticates besides itself: the segment it belongs to, by
+    /// the header fields a rewrap leaves alone (a rewrap changes the key version).
+    fn dictionary_aad(&self) -> [u8; 24] {
+        let mut a = [0u8; 24];
+        a[..4].copy_from_slice(DICTIONARY_MAGIC);
+        a[4] = self.version;
+        a[8..16].copy_from_slice(&self.first_seq.to_be_bytes());
+        a[16..24].copy_from_slice(&self.created_ms.to_be_bytes());
+        a
+    }
+
+    /// The dictionary section: its frame, then `dictionary` sealed under the data key.
+    fn seal_dictionary(&self, keys: &SegmentKeys, dictionary: &[u8]) -> Vec<u8> {
+        let nonce = crypto::random::<NONCE_BYTES>();
+        let sealed = keys.data.seal(&nonce, &self.dictionary_aad(), dictionary);
+        assert!(sealed.len() <= DICTIONARY_SEALED_BYTES_MAX, "dictionaries are small");
+        let mut out = Vec::with_capacity(DICTIONARY_FRAME_BYTES + sealed.len());
+        out.extend_from_slice(DICTIONARY_MAGIC);
+        out.extend_from_slice(&(sealed.len() as u32).to_be_bytes());
+        out.extend_from_slice(&nonce);
+        out.extend_from_slice(&crc32c::crc32c(&sealed).to_be_bytes());
+        out.extend_from_slice(&sealed);
+        out
+    }
+
+    /// Opens the dictionary of a [`SEGMENT_VERSION_DICTIONARY`] segment and adds it to `keys`.
+    /// `opening` is the file from its start to (at least) where the blocks begin.
+    pub fn open_dictionary(
+        &self,
+        opening: &[u8],
+        keys: &mut SegmentKeys,
+    ) -> Result<(), FormatError> {
+        if self.version != SEGMENT_VERSION_DICTIONARY {
+            return Ok(());
+        }
+        let end = opening_len(opening)?;
+        if opening.len() < end {
+            return Err(FormatError::Truncated { need: end, have: opening.len() });
+        }
+        let frame = &opening[SEGMENT_HEADER_BYTES..OPENING_PREFIX_BYTES];
+        let sealed = &opening[OPENING_PREFIX_BYTES..end];
+        if crc32c::crc32c(sealed).to_be_bytes() != frame[20..24] {
+            return Err(FormatError::BodyChecksum);
+        }
+        let nonce: [u8; NONCE_BYTES] = frame[8..20].try_into().unwrap();
+        let raw = keys
+            .data
+            .open(&nonce, &self.dictionary_aad(), sealed)
+            .map_err(|_| FormatError::Authentication)?;
+        keys.dictionary = Some(Dictionary::new(raw));
+        Ok(())
     }
 
     /// The same segment's header with its secret wrapped anew under master key `new_version`
@@ -161,6 +244,8 @@ impl SegmentHeader {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BlockHeader {
+    /// Compressed with the segment's dictionary.
+    pub dictionary: bool,
     pub key_version: u32,
     pub first_seq: u64,
     pub count: u32,
@@ -183,7 +268,7 @@ impl BlockHeader {
         let mut b = [0u8; BLOCK_HEADER_BYTES];
         b[..4].copy_from_slice(BLOCK_MAGIC);
         b[4] = BLOCK_VERSION;
-        b[5] = COMPRESSION_ZSTD;
+        b[5] = if self.dictionary { COMPRESSION_ZSTD_DICTIONARY } else { COMPRESSION_ZSTD };
         b[8..12].copy_from_slice(&self.key_version.to_be_bytes());
         b[12..20].copy_from_slice(&self.first_seq.to_be_bytes());
         b[20..24].copy_from_slice(&self.count.to_be_bytes());
@@ -210,10 +295,11 @@ impl BlockHeader {
         if b[4] != BLOCK_VERSION {
             return Err(FormatError::UnsupportedVersion(b[4]));
         }
-        if b[5] != COMPRESSION_ZSTD {
+        if b[5] != COMPRESSION_ZSTD && b[5] != COMPRESSION_ZSTD_DICTIONARY {
             return Err(FormatError::Malformed("unknown compression"));
         }
         let h = BlockHeader {
+            dictionary: b[5] == COMPRESSION_ZSTD_DICTIONARY,
             key_version: u32::from_be_bytes(b[8..12].try_into().unwrap()),
             first_seq: u64::from_be_bytes(b[12..20].try_into().unwrap()),
             count: u32::from_be_bytes(b[20..24].try_into().unwrap()),
@@ -241,7 +327,29 @@ pub struct Record {
     pub canonical: Vec<u8>,
 }
 
-/// Builds one block: records are framed into `plain`, compressed, sealed, and framed.
+/// Where a segment's blocks begin, from its first [`OPENING_PREFIX_BYTES`] (fewer will do for
+/// a segment without a dictionary). Needs no keys: the archiver walks blocks without them.
+pub fn opening_len(prefix: &[u8]) -> Result<usize, FormatError> {
+    let header = SegmentHeader::decode(prefix)?;
+    if header.version != SEGMENT_VERSION_DICTIONARY {
+        return Ok(SEGMENT_HEADER_BYTES);
+    }
+    if prefix.len() < OPENING_PREFIX_BYTES {
+        return Err(FormatError::Truncated { need: OPENING_PREFIX_BYTES, have: prefix.len() });
+    }
+    let frame = &prefix[SEGMENT_HEADER_BYTES..OPENING_PREFIX_BYTES];
+    if &frame[..4] != DICTIONARY_MAGIC {
+        return Err(FormatError::BadMagic);
+    }
+    let sealed_len = u32::from_be_bytes(frame[4..8].try_into().unwrap()) as usize;
+    if !(TAG_BYTES..=DICTIONARY_SEALED_BYTES_MAX).contains(&sealed_len) {
+        return Err(FormatError::Malformed("impossible dictionary length"));
+    }
+    Ok(OPENING_PREFIX_BYTES + sealed_len)
+}
+
+/// Builds one block: records are framed into `plain`, compressed, sealed, and framed. The
+/// compressor must hold the segment's dictionary if `keys` has one.
 pub fn encode_block(
     keys: &SegmentKeys,
     key_version: u32,
@@ -254,6 +362,7 @@ pub fn encode_block(
     let compressed = compressor.compress(plain).expect("zstd compression into a growable buffer");
     let nonce = crypto::random::<NONCE_BYTES>();
     let mut header = BlockHeader {
+        dictionary: keys.dictionary.is_some(),
         key_version,
         first_seq,
         count,
@@ -285,9 +394,30 @@ pub const RECORD_CLIENT_ID_FLAG: u32 = 1 << 31;
 
 thread_local! {
     /// One zstd context per reading thread: creating one per block (about 100 KiB of fresh
-    /// memory, page faults included) cost more than decompressing a 32 KiB block.
-    static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
-        std::cell::RefCell::new(zstd::bulk::Decompressor::new().ok());
+    /// memory, page faults included) cost more than decompressing a block.
+    static DECOMPRESSOR: std::cell::RefCell<zstd::zstd_safe::DCtx<'static>> =
+        std::cell::RefCell::new(zstd::zstd_safe::DCtx::create());
+}
+
+/// Decompresses a block's body into exactly `plain_len` bytes.
+fn decompress(
+    compressed: &[u8],
+    plain_len: usize,
+    dictionary: Option<&Dictionary>,
+) -> Result<Vec<u8>, FormatError> {
+    let mut plain = Vec::with_capacity(plain_len);
+    DECOMPRESSOR
+        .with(|d| {
+            let mut d = d.borrow_mut();
+            match dictionary {
+                Some(dict) => {
+                    d.decompress_using_ddict(&mut plain, compressed, dict.decoder().as_ddict())
+                }
+                None => d.decompress(&mut plain, compressed),
+            }
+        })
+        .map_err(|_| FormatError::Decompression)?;
+    Ok(plain)
 }
 
 /// Checks a block body's CRC, authenticates and decrypts it, and decompresses it: the block's
@@ -308,12 +438,14 @@ pub fn open_block_body(
         .data
         .open(&header.nonce, &aad[..BLOCK_AAD_BYTES], body)
         .map_err(|_| FormatError::Authentication)?;
-    let plain = DECOMPRESSOR
-        .with(|d| match d.borrow_mut().as_mut() {
-            Some(d) => d.decompress(&compressed, header.plain_len as usize),
-            None => zstd::bulk::decompress(&compressed, header.plain_len as usize),
-        })
-        .map_err(|_| FormatError::Decompression)?;
+    let dictionary = match (header.dictionary, &keys.dictionary) {
+        (false, _) => None,
+        (true, Some(d)) => Some(d.as_ref()),
+        (true, None) => {
+            return Err(FormatError::Malformed("block needs a dictionary its segment lacks"));
+        }
+    };
+    let plain = decompress(&compressed, header.plain_len as usize, dictionary)?;
     if plain.len() != header.plain_len as usize {
         return Err(FormatError::Malformed("decompressed length differs from header"));
     }
@@ -397,7 +529,8 @@ mod tests {
     #[test]
     fn block_round_trip_and_every_byte_matters() {
         let master = Sealer::new(&[9; 32]);
-        let (sh, keys) = SegmentHeader::create(1, &master, 100, 5);
+        let (sh, keys, opening) = SegmentHeader::create(1, &master, 100, 5, None);
+        assert_eq!(opening, sh.encode());
         let sh2 = SegmentHeader::decode(&sh.encode()).unwrap();
         assert_eq!(sh2, sh);
         let keys2 = sh2.keys(&master).unwrap();
@@ -428,5 +561,65 @@ mod tests {
                 .is_ok();
             assert!(!ok, "flipping byte {i} went unnoticed");
         }
+    }
+
+    #[test]
+    fn a_dictionary_segment_opens_only_whole_and_its_blocks_need_the_dictionary() {
+        let master = Sealer::new(&[9; 32]);
+        let mut samples = crate::dictionary::Samples::default();
+        let event = |i: u32| {
+            format!(
+                "{{\"action\":\"patient.read\",\"actor\":{{\"id\":\"dr{}\"}},\"patient\":\"p{i}\"}}",
+                i % 7
+            )
+        };
+        for i in 0..2000 {
+            samples.offer(event(i).as_bytes());
+        }
+        let dictionary = Dictionary::new(samples.train().expect("enough samples"));
+        let (sh, keys, opening) =
+            SegmentHeader::create(1, &master, 100, 5, Some(dictionary.clone()));
+        assert_eq!(sh.version, SEGMENT_VERSION_DICTIONARY);
+        assert_eq!(opening_len(&opening[..OPENING_PREFIX_BYTES]), Ok(opening.len()));
+        let mut opened = SegmentHeader::decode(&opening).unwrap().keys(&master).unwrap();
+        assert!(opened.dictionary.is_none(), "the header alone has no dictionary");
+        sh.open_dictionary(&opening, &mut opened).unwrap();
+        assert_eq!(opened.dictionary.as_ref().unwrap().raw(), dictionary.raw());
+
+        let mut plain = Vec::new();
+        for i in 0..20 {
+            push_record(&mut plain, 1, false, event(i).as_bytes());
+        }
+        let mut z = zstd::bulk::Compressor::with_dictionary(ZSTD_LEVEL, dictionary.raw()).unwrap();
+        let block = encode_block(&keys, 1, 100, 20, &plain, &mut z);
+        let h = BlockHeader::decode(&block).unwrap();
+        assert!(h.dictionary);
+        let body = &block[BLOCK_HEADER_BYTES..];
+        assert_eq!(decode_block_body(&h, body, &opened).unwrap().len(), 20);
+        let without = SegmentHeader::decode(&opening).unwrap().keys(&master).unwrap();
+        assert!(decode_block_body(&h, body, &without).is_err());
+
+        // Every byte of the opening matters: the header's by its CRC and seal, the
+        // dictionary's by its frame, CRC and seal.
+        for i in 0..opening.len() {
+            let mut bad = opening.clone();
+            bad[i] ^= 0x40;
+            let ok = SegmentHeader::decode(&bad).and_then(|h| {
+                let mut k = h.keys(&master)?;
+                h.open_dictionary(&bad, &mut k)?;
+                Ok(k.dictionary.is_some())
+            });
+            assert!(!matches!(ok, Ok(true)), "flipping opening byte {i} went unnoticed");
+        }
+        // A rewrap changes only the header: the dictionary still opens.
+        let newer = Sealer::new(&[10; 32]);
+        let re = sh.rewrapped(&master, 2, &newer).unwrap();
+        let mut rewrapped = re.encode().to_vec();
+        rewrapped.extend_from_slice(&opening[SEGMENT_HEADER_BYTES..]);
+        let mut k = re.keys(&newer).unwrap();
+        re.open_dictionary(&rewrapped, &mut k).unwrap();
+        assert!(k.dictionary.is_some());
+        // A torn opening says so.
+        assert!(sh.open_dictionary(&opening[..opening.len() - 1], &mut k.clone()).is_err());
     }
 }

@@ -14,6 +14,7 @@
 //! covers its block; its leaf entry is derived from that block, so it is durable too.
 
 use crate::crypto::{self, SegmentKeys};
+use crate::dictionary::{self, Dictionary, Samples};
 use crate::error::StoreError;
 use crate::io::{Io, StdIo};
 use crate::keys::{Keys, MasterInit, MasterKeySource};
@@ -75,6 +76,9 @@ pub struct Options {
     /// reading one event back cheap (one block is decrypted and decompressed); large ones
     /// compress better.
     pub block_plain_bytes_target: usize,
+    /// The same, in a segment with a compression dictionary (`crate::dictionary`): with one,
+    /// small blocks compress as well as large ones without.
+    pub dictionary_block_plain_bytes_target: usize,
     pub clock: Clock,
     /// Where the master keys are: `keys/master.keys` by default (see [`MasterKeySource`]).
     pub master_keys: MasterKeySource,
@@ -103,6 +107,7 @@ impl Default for Options {
             queue_requests_max: 1024,
             idempotency_window_events: 2_000_000,
             block_plain_bytes_target: 16 << 10,
+            dictionary_block_plain_bytes_target: 4 << 10,
             clock: system_clock(),
             master_keys: MasterKeySource::DataDir,
         }
@@ -294,9 +299,12 @@ impl Store {
             shared: shared.clone(),
             next_seq: recovered.next_seq,
             last_recorded_at: recovered.last_recorded_at,
+            compressor: compressor_for(recovered.active.as_ref().map(|a| &a.keys))
+                .map_err(StoreError::Io)?,
             active: recovered.active,
             dedup: recovered.dedup,
-            compressor: zstd::bulk::Compressor::new(segment::ZSTD_LEVEL).map_err(StoreError::Io)?,
+            samples: Samples::default(),
+            training: None,
             to_syncer: sync_tx,
             plain: Vec::new(),
             stored: Vec::new(),
@@ -758,7 +766,12 @@ struct Sequencer {
     last_recorded_at: UnixMillis,
     active: Option<ActiveSegment>,
     dedup: Dedup,
+    /// Compresses the active segment's blocks, with its dictionary if it has one.
     compressor: zstd::bulk::Compressor<'static>,
+    /// Records of the active segment, sampled to train the next segment's dictionary...
+    samples: Samples,
+    /// ...on this thread, started once the active segment is half full.
+    training: Option<std::thread::JoinHandle<Option<Vec<u8>>>>,
     to_syncer: SyncSender<SyncMsg>,
     /// Reused buffers: the block's plaintext and one stored event.
     plain: Vec<u8>,
@@ -872,6 +885,11 @@ impl Sequencer {
         self.plain.clear();
         let mut ids = [0u8; 10];
         let active = self.active.as_ref().expect("a segment is active after rolling");
+        let block_target = if active.keys.dictionary.is_some() {
+            self.options.dictionary_block_plain_bytes_target
+        } else {
+            self.options.block_plain_bytes_target
+        };
         // Compresses and seals the records of seqs `first..end` (in `plain`) as one block.
         let mut seal = |plain: &mut Vec<u8>,
                         compressor: &mut zstd::bulk::Compressor<'static>,
@@ -921,12 +939,14 @@ impl Sequencer {
                 }
                 .encode();
                 let leaf_hash = merkle::leaf_hash(&entry);
+                let record_start = self.plain.len();
                 segment::push_record(
                     &mut self.plain,
                     recorded_at as u64,
                     ev.idempotency_key().is_some(),
                     &self.stored,
                 );
+                self.samples.offer(&self.plain[record_start..]);
                 if let Some(key) = ev.idempotency_key() {
                     self.dedup.insert(key, seq, leaf_hash);
                 }
@@ -942,7 +962,7 @@ impl Sequencer {
                 // A block ends once it is big enough (even within one append call: reading
                 // one event back decrypts and decompresses its whole block), and at the
                 // group's end. The group is written and synced as a whole either way.
-                if self.plain.len() >= self.options.block_plain_bytes_target {
+                if self.plain.len() >= block_target {
                     seal(&mut self.plain, &mut self.compressor, block_first, seq);
                     block_first = seq;
                 }
@@ -962,7 +982,14 @@ impl Sequencer {
             }
             let len = block.len() as u64;
             let path = active.path.clone();
-            self.active.as_mut().unwrap().len += len;
+            let active = self.active.as_mut().unwrap();
+            active.len += len;
+            let half_full = active.len >= self.options.segment_bytes_max / 2;
+            let first_dictionary = active.keys.dictionary.is_none()
+                && self.samples.bytes() >= dictionary::SAMPLE_BYTES_FIRST_TRAINING;
+            if half_full || first_dictionary {
+                self.start_training();
+            }
             self.next_seq = seq;
             self.last_recorded_at = recorded_at;
             Some(path)
@@ -973,9 +1000,13 @@ impl Sequencer {
     }
 
     fn roll_if_needed(&mut self, now: UnixMillis) -> std::io::Result<()> {
+        // A segment without a dictionary rolls as soon as one is trained.
+        let dictionary_ready = self.training.as_ref().is_some_and(|t| t.is_finished())
+            && self.active.as_ref().is_some_and(|a| a.keys.dictionary.is_none());
         if let Some(a) = &self.active
             && a.len < self.options.segment_bytes_max
             && a.day == day_of(now)
+            && !dictionary_ready
         {
             return Ok(());
         }
@@ -985,21 +1016,67 @@ impl Sequencer {
         {
             return Ok(());
         }
+        let dictionary = self.next_dictionary();
         let (version, master) = self.keys.master.current();
-        let (header, keys) = SegmentHeader::create(version, master, self.next_seq, now);
+        let (_, keys, opening) =
+            SegmentHeader::create(version, master, self.next_seq, now, dictionary);
+        let compressor = compressor_for(Some(&keys))?;
+        // Written whole under a temporary name and renamed: a segment file, once it exists,
+        // has its whole opening (a torn dictionary would hide where the blocks begin).
         let path = segment_path(self.next_seq);
-        self.io.write_file(&path, &header.encode())?;
-        self.io.sync_file(&path)?;
+        let tmp = format!("{path}.tmp");
+        self.io.write_file(&tmp, &opening)?;
+        self.io.sync_file(&tmp)?;
+        self.io.rename(&tmp, &path)?;
         self.io.sync_dir(SEGMENTS_DIR)?;
+        self.compressor = compressor;
+        self.samples = Samples::default();
         self.active = Some(ActiveSegment {
             first_seq: self.next_seq,
             path,
             day: day_of(now),
-            len: segment::SEGMENT_HEADER_BYTES as u64,
+            len: opening.len() as u64,
             key_version: version,
             keys,
         });
         Ok(())
+    }
+
+    /// Trains the next segment's dictionary on this one's samples, in the background, unless
+    /// a training is under way.
+    fn start_training(&mut self) {
+        if self.training.is_some() || self.samples.len() < dictionary::SAMPLES_MIN {
+            return;
+        }
+        let samples = std::mem::take(&mut self.samples);
+        self.training = std::thread::Builder::new()
+            .name("auditrail-dictionary".into())
+            .spawn(move || samples.train())
+            .ok();
+    }
+
+    /// The dictionary for a segment about to start: a newly trained one if it is ready, else
+    /// the active segment's (a training still running is used at the next roll). A segment
+    /// that rolled before it was half full starts a training now.
+    fn next_dictionary(&mut self) -> Option<Arc<Dictionary>> {
+        if self.training.is_none() {
+            self.start_training();
+        }
+        if self.training.as_ref().is_some_and(|t| t.is_finished()) {
+            let trained = self.training.take().and_then(|t| t.join().ok().flatten());
+            if let Some(raw) = trained {
+                return Some(Dictionary::new(raw));
+            }
+        }
+        self.active.as_ref().and_then(|a| a.keys.dictionary.clone())
+    }
+}
+
+/// A compressor for a segment's blocks: with its dictionary, if `keys` has one.
+fn compressor_for(keys: Option<&SegmentKeys>) -> std::io::Result<zstd::bulk::Compressor<'static>> {
+    match keys.and_then(|k| k.dictionary.as_ref()) {
+        Some(d) => zstd::bulk::Compressor::with_dictionary(segment::ZSTD_LEVEL, d.raw()),
+        None => zstd::bulk::Compressor::new(segment::ZSTD_LEVEL),
     }
 }
 
@@ -1299,7 +1376,14 @@ fn recover(io: &dyn Io, keys: &Keys, options: &Options) -> Result<Recovered, Sto
     }
     let published = checkpoint.as_ref().map_or(0, |c| c.0.size);
 
-    // 1. Segments: sealed ones are trusted to their successor's first seq (the audit checks
+    // 1. Segments. A roll that crashed before its rename leaves a temporary file: never part
+    // of the log.
+    for name in io.list(SEGMENTS_DIR)? {
+        if name.ends_with(".seg.tmp") {
+            io.remove(&format!("{SEGMENTS_DIR}/{name}"))?;
+        }
+    }
+    // Sealed ones are trusted to their successor's first seq (the audit checks
     // their insides); the last one is walked block by block to find the durable end.
     let mut segments = list_segments(io)?;
     let mut next_seq = 0u64;
@@ -1326,7 +1410,7 @@ fn recover(io: &dyn Io, keys: &Keys, options: &Options) -> Result<Recovered, Sto
     if let Some(&last) = segments.last() {
         let seg = load_segment(io, &keys.master, last)?;
         let (blocks, end) = seg.blocks();
-        let mut valid_len = segment::SEGMENT_HEADER_BYTES;
+        let mut valid_len = seg.blocks_start;
         let mut end_seq = last;
         let mut broken = match end {
             reader::BlocksEnd::Clean => None,

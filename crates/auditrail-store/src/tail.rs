@@ -7,10 +7,8 @@ use crate::crypto::SegmentKeys;
 use crate::error::StoreError;
 use crate::io::Io;
 use crate::keys::MasterKeys;
-use crate::reader::{list_segments, open_segment_header, segment_path};
-use crate::segment::{
-    self, BLOCK_HEADER_BYTES, BlockHeader, RecordIter, RecordRef, SEGMENT_HEADER_BYTES,
-};
+use crate::reader::{list_segments, read_segment_opening, segment_path};
+use crate::segment::{self, BLOCK_HEADER_BYTES, BlockHeader, RecordIter, RecordRef};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
@@ -31,16 +29,6 @@ impl BlockLocation {
     }
 }
 
-fn unwrap_segment_keys(
-    io: &dyn Io,
-    master: &MasterKeys,
-    first_seq: u64,
-) -> Result<SegmentKeys, StoreError> {
-    let path = segment_path(first_seq);
-    let bytes = io.read_at(&path, 0, SEGMENT_HEADER_BYTES)?;
-    Ok(open_segment_header(&path, &bytes, master, first_seq)?.1)
-}
-
 /// Reads the block header at `offset`, or `None` when the file ends before a whole header.
 fn read_block_header(
     io: &dyn Io,
@@ -56,15 +44,42 @@ fn read_block_header(
         .map_err(|e| StoreError::corrupted(format!("{path} offset {offset}"), e))
 }
 
-fn read_block_plain(
+/// Bytes a random block read asks for beyond the header: most blocks (4 KiB of plaintext
+/// with a dictionary, or 16 KiB without) seal to less, so one read gets the whole block.
+const BLOCK_READ_AHEAD: usize = 8 << 10;
+/// Bytes the forward reader reads at once: many blocks per system call.
+const TAIL_READ_BYTES: usize = 512 << 10;
+
+/// Reads the whole block at `offset` (header and sealed body), in one read when it is no
+/// larger than the header and [`BLOCK_READ_AHEAD`]. `None` when the file ends before a whole
+/// header.
+fn read_block(
     io: &dyn Io,
     path: &str,
     offset: u64,
+) -> Result<Option<(BlockHeader, Vec<u8>)>, StoreError> {
+    let mut bytes = io.read_at(path, offset, BLOCK_HEADER_BYTES + BLOCK_READ_AHEAD)?;
+    if bytes.len() < BLOCK_HEADER_BYTES {
+        return Ok(None);
+    }
+    let header = BlockHeader::decode(&bytes)
+        .map_err(|e| StoreError::corrupted(format!("{path} offset {offset}"), e))?;
+    let total = header.total_len() as usize;
+    if bytes.len() < total {
+        bytes = io.read_at(path, offset, total)?;
+    }
+    bytes.truncate(total);
+    Ok(Some((header, bytes)))
+}
+
+fn open_block(
+    path: &str,
+    offset: u64,
     header: &BlockHeader,
+    block: &[u8],
     keys: &SegmentKeys,
 ) -> Result<Vec<u8>, StoreError> {
-    let body = io.read_at(path, offset + BLOCK_HEADER_BYTES as u64, header.sealed_len as usize)?;
-    segment::open_block_body(header, &body, keys)
+    segment::open_block_body(header, &block[BLOCK_HEADER_BYTES.min(block.len())..], keys)
         .map_err(|e| StoreError::corrupted(format!("{path} offset {offset}"), e))
 }
 
@@ -73,6 +88,66 @@ struct Position {
     path: String,
     keys: SegmentKeys,
     offset: u64,
+    /// Bytes of the segment read ahead, from `ahead_at`, while the log's durable end was
+    /// `ahead_durable`: blocks ending at or before that were whole when read.
+    ahead: Vec<u8>,
+    ahead_at: u64,
+    ahead_durable: u64,
+}
+
+impl Position {
+    /// The block at `offset`, from the read-ahead when it holds the whole block and the block
+    /// was durable when read, else read anew (with `TAIL_READ_BYTES` read ahead).
+    fn block(
+        &mut self,
+        io: &dyn Io,
+        durable_end: u64,
+    ) -> Result<Option<(BlockHeader, std::ops::Range<usize>)>, StoreError> {
+        for fresh in [false, true] {
+            if fresh {
+                self.ahead = io.read_at(&self.path, self.offset, TAIL_READ_BYTES)?;
+                self.ahead_at = self.offset;
+                self.ahead_durable = durable_end;
+            }
+            let Some(start) = self.offset.checked_sub(self.ahead_at).map(|s| s as usize) else {
+                continue;
+            };
+            let Some(head) = self.ahead.get(start..start + BLOCK_HEADER_BYTES) else {
+                if fresh {
+                    return Ok(None);
+                }
+                continue;
+            };
+            let header = match BlockHeader::decode(head) {
+                Ok(h) => h,
+                Err(_) if !fresh => continue,
+                Err(e) => {
+                    return Err(StoreError::corrupted(
+                        format!("{} offset {}", self.path, self.offset),
+                        e,
+                    ));
+                }
+            };
+            let end = start + header.total_len() as usize;
+            // A fresh read is checked against the durable end by the caller.
+            if end <= self.ahead.len() && (fresh || header.end_seq() <= self.ahead_durable) {
+                return Ok(Some((header, start..end)));
+            }
+            if fresh {
+                // Larger than a read-ahead (a block can be up to 256 MiB): read it whole.
+                self.ahead = io.read_at(&self.path, self.offset, header.total_len() as usize)?;
+                self.ahead_at = self.offset;
+                if self.ahead.len() as u64 == header.total_len() {
+                    return Ok(Some((header, 0..self.ahead.len())));
+                }
+                return Err(StoreError::corrupted(
+                    format!("{} offset {}", self.path, self.offset),
+                    "block extends past the end of the file",
+                ));
+            }
+        }
+        unreachable!("a fresh read returns")
+    }
 }
 
 /// A forward reader of the durable log. It keeps its place between calls, so following a
@@ -111,8 +186,9 @@ impl LogTail {
             return Ok(false);
         };
         let path = segment_path(segment);
-        let keys = unwrap_segment_keys(self.io.as_ref(), &self.master, segment)?;
-        let mut offset = SEGMENT_HEADER_BYTES as u64;
+        let (_, keys, blocks_start) =
+            read_segment_opening(self.io.as_ref(), &self.master, segment)?;
+        let mut offset = blocks_start as u64;
         // Walk the headers (52 bytes each) to the block that holds next_seq.
         while let Some(h) = read_block_header(self.io.as_ref(), &path, offset)? {
             if h.end_seq() > self.next_seq {
@@ -120,7 +196,15 @@ impl LogTail {
             }
             offset += h.total_len();
         }
-        self.at = Some(Position { segment, path, keys, offset });
+        self.at = Some(Position {
+            segment,
+            path,
+            keys,
+            offset,
+            ahead: Vec::new(),
+            ahead_at: 0,
+            ahead_durable: 0,
+        });
         Ok(true)
     }
 
@@ -143,7 +227,7 @@ impl LogTail {
                 break;
             }
             let at = self.at.as_mut().expect("positioned by seek");
-            let Some(header) = read_block_header(self.io.as_ref(), &at.path, at.offset)? else {
+            let Some((header, range)) = at.block(self.io.as_ref(), durable_end)? else {
                 // The segment ends here: the log continues in the next one.
                 let next = self.next_seq;
                 let segments = list_segments(self.io.as_ref())?;
@@ -164,7 +248,7 @@ impl LogTail {
                 continue;
             };
             assert!(header.end_seq() <= durable_end, "a durable size never cuts a block");
-            let plain = read_block_plain(self.io.as_ref(), &at.path, at.offset, &header, &at.keys)?;
+            let plain = open_block(&at.path, at.offset, &header, &at.ahead[range], &at.keys)?;
             let location = BlockLocation {
                 segment: at.segment,
                 offset: at.offset,
@@ -234,7 +318,7 @@ impl BlockReader {
         match cached {
             Some(k) => Ok(k),
             None => {
-                let k = unwrap_segment_keys(self.io.as_ref(), &self.master, segment)?;
+                let k = read_segment_opening(self.io.as_ref(), &self.master, segment)?.1;
                 self.keys.lock().unwrap_or_else(|e| e.into_inner()).insert(segment, k.clone());
                 Ok(k)
             }
@@ -255,7 +339,7 @@ impl BlockReader {
     pub fn read(&self, at: &BlockLocation) -> Result<BlockEvents, StoreError> {
         let keys = self.segment_keys(at.segment)?;
         let path = segment_path(at.segment);
-        let header = read_block_header(self.io.as_ref(), &path, at.offset)?.ok_or_else(|| {
+        let (header, block) = read_block(self.io.as_ref(), &path, at.offset)?.ok_or_else(|| {
             StoreError::corrupted(format!("{path} offset {}", at.offset), "no block here")
         })?;
         if header.first_seq != at.first_seq || header.count != at.count {
@@ -264,7 +348,7 @@ impl BlockReader {
                 "the block here is not the one the index points to",
             ));
         }
-        let plain = read_block_plain(self.io.as_ref(), &path, at.offset, &header, &keys)?;
+        let plain = open_block(&path, at.offset, &header, &block, &keys)?;
         let base = plain.as_ptr() as usize;
         let mut spans = Vec::with_capacity(header.count as usize);
         for record in RecordIter::new(&plain) {

@@ -232,3 +232,79 @@ fn an_audit_of_a_store_that_keeps_publishing_finds_nothing_wrong() {
     });
     store.close().unwrap();
 }
+
+/// Segments after the first compress with a dictionary trained on the one before
+/// (`dictionary.rs`); every reader opens them: the tail, the block reader, the audit, and
+/// recovery after a reopen. A roll that crashed before its rename leaves a temporary file,
+/// which recovery removes.
+#[test]
+fn later_segments_compress_with_a_dictionary_and_every_reader_opens_them() {
+    use auditrail_store::segment::{self, SEGMENT_VERSION, SEGMENT_VERSION_DICTIONARY};
+    let disk = SimDisk::new();
+    Keys::install(&disk, "test.example/log").unwrap();
+    // Segments of a few thousand events: enough samples to train on at half of one.
+    let options = Options { segment_bytes_max: 64 << 10, ..options() };
+    let store = Store::open_with(Arc::new(disk.clone()), options.clone()).unwrap();
+    let batches = 100u64;
+    for b in 0..batches {
+        store.append((0..200).map(|i| event(b * 1000 + i, None)).collect()).unwrap();
+        if b % 10 == 9 {
+            // Training runs beside the writer: give it time, as a real workload's pace does.
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+    let total = batches * 200;
+    let versions: Vec<u8> = auditrail_store::reader::list_segments(&disk)
+        .unwrap()
+        .iter()
+        .map(|&f| {
+            let path = auditrail_store::reader::segment_path(f);
+            segment::SegmentHeader::decode(&disk.read_at(&path, 0, 96).unwrap()).unwrap().version
+        })
+        .collect();
+    assert_eq!(versions[0], SEGMENT_VERSION, "the first segment has nothing to learn from");
+    // Once a segment has a dictionary, every later one has one too.
+    let first_with = versions.iter().position(|&v| v == SEGMENT_VERSION_DICTIONARY);
+    assert!(first_with.is_some_and(|i| i < versions.len() - 2), "{versions:?}");
+    assert!(
+        versions[first_with.unwrap()..].iter().all(|&v| v == SEGMENT_VERSION_DICTIONARY),
+        "{versions:?}"
+    );
+
+    let mut blocks = Vec::new();
+    let mut seen = Vec::new();
+    store
+        .tail(0)
+        .read(total, usize::MAX, |at, seq, record| {
+            if blocks.last() != Some(at) {
+                blocks.push(*at);
+            }
+            seen.push((seq, record.canonical.to_vec()));
+            Ok(())
+        })
+        .unwrap();
+    assert_eq!(seen.len() as u64, total);
+    assert_eq!(seen, store.read_events(0, total).unwrap());
+    let reader = store.block_reader();
+    for at in &blocks {
+        let block = reader.read(at).unwrap();
+        for seq in at.first_seq..at.end_seq() {
+            assert_eq!(block.get(seq).unwrap(), seen[seq as usize].1.as_slice());
+        }
+    }
+    store.publish().unwrap();
+    let keys = Keys::load(&disk).unwrap();
+    let report = auditrail_store::audit::audit(&disk, &keys, &mut |_| {}).unwrap();
+    assert!(report.ok(), "{:?}", report.problems);
+    store.close().unwrap();
+
+    // A roll interrupted before its rename: the temporary file is not part of the log.
+    disk.write_file("segments/00000000000099999999.seg.tmp", b"ATRLSEG1 torn").unwrap();
+    let store = Store::open_with(Arc::new(disk.clone()), options).unwrap();
+    assert!(!disk.list("segments").unwrap().iter().any(|n| n.ends_with(".tmp")));
+    store.append((0..200).map(|i| event(900_000 + i, None)).collect()).unwrap();
+    let after = store.read_events(0, total + 200).unwrap();
+    assert_eq!(&after[..total as usize], seen.as_slice());
+    assert_eq!(after.len() as u64, total + 200);
+    store.close().unwrap();
+}
