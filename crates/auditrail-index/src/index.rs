@@ -90,6 +90,17 @@ impl State {
             .map(|s| s.as_ref() as &dyn Part)
             .chain(std::iter::once(&self.mem as &dyn Part))
     }
+
+    /// The part holding `seq`: segments are contiguous and in seq order, then the memtable.
+    fn part_for(&self, seq: u64) -> Option<&dyn Part> {
+        let i = self.segments.partition_point(|s| s.end_seq() <= seq);
+        match self.segments.get(i) {
+            Some(s) if s.first_seq() <= seq => Some(s.as_ref()),
+            _ => {
+                Some(&self.mem as &dyn Part).filter(|m| (m.first_seq()..m.end_seq()).contains(&seq))
+            }
+        }
+    }
 }
 
 pub struct Index {
@@ -390,14 +401,19 @@ impl Index {
 
     /// The block holding `seq`, if it is indexed.
     pub fn block_for(&self, seq: u64) -> Option<BlockLocation> {
+        self.read().part_for(seq)?.block_for(seq)
+    }
+
+    /// [`Index::block_for`] of each of `seqs`, under one lock.
+    pub fn blocks_for(&self, seqs: &[u64]) -> Vec<Option<BlockLocation>> {
         let state = self.read();
-        state.parts().find(|p| (p.first_seq()..p.end_seq()).contains(&seq))?.block_for(seq)
+        seqs.iter().map(|&seq| state.part_for(seq)?.block_for(seq)).collect()
     }
 
     /// The indexed `occurred_at` of `seq` (the event date FHIR sorts by).
     pub fn occurred_of(&self, seq: u64) -> Option<i64> {
         let state = self.read();
-        let part = state.parts().find(|p| (p.first_seq()..p.end_seq()).contains(&seq))?;
+        let part = state.part_for(seq)?;
         Some(part.occurred((seq - part.first_seq()) as u32))
     }
 

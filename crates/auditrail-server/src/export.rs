@@ -310,9 +310,8 @@ fn read_matches(
     encoder.begin(total, &timestamp, &mut chunk);
     loop {
         let hits = state.index.search(&q);
-        state.warm_blocks(&hits.seqs);
-        for &seq in &hits.seqs {
-            if state.with_stored(seq, |stored| encoder.event(stored, view, &mut chunk))? {
+        for (_, stored) in state.read_stored(&hits.seqs)?.iter() {
+            if encoder.event(stored, view, &mut chunk)? {
                 events += 1;
             }
             if chunk.len() >= CHUNK_BYTES {

@@ -660,9 +660,9 @@ fn search_bundle(
         (hits.seqs, next)
     };
     let mut entries = Vec::with_capacity(seqs.len());
-    state.warm_blocks(&seqs);
-    for seq in seqs {
-        let mut event = state.read_event(seq).map_err(FhirError::from)?;
+    for (_, stored) in state.read_stored(&seqs).map_err(FhirError::from)?.iter() {
+        let mut event: Value =
+            serde_json::from_slice(stored).map_err(|e| FhirError::from(ApiError::internal(e)))?;
         view.apply(&mut event);
         let resource = fhir::to_audit_event(&event);
         let id = resource.get("id").and_then(Value::as_str).unwrap_or("").to_string();

@@ -35,8 +35,8 @@ use axum::routing::{MethodRouter, any, get, post};
 pub use config::Config;
 pub use error::ApiError;
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
 pub use tls::{ClientCert, Peer, peer};
 
 /// Counters for `/metrics`.
@@ -54,9 +54,33 @@ const WARM_IN_PARALLEL_MIN: usize = 8;
 
 /// Decoded log blocks, so a page of results from the same few blocks decrypts each once.
 pub struct BlockCache {
+    cached: Arc<CachedBlocks>,
+    /// A thread that helps [`BlockCache::warm`]: it lives as long as the cache, because
+    /// starting one per page, and waiting for the scheduler to run it, made the slowest
+    /// lookups slower.
+    helper: Mutex<mpsc::Sender<Arc<WarmJob>>>,
+}
+
+struct CachedBlocks {
     reader: BlockReader,
     inner: Mutex<CacheInner>,
     bytes_max: usize,
+}
+
+/// Cold blocks to decode, taken one at a time by the caller of `warm` and the helper alike.
+struct WarmJob {
+    blocks: Vec<BlockLocation>,
+    next: AtomicUsize,
+}
+
+impl WarmJob {
+    fn run(&self, cached: &CachedBlocks) {
+        loop {
+            let i = self.next.fetch_add(1, Ordering::Relaxed);
+            let Some(at) = self.blocks.get(i) else { return };
+            drop(cached.get(at));
+        }
+    }
 }
 
 #[derive(Default)]
@@ -68,36 +92,33 @@ struct CacheInner {
 
 impl BlockCache {
     pub fn new(reader: BlockReader, bytes_max: usize) -> BlockCache {
-        BlockCache { reader, inner: Mutex::new(CacheInner::default()), bytes_max }
+        let cached =
+            Arc::new(CachedBlocks { reader, inner: Mutex::new(CacheInner::default()), bytes_max });
+        let (helper, jobs) = mpsc::channel::<Arc<WarmJob>>();
+        let helped = cached.clone();
+        // Ends when the cache (the sender) is dropped. Without the thread, `warm` does all
+        // the work itself.
+        let _ = std::thread::Builder::new().name("auditrail-block-warm".into()).spawn(move || {
+            while let Ok(job) = jobs.recv() {
+                job.run(&helped);
+            }
+        });
+        BlockCache { cached, helper: Mutex::new(helper) }
     }
 
     pub fn get(&self, at: &BlockLocation) -> Result<Arc<BlockEvents>, auditrail_store::StoreError> {
-        let key = (at.segment, at.offset);
-        if let Some(b) = self.inner.lock().unwrap_or_else(|e| e.into_inner()).map.get(&key) {
-            return Ok(b.clone());
-        }
-        let block = Arc::new(self.reader.read(at)?);
-        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        inner.bytes += block.bytes();
-        inner.map.insert(key, block.clone());
-        inner.order.push_back(key);
-        while inner.bytes > self.bytes_max {
-            let Some(old) = inner.order.pop_front() else { break };
-            if let Some(b) = inner.map.remove(&old) {
-                inner.bytes -= b.bytes();
-            }
-        }
-        Ok(block)
+        self.cached.get(at)
     }
 
     /// Decodes the blocks not cached yet among `blocks` on two threads, so a page of results
     /// spread over the log is decrypted and decompressed in about half the time. A few cold
-    /// blocks are left to the caller (a thread costs more than they do); errors are left to
-    /// the caller's own read, which reports them.
+    /// blocks are left to the caller (handing them over costs more than they do). Never
+    /// waits for the helper: a block it is still decoding when the caller is done is decoded
+    /// again by the caller's own read, which also reports any error.
     pub fn warm(&self, blocks: impl IntoIterator<Item = BlockLocation>) {
         let mut cold: Vec<BlockLocation> = Vec::new();
         {
-            let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+            let inner = self.cached.inner.lock().unwrap_or_else(|e| e.into_inner());
             for at in blocks {
                 let key = (at.segment, at.offset);
                 if !inner.map.contains_key(&key)
@@ -110,11 +131,9 @@ impl BlockCache {
         if cold.len() < WARM_IN_PARALLEL_MIN {
             return;
         }
-        let (mine, theirs) = cold.split_at(cold.len() / 2);
-        std::thread::scope(|scope| {
-            scope.spawn(|| theirs.iter().for_each(|at| drop(self.get(at))));
-            mine.iter().for_each(|at| drop(self.get(at)));
-        });
+        let job = Arc::new(WarmJob { blocks: cold, next: AtomicUsize::new(0) });
+        let _ = self.helper.lock().unwrap_or_else(|e| e.into_inner()).send(job.clone());
+        job.run(&self.cached);
     }
 
     /// The commitment salt of event `seq`, stored in the block at `at`.
@@ -123,12 +142,12 @@ impl BlockCache {
         at: &BlockLocation,
         seq: u64,
     ) -> Result<auditrail_core::leaf::Salt, auditrail_store::StoreError> {
-        self.reader.salt(at, seq)
+        self.cached.reader.salt(at, seq)
     }
 
     /// Drops everything cached of a segment retention purged: its blocks and its key.
     pub fn forget_segment(&self, segment: u64) {
-        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let mut inner = self.cached.inner.lock().unwrap_or_else(|e| e.into_inner());
         let CacheInner { map, order, bytes } = &mut *inner;
         order.retain(|key| {
             if key.0 != segment {
@@ -139,7 +158,44 @@ impl BlockCache {
             }
             false
         });
-        self.reader.forget(segment);
+        self.cached.reader.forget(segment);
+    }
+}
+
+impl CachedBlocks {
+    fn get(&self, at: &BlockLocation) -> Result<Arc<BlockEvents>, auditrail_store::StoreError> {
+        let key = (at.segment, at.offset);
+        if let Some(b) = self.inner.lock().unwrap_or_else(|e| e.into_inner()).map.get(&key) {
+            return Ok(b.clone());
+        }
+        let block = Arc::new(self.reader.read(at)?);
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(b) = inner.map.get(&key) {
+            // The helper and the caller of `warm` both read it: keep one, counted once.
+            return Ok(b.clone());
+        }
+        inner.bytes += block.bytes();
+        inner.map.insert(key, block.clone());
+        inner.order.push_back(key);
+        while inner.bytes > self.bytes_max {
+            let Some(old) = inner.order.pop_front() else { break };
+            if let Some(b) = inner.map.remove(&old) {
+                inner.bytes -= b.bytes();
+            }
+        }
+        Ok(block)
+    }
+}
+
+/// Events read back from the log by [`AppState::read_stored`], in the order asked for.
+pub struct StoredEvents {
+    blocks: Vec<(u64, Arc<BlockEvents>)>,
+}
+
+impl StoredEvents {
+    /// `(seq, stored bytes)` of each event.
+    pub fn iter(&self) -> impl Iterator<Item = (u64, &[u8])> {
+        self.blocks.iter().map(|(seq, b)| (*seq, b.get(*seq).expect("checked when read")))
     }
 }
 
@@ -176,11 +232,26 @@ impl AppState {
         self.with_stored(seq, |bytes| serde_json::from_slice(bytes).map_err(ApiError::internal))
     }
 
-    /// Calls `f` with the stored (canonical JSON) bytes of event `seq`, read back from the log.
-    /// Reads the blocks holding `seqs` into the cache, two at a time (see [`BlockCache::warm`]).
-    pub fn warm_blocks(&self, seqs: &[u64]) {
-        self.blocks.warm(seqs.iter().filter_map(|&seq| self.index.block_for(seq)));
+    /// The stored (canonical JSON) bytes of the events `seqs`, read back from the log: each
+    /// block is located once and the cold ones are decoded two at a time ([`BlockCache::warm`]).
+    pub fn read_stored(&self, seqs: &[u64]) -> Result<StoredEvents, ApiError> {
+        let locations = self.index.blocks_for(seqs);
+        self.blocks.warm(locations.iter().flatten().copied());
+        let mut blocks = Vec::with_capacity(seqs.len());
+        for (&seq, at) in seqs.iter().zip(locations) {
+            let at = at.ok_or_else(|| {
+                ApiError::internal(format!("seq {seq} has no block in the index"))
+            })?;
+            let block = self.blocks.get(&at)?;
+            if block.get(seq).is_none() {
+                return Err(ApiError::internal(format!("block at {at:?} lacks seq {seq}")));
+            }
+            blocks.push((seq, block));
+        }
+        Ok(StoredEvents { blocks })
     }
+
+    /// Calls `f` with the stored (canonical JSON) bytes of event `seq`, read back from the log.
 
     pub fn with_stored<T>(
         &self,

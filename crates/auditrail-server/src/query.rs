@@ -138,12 +138,11 @@ pub async fn search(
         // Stored events are JSON already: copied into the answer as they are, not re-encoded.
         let mut body = Vec::with_capacity(hits.seqs.len() * 640 + 96);
         body.extend_from_slice(b"{\"events\":[");
-        s.warm_blocks(&hits.seqs);
-        for (i, &seq) in hits.seqs.iter().enumerate() {
+        for (i, (_, stored)) in s.read_stored(&hits.seqs)?.iter().enumerate() {
             if i > 0 {
                 body.push(b',');
             }
-            s.with_stored(seq, |stored| view.write_json(stored, &mut body))?;
+            view.write_json(stored, &mut body)?;
         }
         body.extend_from_slice(
             format!("],\"indexed_through\":{indexed_through},\"next_cursor\":{}}}", json!(next))
