@@ -252,7 +252,6 @@ impl AppState {
     }
 
     /// Calls `f` with the stored (canonical JSON) bytes of event `seq`, read back from the log.
-
     pub fn with_stored<T>(
         &self,
         seq: u64,

@@ -68,7 +68,7 @@ impl Default for Samples {
 impl Samples {
     pub fn offer(&mut self, record: &[u8]) {
         self.seen += 1;
-        if self.seen % self.stride != 0 || record.len() > SAMPLE_BYTES_MAX / 4 {
+        if !self.seen.is_multiple_of(self.stride) || record.len() > SAMPLE_BYTES_MAX / 4 {
             return;
         }
         if self.bytes.len() + record.len() > SAMPLE_BYTES_MAX {
