@@ -305,6 +305,8 @@ impl Store {
             dedup: recovered.dedup,
             samples: Samples::default(),
             training: None,
+            trained: None,
+            training_failed: false,
             to_syncer: sync_tx,
             plain: Vec::new(),
             stored: Vec::new(),
@@ -772,6 +774,10 @@ struct Sequencer {
     samples: Samples,
     /// ...on this thread, started once the active segment is half full.
     training: Option<std::thread::JoinHandle<Option<Vec<u8>>>>,
+    /// A dictionary trained and waiting for the next segment.
+    trained: Option<Arc<Dictionary>>,
+    /// A training on this segment's samples found nothing: no retry until the next segment.
+    training_failed: bool,
     to_syncer: SyncSender<SyncMsg>,
     /// Reused buffers: the block's plaintext and one stored event.
     plain: Vec<u8>,
@@ -1001,7 +1007,8 @@ impl Sequencer {
 
     fn roll_if_needed(&mut self, now: UnixMillis) -> std::io::Result<()> {
         // A segment without a dictionary rolls as soon as one is trained.
-        let dictionary_ready = self.training.as_ref().is_some_and(|t| t.is_finished())
+        self.collect_training();
+        let dictionary_ready = self.trained.is_some()
             && self.active.as_ref().is_some_and(|a| a.keys.dictionary.is_none());
         if let Some(a) = &self.active
             && a.len < self.options.segment_bytes_max
@@ -1031,6 +1038,7 @@ impl Sequencer {
         self.io.sync_dir(SEGMENTS_DIR)?;
         self.compressor = compressor;
         self.samples = Samples::default();
+        self.training_failed = false;
         self.active = Some(ActiveSegment {
             first_seq: self.next_seq,
             path,
@@ -1043,9 +1051,13 @@ impl Sequencer {
     }
 
     /// Trains the next segment's dictionary on this one's samples, in the background, unless
-    /// a training is under way.
+    /// a training is under way or done.
     fn start_training(&mut self) {
-        if self.training.is_some() || self.samples.len() < dictionary::SAMPLES_MIN {
+        if self.training.is_some()
+            || self.trained.is_some()
+            || self.training_failed
+            || self.samples.len() < dictionary::SAMPLES_MIN
+        {
             return;
         }
         let samples = std::mem::take(&mut self.samples);
@@ -1059,16 +1071,20 @@ impl Sequencer {
     /// the active segment's (a training still running is used at the next roll). A segment
     /// that rolled before it was half full starts a training now.
     fn next_dictionary(&mut self) -> Option<Arc<Dictionary>> {
-        if self.training.is_none() {
-            self.start_training();
+        self.start_training();
+        self.collect_training();
+        self.trained.take().or_else(|| self.active.as_ref().and_then(|a| a.keys.dictionary.clone()))
+    }
+
+    /// Takes the result of a finished training.
+    fn collect_training(&mut self) {
+        if !self.training.as_ref().is_some_and(|t| t.is_finished()) {
+            return;
         }
-        if self.training.as_ref().is_some_and(|t| t.is_finished()) {
-            let trained = self.training.take().and_then(|t| t.join().ok().flatten());
-            if let Some(raw) = trained {
-                return Some(Dictionary::new(raw));
-            }
+        match self.training.take().and_then(|t| t.join().ok().flatten()) {
+            Some(raw) => self.trained = Some(Dictionary::new(raw)),
+            None => self.training_failed = true,
         }
-        self.active.as_ref().and_then(|a| a.keys.dictionary.clone())
     }
 }
 
