@@ -881,3 +881,72 @@ pub async fn run(
     eprintln!("auditrail: stopped cleanly");
     Ok(())
 }
+
+#[cfg(test)]
+mod block_cache_tests {
+    use super::*;
+    use auditrail_core::event::ClientEvent;
+    use auditrail_store::keys::Keys;
+    use auditrail_store::sim::SimDisk;
+
+    /// Warming from several threads at once (the helper and callers decode the same blocks)
+    /// gives every block's events, and the cache counts each cached block once, within its
+    /// budget.
+    #[test]
+    fn warmed_blocks_read_back_and_are_counted_once() {
+        let disk = SimDisk::new();
+        Keys::install(&disk, "test.example/log").unwrap();
+        let options = auditrail_store::Options {
+            block_plain_bytes_target: 1024,
+            publish_interval_ms: 60_000,
+            ..Default::default()
+        };
+        let store = Store::open_with(Arc::new(disk), options).unwrap();
+        let events = (0..400)
+            .map(|i| {
+                ClientEvent::validate(serde_json::json!({
+                    "occurred_at": "2026-11-22T10:15:00Z", "category": "phi_access",
+                    "action": "patient.read", "outcome": "success",
+                    "actor": {"user_id": format!("u{i}")}, "source": {"system": "ehr"},
+                }))
+                .unwrap()
+                .prepare()
+                .unwrap()
+            })
+            .collect();
+        store.append(events).unwrap();
+        let mut blocks = Vec::new();
+        store
+            .tail(0)
+            .read(400, usize::MAX, |at, _, _| {
+                if blocks.last() != Some(at) {
+                    blocks.push(*at);
+                }
+                Ok(())
+            })
+            .unwrap();
+        assert!(blocks.len() > 2 * WARM_IN_PARALLEL_MIN, "{} blocks", blocks.len());
+        let stored = store.read_events(0, 400).unwrap();
+        for budget in [usize::MAX, 8 << 10] {
+            let cache = BlockCache::new(store.block_reader(), budget);
+            std::thread::scope(|s| {
+                for _ in 0..3 {
+                    s.spawn(|| cache.warm(blocks.iter().copied()));
+                }
+            });
+            let inner = cache.cached.inner.lock().unwrap();
+            let counted: usize = inner.map.values().map(|b| b.bytes()).sum();
+            assert_eq!(inner.bytes, counted, "each cached block counted once");
+            assert_eq!(inner.order.len(), inner.map.len());
+            assert!(inner.bytes <= budget);
+            drop(inner);
+            for at in &blocks {
+                let block = cache.get(at).unwrap();
+                for seq in at.first_seq..at.end_seq() {
+                    assert_eq!(block.get(seq).unwrap(), stored[seq as usize].1.as_slice());
+                }
+            }
+        }
+        store.close().unwrap();
+    }
+}

@@ -2,10 +2,10 @@
 //!
 //! Reading one event back decrypts and decompresses its whole block, so small blocks make
 //! lookups cheap; on their own, small blocks compress badly. A dictionary trained on the
-//! events just before a segment fixes that. Measured on the bench workload
-//! (`examples/blockexp` in the session notes, `docs/performance.md`): 4 KiB blocks with a
-//! 16 KiB dictionary take 80.7 bytes per event against 85.8 for 16 KiB blocks without one,
-//! and decompress in 2.7 µs instead of 8.0.
+//! events just before a segment fixes that. Measured on one segment of the bench workload,
+//! re-packed at several block sizes (table in `docs/performance.md`; the one-off harness is
+//! not kept): 4 KiB blocks with a 16 KiB dictionary take 80.7 bytes per event against 85.8
+//! for 16 KiB blocks without one, and decompress in 2.7 µs instead of 8.0.
 //!
 //! The sequencer samples the records it appends ([`Samples`]); once a segment is half full it
 //! trains the next segment's dictionary from them on a background thread. A segment without
