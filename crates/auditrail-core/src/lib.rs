@@ -12,6 +12,7 @@ pub mod event;
 pub mod evidence;
 pub mod fhir;
 pub mod hex;
+pub mod json;
 pub mod leaf;
 pub mod limits;
 pub mod merkle;

@@ -2,9 +2,9 @@
 //! of its `id`, and the terms it can be found by. Patient identifiers become keyed HMAC tokens
 //! here, before anything reaches memory that outlives the event or the disk.
 
+use auditrail_core::json::Json;
 use auditrail_core::time::parse_rfc3339;
 use hmac::{KeyInit, Mac};
-use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 /// A searchable field. The byte is the first byte of every term key, so it is part of the
@@ -87,39 +87,72 @@ impl PatientTokens {
 
     /// The term key of a PHI value of a FHIR search parameter: blinded like a patient.
     pub fn blind(&self, tag: u8, value: &str) -> Vec<u8> {
-        self.blinded(tag, value).to_vec()
+        token_key(tag, &self.mac(value)).to_vec()
     }
 
     /// The term key for a patient given as a bare id, `Patient/<id>` or a URL ending in it.
     pub fn term(&self, patient: &str) -> Vec<u8> {
-        self.patient(patient).to_vec()
+        token_key(Field::Patient as u8, &self.mac(bare_patient(patient))).to_vec()
     }
 
-    fn blinded(&self, tag: u8, value: &str) -> [u8; TOKEN_KEY_LEN] {
+    /// The keyed MAC a blinded value's term keys share. It does not cover the tag (the key
+    /// starts with it), so an event's value blinded under several parameters (a patient id
+    /// is a `patient`, an `entity` and an identifier) costs one HMAC; see [`Blinder`].
+    fn mac(&self, value: &str) -> Mac128 {
         let mut mac = self.mac.clone();
-        mac.update(&[tag]);
         mac.update(value.as_bytes());
-        token_key(tag, &mac.finalize().into_bytes())
+        mac.finalize().into_bytes()[..MAC_LEN].try_into().expect("16 bytes")
+    }
+}
+
+/// The patient id of a bare id, `Patient/<id>` or a URL ending in it.
+fn bare_patient(patient: &str) -> &str {
+    match patient.rfind("Patient/") {
+        Some(i) => &patient[i + "Patient/".len()..],
+        None => patient,
+    }
+}
+
+/// The part of a blinded value's HMAC a term key keeps.
+const MAC_LEN: usize = 16;
+type Mac128 = [u8; MAC_LEN];
+
+/// Blinds the PHI values of one event, computing each distinct value's MAC once. It lives
+/// only as long as the event's extraction, so no identifier outlives the event in memory.
+struct Blinder<'p> {
+    tokens: &'p PatientTokens,
+    values: String,
+    /// Where each blinded value ends in `values`, and its MAC.
+    macs: Vec<(usize, Mac128)>,
+}
+
+impl<'p> Blinder<'p> {
+    fn new(tokens: &'p PatientTokens) -> Blinder<'p> {
+        Blinder { tokens, values: String::new(), macs: Vec::new() }
     }
 
-    fn patient(&self, patient: &str) -> [u8; TOKEN_KEY_LEN] {
-        let bare = match patient.rfind("Patient/") {
-            Some(i) => &patient[i + "Patient/".len()..],
-            None => patient,
-        };
-        let mut mac = self.mac.clone();
-        mac.update(bare.as_bytes());
-        token_key(Field::Patient as u8, &mac.finalize().into_bytes())
+    fn key(&mut self, tag: u8, value: &str) -> [u8; TOKEN_KEY_LEN] {
+        let mut start = 0;
+        for &(end, mac) in &self.macs {
+            if &self.values[start..end] == value {
+                return token_key(tag, &mac);
+            }
+            start = end;
+        }
+        let mac = self.tokens.mac(value);
+        self.values.push_str(value);
+        self.macs.push((self.values.len(), mac));
+        token_key(tag, &mac)
     }
 }
 
 /// A blinded term key: the tag and 128 bits of the HMAC.
-const TOKEN_KEY_LEN: usize = 17;
+const TOKEN_KEY_LEN: usize = 1 + MAC_LEN;
 
-fn token_key(tag: u8, mac: &[u8]) -> [u8; TOKEN_KEY_LEN] {
+fn token_key(tag: u8, mac: &Mac128) -> [u8; TOKEN_KEY_LEN] {
     let mut key = [0u8; TOKEN_KEY_LEN];
     key[0] = tag;
-    key[1..].copy_from_slice(&mac[..TOKEN_KEY_LEN - 1]);
+    key[1..].copy_from_slice(mac);
     key
 }
 
@@ -213,7 +246,7 @@ impl Doc {
 
 /// Emits the FHIR search terms of an event as (tag, carries PHI, value); PHI values are
 /// blinded here. Wired to `auditrail_core::fhir` by [`fhir_terms`].
-pub type FhirTerms = fn(&Value, &mut dyn FnMut(u8, bool, &str));
+pub type FhirTerms = fn(&Json<'_>, &mut dyn FnMut(u8, bool, &str));
 
 /// The tag of a FHIR search parameter's terms.
 pub fn fhir_tag(param: auditrail_core::fhir::SearchParam) -> u8 {
@@ -224,11 +257,15 @@ pub fn fhir_tag(param: auditrail_core::fhir::SearchParam) -> u8 {
 }
 
 /// The FHIR search terms of a stored event, native or FHIR-origin.
-pub fn fhir_terms(stored: &Value, emit: &mut dyn FnMut(u8, bool, &str)) {
+pub fn fhir_terms(stored: &Json<'_>, emit: &mut dyn FnMut(u8, bool, &str)) {
     auditrail_core::fhir::index_terms(stored, &mut |param, value| {
         emit(fhir_tag(param), param.carries_phi(), value)
     });
 }
+
+/// Room for the terms of a typical event, so building them does not reallocate.
+const TERM_BYTES_TYPICAL: usize = 2048;
+const TERMS_TYPICAL: usize = 96;
 
 /// Builds the index's view of a stored event (canonical JSON with `seq` and `recorded_at`).
 pub fn extract(
@@ -237,54 +274,50 @@ pub fn extract(
     patients: &PatientTokens,
     fhir_terms: Option<FhirTerms>,
 ) -> Result<Doc, String> {
-    let v: Value =
-        serde_json::from_slice(stored).map_err(|e| format!("seq {seq}: not JSON: {e}"))?;
-    let s = |path: &[&str]| -> Option<&str> {
-        let mut cur = &v;
-        for p in path {
-            cur = cur.get(p)?;
-        }
-        cur.as_str()
+    let v = Json::parse(stored).map_err(|e| format!("seq {seq}: not JSON: {e}"))?;
+    let (action, category, outcome) = (v.at("action"), v.at("category"), v.at("outcome"));
+    let (actor, user_id) = (v.at("actor"), v.at("actor").at("user_id"));
+    let recorded_ms = v.at("recorded_at").as_str().and_then(parse_rfc3339).unwrap_or(0);
+    let occurred_ms = v.at("occurred_at").as_str().and_then(parse_rfc3339).unwrap_or(recorded_ms);
+    let mut terms = Terms {
+        bytes: Vec::with_capacity(TERM_BYTES_TYPICAL),
+        ends: Vec::with_capacity(TERMS_TYPICAL),
     };
-    let recorded_ms = s(&["recorded_at"]).and_then(parse_rfc3339).unwrap_or(0);
-    let occurred_ms = s(&["occurred_at"]).and_then(parse_rfc3339).unwrap_or(recorded_ms);
-    let mut terms = Terms::default();
-    let mut add = |field: Field, value: Option<&str>| {
-        if let Some(value) = value {
+    let mut add = |field: Field, value: &Json<'_>| {
+        if let Some(value) = value.as_str() {
             terms.push(field as u8, value.as_bytes());
         }
     };
-    add(Field::Action, s(&["action"]));
-    add(Field::Category, s(&["category"]));
-    let repository = s(&["category"]) == Some(auditrail_store::retention::REPOSITORY_CATEGORY);
-    add(Field::Stream, Some(if repository { "repository" } else { CLIENT_STREAM }));
-    add(Field::Outcome, s(&["outcome"]));
-    add(Field::Project, s(&["project"]));
-    add(Field::User, s(&["actor", "user_id"]));
-    add(Field::Source, s(&["source", "system"]));
-    if let Some(ip) = s(&["actor", "ip"]) {
+    add(Field::Action, action);
+    add(Field::Category, category);
+    add(Field::Outcome, outcome);
+    add(Field::Project, v.at("project"));
+    add(Field::User, user_id);
+    add(Field::Source, v.at("source").at("system"));
+    let repository = category.as_str() == Some(auditrail_store::retention::REPOSITORY_CATEGORY);
+    terms.push(
+        Field::Stream as u8,
+        if repository { b"repository" } else { CLIENT_STREAM.as_bytes() },
+    );
+    if let Some(ip) = actor.at("ip").as_str() {
         terms.push(Field::Address as u8, ip.to_ascii_lowercase().as_bytes());
     }
-    if let Some(p) = s(&["patient", "id"]) {
-        terms.push_key(&patients.patient(p));
+    let mut blinder = Blinder::new(patients);
+    if let Some(p) = v.at("patient").at("id").as_str() {
+        terms.push_key(&blinder.key(Field::Patient as u8, bare_patient(p)));
     }
     text_terms(&v, &mut terms);
     if let Some(fhir_terms) = fhir_terms {
         fhir_terms(&v, &mut |tag, phi, value| {
             if phi {
-                terms.push_key(&patients.blinded(tag, value));
+                terms.push_key(&blinder.key(tag, value));
             } else {
                 terms.push(tag, value.as_bytes());
             }
         });
     }
-    let group = [
-        s(&["action"]).unwrap_or("").to_string(),
-        s(&["actor", "user_id"]).unwrap_or("").to_string(),
-        s(&["outcome"]).unwrap_or("").to_string(),
-        s(&["category"]).unwrap_or("").to_string(),
-    ];
-    let id_hash = id_hash(s(&["id"]).unwrap_or(""));
+    let group = [action, user_id, outcome, category].map(|g| g.as_str().unwrap_or("").to_string());
+    let id_hash = id_hash(v.at("id").as_str().unwrap_or(""));
     Ok(Doc { seq, occurred_ms, recorded_ms, id_hash, group, terms })
 }
 
@@ -303,9 +336,10 @@ pub fn words(text: &str, mut f: impl FnMut(&str)) {
 
 /// Words of the descriptive fields. The patient and the request path (which often holds a
 /// patient id) are deliberately not among them: they are findable only through the token.
-fn text_terms(v: &Value, terms: &mut Terms) {
+fn text_terms(v: &Json<'_>, terms: &mut Terms) {
     let mut n = 0;
-    let mut push = |text: &str| {
+    let mut push = |text: &Json<'_>| {
+        let Some(text) = text.as_str() else { return };
         words(text, |w| {
             if n < TEXT_TERMS_MAX {
                 terms.push(Field::Text as u8, w.as_bytes());
@@ -314,30 +348,19 @@ fn text_terms(v: &Value, terms: &mut Terms) {
         })
     };
     for key in ["action", "category", "outcome_desc", "project", "purpose_of_use"] {
-        if let Some(t) = v.get(key).and_then(Value::as_str) {
-            push(t);
+        push(v.at(key));
+    }
+    let actor = v.at("actor");
+    for key in ["user_id", "name"] {
+        push(actor.at(key));
+    }
+    for e in v.at("entities").elements() {
+        for key in ["type", "id", "name"] {
+            push(e.at(key));
         }
     }
-    if let Some(actor) = v.get("actor") {
-        for key in ["user_id", "name"] {
-            if let Some(t) = actor.get(key).and_then(Value::as_str) {
-                push(t);
-            }
-        }
-    }
-    if let Some(Value::Array(entities)) = v.get("entities") {
-        for e in entities {
-            for key in ["type", "id", "name"] {
-                if let Some(t) = e.get(key).and_then(Value::as_str) {
-                    push(t);
-                }
-            }
-        }
-    }
-    if let Some(Value::Object(context)) = v.get("context") {
-        for t in context.values().filter_map(Value::as_str) {
-            push(t);
-        }
+    for (_, t) in v.at("context").members() {
+        push(t);
     }
 }
 

@@ -1,6 +1,6 @@
 //! The index segment file: `index/<first seq, 20 digits>-<end seq, 20 digits>.idx`.
 //!
-//! Layout: magic `ATRLIDX1`, version byte (3), three zero bytes, then little-endian u64s
+//! Layout: magic `ATRLIDX1`, version byte (5), three zero bytes, then little-endian u64s
 //! `first_seq`, `rows` and the payload's length before compression (36 bytes in all), a
 //! 12-byte random nonce, then the payload as one zstd frame sealed with AES-256-GCM under the
 //! index's file key (associated data: the first 36 bytes), and finally a CRC-32C of everything
@@ -33,7 +33,8 @@ const MAGIC: &[u8; 8] = b"ATRLIDX1";
 /// 3: every event carries a `Field::Stream` term (client or repository).
 /// 4: the payload is sealed (encrypted at rest). Files of an older version fail the check,
 /// are dropped, and are rebuilt from the log on start.
-const VERSION: u8 = 4;
+/// 5: a blinded term's HMAC covers only the value (the key's first byte is the tag).
+const VERSION: u8 = 5;
 /// Magic, version, padding and the three u64s: the associated data of the sealed payload.
 const HEADER_BYTES: usize = 36;
 /// The smallest file: header, nonce, an empty sealed payload (its tag) and the CRC.

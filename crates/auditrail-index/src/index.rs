@@ -3,6 +3,12 @@
 //!
 //! Invariant: the parts cover seqs `0..indexed_through` contiguously, and `indexed_through`
 //! never exceeds the log's durable size, because the follower reads only durable blocks.
+//!
+//! A full memtable is frozen and written to its file on a thread of its own while the follower
+//! goes on filling a new one (freezing and writing a quarter of a million events takes most of
+//! a second, which the follower would otherwise spend not indexing). Until its file is written
+//! it stays searchable as the `full` part; at most one waits, so a slow disk slows the follower
+//! rather than piling up memtables.
 
 use crate::doc::{self, Doc, FhirTerms, GroupBy, PatientTokens};
 use crate::file;
@@ -80,6 +86,8 @@ pub struct Hits {
 
 struct State {
     segments: Vec<Arc<Segment>>,
+    /// A full memtable whose segment file is being written.
+    full: Option<Arc<Memtable>>,
     mem: Memtable,
 }
 
@@ -88,31 +96,78 @@ impl State {
         self.segments
             .iter()
             .map(|s| s.as_ref() as &dyn Part)
+            .chain(self.full.as_deref().map(|m| m as &dyn Part))
             .chain(std::iter::once(&self.mem as &dyn Part))
     }
 
-    /// The part holding `seq`: segments are contiguous and in seq order, then the memtable.
+    /// The part holding `seq`: segments are contiguous and in seq order, then the full
+    /// memtable, then the memtable.
     fn part_for(&self, seq: u64) -> Option<&dyn Part> {
         let i = self.segments.partition_point(|s| s.end_seq() <= seq);
         match self.segments.get(i) {
             Some(s) if s.first_seq() <= seq => Some(s.as_ref()),
-            _ => {
-                Some(&self.mem as &dyn Part).filter(|m| (m.first_seq()..m.end_seq()).contains(&seq))
-            }
+            _ => self
+                .full
+                .as_deref()
+                .map(|m| m as &dyn Part)
+                .into_iter()
+                .chain(std::iter::once(&self.mem as &dyn Part))
+                .find(|m| (m.first_seq()..m.end_seq()).contains(&seq)),
         }
     }
 }
 
-pub struct Index {
+/// What writes a full memtable's segment file, shared with the thread that does it.
+struct Writer {
     dir: PathBuf,
+    file_key: Sealer,
+    state: RwLock<State>,
+    persisted: AtomicU64,
+}
+
+impl Writer {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, State> {
+        self.state.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, State> {
+        self.state.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Freezes `full` into a segment, writes its file, and puts the segment in its place.
+    fn write_segment(&self, full: &Memtable) -> Result<(), IndexError> {
+        let frozen = Arc::new(full.freeze());
+        let name = file::file_name(frozen.first_seq(), frozen.end_seq());
+        let tmp = self.dir.join(format!("{name}.tmp"));
+        {
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(&file::encode(&frozen.data, &self.file_key))?;
+            f.sync_all()?;
+        }
+        std::fs::rename(&tmp, self.dir.join(&name))?;
+        sync_dir(&self.dir)?;
+        let end = frozen.end_seq();
+        let mut state = self.write();
+        assert!(
+            state.full.as_ref().is_some_and(|f| f.end_seq() == end),
+            "the full memtable changed while it was written"
+        );
+        state.segments.push(frozen);
+        state.full = None;
+        self.persisted.store(end, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+pub struct Index {
     options: IndexOptions,
     patients: PatientTokens,
-    /// Seals the index files (see `file.rs`).
-    file_key: Sealer,
     fhir_terms: Option<FhirTerms>,
-    state: RwLock<State>,
+    /// The parts, and what writes their files (the sealer of `file.rs` among it).
+    shared: Arc<Writer>,
+    /// The thread writing the full memtable, if one is.
+    writing: std::sync::Mutex<Option<std::thread::JoinHandle<Result<(), IndexError>>>>,
     indexed: AtomicU64,
-    persisted: AtomicU64,
     /// Seq ranges `[first, end)` retention purged, sorted: never answered, never counted.
     purged: RwLock<Arc<Vec<(u64, u64)>>>,
 }
@@ -263,39 +318,43 @@ impl Index {
             }
         }
         Ok(Index {
-            dir,
             options,
             patients: keys.patients,
-            file_key: keys.file,
             fhir_terms,
-            state: RwLock::new(State { segments, mem: Memtable::new(next) }),
+            shared: Arc::new(Writer {
+                dir,
+                file_key: keys.file,
+                state: RwLock::new(State { segments, full: None, mem: Memtable::new(next) }),
+                persisted: AtomicU64::new(next),
+            }),
+            writing: std::sync::Mutex::new(None),
             indexed: AtomicU64::new(next),
-            persisted: AtomicU64::new(next),
             purged: RwLock::new(Arc::new(Vec::new())),
         })
     }
 
     /// Removes every index file: the next follower rebuilds from seq 0.
     pub fn reset(&self) -> Result<(), IndexError> {
+        self.settle()?;
         let mut state = self.write();
         for s in &state.segments {
-            let path = self.dir.join(file::file_name(s.first_seq(), s.end_seq()));
+            let path = self.shared.dir.join(file::file_name(s.first_seq(), s.end_seq()));
             std::fs::remove_file(&path)?;
         }
-        sync_dir(&self.dir)?;
+        sync_dir(&self.shared.dir)?;
         state.segments.clear();
         state.mem = Memtable::new(0);
         self.indexed.store(0, Ordering::SeqCst);
-        self.persisted.store(0, Ordering::SeqCst);
+        self.shared.persisted.store(0, Ordering::SeqCst);
         Ok(())
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, State> {
-        self.state.read().unwrap_or_else(|e| e.into_inner())
+        self.shared.read()
     }
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, State> {
-        self.state.write().unwrap_or_else(|e| e.into_inner())
+        self.shared.write()
     }
 
     /// Tells the index which seq ranges retention purged (sorted `[first, end)`): searches,
@@ -319,7 +378,7 @@ impl Index {
 
     /// Events `0..persisted_through` are in index files and need not be re-read after a restart.
     pub fn persisted_through(&self) -> u64 {
-        self.persisted.load(Ordering::SeqCst)
+        self.shared.persisted.load(Ordering::SeqCst)
     }
 
     /// Builds documents for stored events (no lock held: this is the expensive part).
@@ -370,33 +429,53 @@ impl Index {
         self.options.memtable_rows_max.saturating_sub(self.read().mem.len()).max(1)
     }
 
-    /// Freezes the memtable into a segment file when it is full (or always, with `force`).
+    /// Freezes the memtable into a segment file when it is full, on a thread of its own; with
+    /// `force`, freezes it whatever its size and returns once every part is written.
     pub fn flush(&self, force: bool) -> Result<(), IndexError> {
-        let frozen = {
+        let (empty, full) = {
             let state = self.read();
-            if state.mem.is_empty() || (!force && state.mem.len() < self.options.memtable_rows_max)
-            {
-                return Ok(());
-            }
-            // Only the follower thread adds, so the memtable cannot change until it swaps.
-            Arc::new(state.mem.freeze())
+            (state.mem.is_empty(), state.mem.len() >= self.options.memtable_rows_max)
         };
-        let name = file::file_name(frozen.first_seq(), frozen.end_seq());
-        let tmp = self.dir.join(format!("{name}.tmp"));
-        {
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(&file::encode(&frozen.data, &self.file_key))?;
-            f.sync_all()?;
+        if !full && !force {
+            return Ok(());
         }
-        std::fs::rename(&tmp, self.dir.join(&name))?;
-        sync_dir(&self.dir)?;
-        let end = frozen.end_seq();
-        let mut state = self.write();
-        assert_eq!(state.mem.end_seq(), end, "the memtable changed while it was frozen");
-        state.segments.push(frozen);
-        state.mem = Memtable::new(end);
-        self.persisted.store(end, Ordering::SeqCst);
+        // At most one full memtable waits for its file.
+        self.settle()?;
+        if empty {
+            return Ok(());
+        }
+        let full = {
+            let mut state = self.write();
+            let next = Memtable::after(&state.mem);
+            let full = Arc::new(std::mem::replace(&mut state.mem, next));
+            state.full = Some(full.clone());
+            full
+        };
+        if force {
+            return self.shared.write_segment(&full);
+        }
+        let shared = self.shared.clone();
+        let handle = std::thread::Builder::new()
+            .name("index-writer".into())
+            .spawn(move || shared.write_segment(&full))?;
+        *self.writing.lock().unwrap_or_else(|e| e.into_inner()) = Some(handle);
         Ok(())
+    }
+
+    /// Waits for the full memtable's file to be written. A write that failed is tried again
+    /// here, so its error reaches the caller (the follower reports it and retries).
+    fn settle(&self) -> Result<(), IndexError> {
+        let writing = self.writing.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(handle) = writing
+            && let Ok(Ok(())) = handle.join()
+        {
+            return Ok(());
+        }
+        let full = self.read().full.clone();
+        match full {
+            Some(full) => self.shared.write_segment(&full),
+            None => Ok(()),
+        }
     }
 
     /// The block holding `seq`, if it is indexed.
@@ -564,7 +643,7 @@ impl Index {
 
     /// Bytes of index files on disk.
     pub fn disk_bytes(&self) -> u64 {
-        std::fs::read_dir(&self.dir)
+        std::fs::read_dir(&self.shared.dir)
             .map(|d| d.filter_map(|e| e.ok()?.metadata().ok()).map(|m| m.len()).sum())
             .unwrap_or(0)
     }

@@ -116,15 +116,88 @@ pub struct Memtable {
     dict_ids: [FxHashMap<String, u32>; GROUP_FIELDS],
     /// The id hash of each row (a scan finds an id: cheaper than a map entry per event).
     id_hashes: Vec<u32>,
-    /// Term key -> term number; `postings[term number]` are its rows.
-    term_ids: FxHashMap<Box<[u8]>, u32>,
-    postings: Vec<Vec<u32>>,
+    /// Each term's rows. Posting is most of the work of indexing an event (some 60 terms each),
+    /// and most of that is waiting for memory, hence [`TermKey`] and [`TermRows::last`].
+    terms: FxHashMap<TermKey, TermRows>,
     blocks: Vec<BlockLocation>,
+}
+
+/// Bytes of a term key kept inside its table entry; longer keys live on the heap.
+const KEY_INLINE: usize = 30;
+
+/// A term key, inside its table entry when short (nearly all are: a blinded token is 17 bytes),
+/// so finding a term reads one cache line instead of chasing a pointer to its bytes.
+#[derive(Debug)]
+enum TermKey {
+    Inline { len: u8, bytes: [u8; KEY_INLINE] },
+    Heap(Box<[u8]>),
+}
+
+impl TermKey {
+    fn new(key: &[u8]) -> TermKey {
+        if key.len() <= KEY_INLINE {
+            let mut bytes = [0; KEY_INLINE];
+            bytes[..key.len()].copy_from_slice(key);
+            TermKey::Inline { len: key.len() as u8, bytes }
+        } else {
+            TermKey::Heap(key.into())
+        }
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        match self {
+            TermKey::Inline { len, bytes } => &bytes[..*len as usize],
+            TermKey::Heap(bytes) => bytes,
+        }
+    }
+}
+
+impl std::borrow::Borrow<[u8]> for TermKey {
+    fn borrow(&self) -> &[u8] {
+        self.as_bytes()
+    }
+}
+
+/// Hashes as its bytes do, as `Borrow` requires.
+impl std::hash::Hash for TermKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.as_bytes().hash(state)
+    }
+}
+
+impl PartialEq for TermKey {
+    fn eq(&self, other: &TermKey) -> bool {
+        self.as_bytes() == other.as_bytes()
+    }
+}
+
+impl Eq for TermKey {}
+
+/// A term's rows, ascending.
+#[derive(Debug, Default)]
+struct TermRows {
+    rows: Vec<u32>,
+    /// The last row, beside the key: checking it there saves reading the list's tail.
+    last: Option<u32>,
 }
 
 impl Memtable {
     pub fn new(first_seq: u64) -> Memtable {
         Memtable { first_seq, ..Memtable::default() }
+    }
+
+    /// A memtable sized like `previous`, so filling it does not rehash its terms again and again.
+    pub fn after(previous: &Memtable) -> Memtable {
+        let rows = previous.len();
+        Memtable {
+            first_seq: previous.end_seq(),
+            occurred: Vec::with_capacity(rows),
+            recorded: Vec::with_capacity(rows),
+            group_ids: std::array::from_fn(|_| Vec::with_capacity(rows)),
+            id_hashes: Vec::with_capacity(rows),
+            terms: FxHashMap::with_capacity_and_hasher(previous.terms.len(), Default::default()),
+            ..Memtable::default()
+        }
     }
 
     /// Adds the next event; seqs must be contiguous.
@@ -147,19 +220,14 @@ impl Memtable {
         }
         self.id_hashes.push(doc.id_hash);
         for key in doc.terms.iter() {
-            let term = match self.term_ids.get(key) {
-                Some(&t) => t,
-                None => {
-                    let t = self.postings.len() as u32;
-                    self.term_ids.insert(key.into(), t);
-                    self.postings.push(Vec::new());
-                    t
-                }
+            let term = match self.terms.get_mut(key) {
+                Some(term) => term,
+                None => self.terms.entry(TermKey::new(key)).or_default(),
             };
-            let rows = &mut self.postings[term as usize];
             // A term repeated within one event is posted once.
-            if rows.last() != Some(&row) {
-                rows.push(row);
+            if term.last != Some(row) {
+                term.rows.push(row);
+                term.last = Some(row);
             }
         }
         if self.blocks.last() != Some(block) {
@@ -170,17 +238,17 @@ impl Memtable {
     /// The immutable, compressed form, ready to be written and searched.
     pub fn freeze(&self) -> Segment {
         let rows = self.occurred.len();
-        let mut keys: Vec<(&[u8], u32)> =
-            self.term_ids.iter().map(|(k, &t)| (k.as_ref(), t)).collect();
-        keys.sort_unstable();
+        let mut keys: Vec<(&[u8], &[u32])> =
+            self.terms.iter().map(|(k, t)| (k.as_bytes(), t.rows.as_slice())).collect();
+        keys.sort_unstable_by_key(|&(k, _)| k);
         let mut term_bytes = Vec::new();
         let mut key_ends = Vec::with_capacity(keys.len());
         let mut encoded = Vec::new();
         let mut post_ends = Vec::with_capacity(keys.len());
-        for (key, t) in keys {
+        for (key, term_rows) in keys {
             term_bytes.extend_from_slice(key);
             key_ends.push(term_bytes.len() as u32);
-            postings::encode(&self.postings[t as usize], rows, &mut encoded);
+            postings::encode(term_rows, rows, &mut encoded);
             post_ends.push(encoded.len() as u32);
         }
         let mut ids: Vec<(u32, u32)> =
@@ -219,8 +287,8 @@ impl Part for Memtable {
         self.recorded[row as usize]
     }
     fn postings(&self, key: &[u8]) -> Postings<'_> {
-        match self.term_ids.get(key) {
-            Some(&t) => Postings::Rows(Cow::Borrowed(&self.postings[t as usize])),
+        match self.terms.get(key) {
+            Some(t) => Postings::Rows(Cow::Borrowed(&t.rows)),
             None => Postings::EMPTY,
         }
     }
