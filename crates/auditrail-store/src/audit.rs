@@ -367,10 +367,14 @@ fn prefix_of_bundle(bundle: &[u8], w: u32) -> &[u8] {
     &bundle[..off.min(bundle.len())]
 }
 
-/// Lists `log/tile`: unknown files are problems; partial files are returned for checking.
+/// Lists `log/tile`: unknown files are problems; partial files are returned for checking. A
+/// tile being written (its temporary file) is none of these: nothing reads it as a tile.
 fn partial_files(io: &dyn Io, problems: &mut Vec<Problem>) -> Result<PartialFiles, StoreError> {
     let mut out = PartialFiles::new();
     for path in io.list_tree("log/tile")? {
+        if path.ends_with(crate::tree::TMP_SUFFIX) {
+            continue;
+        }
         match path.strip_prefix("log/").and_then(TileId::parse) {
             Some(t) if !t.is_full() => out.entry((t.level, t.index)).or_default().push(t.width),
             Some(_) => {}

@@ -17,28 +17,52 @@ pub fn tile_path(t: &TileId) -> String {
     format!("{LOG_DIR}/{}", t.path())
 }
 
-/// Every partial tile and bundle file under `log/tile`.
+/// Every partial tile and bundle file under `log/tile`. Removes the temporary files of tile
+/// writes a crash interrupted (called when the store opens, before anything writes a tile).
 pub fn partial_tiles_on_disk(io: &dyn Io) -> io::Result<Vec<TileId>> {
-    Ok(io
-        .list_tree(&format!("{LOG_DIR}/tile"))?
-        .iter()
-        .filter_map(|p| TileId::parse(p.strip_prefix(&format!("{LOG_DIR}/"))?))
-        .filter(|t| !t.is_full())
-        .collect())
+    let mut partials = Vec::new();
+    for path in io.list_tree(&format!("{LOG_DIR}/tile"))? {
+        if path.ends_with(TMP_SUFFIX) {
+            io.remove(&path)?;
+        } else if let Some(t) = path.strip_prefix(&format!("{LOG_DIR}/")).and_then(TileId::parse)
+            && !t.is_full()
+        {
+            partials.push(t);
+        }
+    }
+    Ok(partials)
 }
 
-/// Writes a file, creating its directory on first use.
+/// Writes a tile or bundle file whole, creating its directory on first use: to a temporary
+/// name, then renamed into place, so the audit, the tile server and backups never read one
+/// half written. (A plain rewrite of a partial tile is briefly empty, and a full audit racing
+/// it reported the tile as tampered with.)
 pub fn write_creating_dirs(io: &dyn Io, path: &str, data: &[u8]) -> io::Result<()> {
-    match io.write_file(path, data) {
+    let tmp = format!("{path}{TMP_SUFFIX}");
+    match io.write_file(&tmp, data) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             if let Some((dir, _)) = path.rsplit_once('/') {
                 io.create_dir_all(dir)?;
             }
-            io.write_file(path, data)
+            io.write_file(&tmp, data)?;
         }
-        other => other,
+        other => other?,
     }
+    io.rename(&tmp, path)
 }
+
+/// Writes a partial tile unless it is there already: a partial of a given width never
+/// changes (the tree only grows), and each checkpoint would otherwise rewrite the same bytes.
+fn write_partial(io: &dyn Io, t: &TileId, data: &[u8]) -> io::Result<()> {
+    let path = tile_path(t);
+    if io.len(&path)? == Some(data.len() as u64) {
+        return Ok(());
+    }
+    write_creating_dirs(io, &path, data)
+}
+
+/// The suffix of a tile file being written; one left by a crash is never read as a tile.
+pub const TMP_SUFFIX: &str = ".tmp";
 
 /// The right edge of the tree: the hashes of the partial tile at each level and the entries of
 /// the partial bundle. Everything to their left is in full tiles on disk.
@@ -115,12 +139,12 @@ impl TreeWriter {
             }
             let index = self.size >> (TILE_HEIGHT * (level as u32 + 1));
             let t = TileId::hashes(level as u32, index, hashes.len() as u32);
-            write_creating_dirs(io, &tile_path(&t), &hashes.concat())?;
+            write_partial(io, &t, &hashes.concat())?;
             written.push(t);
         }
         if !self.levels[0].is_empty() {
             let t = TileId::entries(self.size / TILE_WIDTH, self.levels[0].len() as u32);
-            write_creating_dirs(io, &tile_path(&t), &self.bundle)?;
+            write_partial(io, &t, &self.bundle)?;
             written.push(t);
         }
         Ok(written)
