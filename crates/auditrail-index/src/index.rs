@@ -855,17 +855,22 @@ impl Follower {
             build(&records)?
         };
         // Added in pieces that fill the memtable exactly, so every segment file has
-        // `memtable_rows_max` events.
+        // `memtable_rows_max` events. Every document is added even when a file cannot be
+        // written, because the tail has moved past them all; the memtable then grows until a
+        // later flush succeeds, and the error is returned once they are in.
         let mut docs = docs.into_iter().peekable();
+        let mut flushed = Ok(());
         while docs.peek().is_some() {
-            let room = index.memtable_room();
+            let room = if flushed.is_ok() { index.memtable_room() } else { usize::MAX };
             index.add(docs.by_ref().take(room).collect());
-            index.flush(false)?;
+            if flushed.is_ok() {
+                flushed = index.flush(false);
+            }
         }
         if !records.is_empty() {
             pass_on(records.into_iter().map(|(_, seq, bytes)| (seq, bytes)).collect());
         }
-        Ok(n)
+        flushed.map(|()| n)
     }
 
     /// Indexes everything durable now.

@@ -276,3 +276,47 @@ fn the_index_key_is_sealed_and_a_plaintext_one_is_migrated() {
     Follower::new(&index, &store).catch_up(&index, &store).unwrap();
     assert_eq!(index.indexed_through(), 1500);
 }
+
+/// A full memtable's file is written on a thread of its own, and the memtable stays searchable
+/// meanwhile. When the file cannot be written (here the index directory is gone), the follower
+/// reports it and goes on indexing; every event stays searchable, and the files are written
+/// once they can be.
+#[test]
+fn a_memtable_whose_file_cannot_be_written_stays_searchable_and_is_written_later() {
+    let f = fixture(1500);
+    let (store, index) = open(&f, 400);
+    let dir = f.dir.join("index");
+    let away = f.dir.join("index-away");
+    std::fs::rename(&dir, &away).unwrap();
+    let mut follower = Follower::new(&index, &store);
+    let mut errors = 0;
+    for _ in 0..1000 {
+        match follower.step(&index, &store, 2) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(_) => errors += 1,
+        }
+    }
+    assert!(errors > 0, "writing into a missing directory fails");
+    assert_eq!(index.indexed_through(), 1500);
+    assert_eq!(index.persisted_through(), 0);
+    let all = Query { newest_first: false, limit: 10_000, ..Query::default() };
+    let every: Vec<u64> = (0..1500).collect();
+    assert_eq!(index.search(&all).seqs, every);
+    let u3 = Query { all_of: vec![vec![term(Field::User, "u3")]], ..all.clone() };
+    let expected: Vec<u64> = every
+        .iter()
+        .copied()
+        .filter(|&s| f.events[s as usize]["actor"]["user_id"] == "u3")
+        .collect();
+    assert_eq!(index.search(&u3).seqs, expected);
+
+    std::fs::rename(&away, &dir).unwrap();
+    index.flush(true).unwrap();
+    assert_eq!(index.persisted_through(), 1500);
+    drop(index);
+    let index = reopen(&f, &store);
+    assert_eq!(index.indexed_through(), 1500);
+    assert_eq!(index.search(&all).seqs, every);
+    assert_eq!(index.search(&u3).seqs, expected);
+}
