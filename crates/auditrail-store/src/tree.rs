@@ -33,32 +33,34 @@ pub fn partial_tiles_on_disk(io: &dyn Io) -> io::Result<Vec<TileId>> {
     Ok(partials)
 }
 
-/// Writes a tile or bundle file whole, creating its directory on first use: to a temporary
-/// name, then renamed into place, so the audit, the tile server and backups never read one
-/// half written. (A plain rewrite of a partial tile is briefly empty, and a full audit racing
-/// it reported the tile as tampered with.)
+/// Writes a file, creating its directory on first use. Full tiles and bundles are written
+/// this way: once, before any checkpoint names them (a torn one after a crash is written
+/// again when recovery re-integrates its entries).
 pub fn write_creating_dirs(io: &dyn Io, path: &str, data: &[u8]) -> io::Result<()> {
-    let tmp = format!("{path}{TMP_SUFFIX}");
-    match io.write_file(&tmp, data) {
+    match io.write_file(path, data) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             if let Some((dir, _)) = path.rsplit_once('/') {
                 io.create_dir_all(dir)?;
             }
-            io.write_file(&tmp, data)?;
+            io.write_file(path, data)
         }
-        other => other?,
+        other => other,
     }
-    io.rename(&tmp, path)
 }
 
-/// Writes a partial tile unless it is there already: a partial of a given width never
-/// changes (the tree only grows), and each checkpoint would otherwise rewrite the same bytes.
+/// Writes a partial tile or bundle unless it is there already (a partial of a given width
+/// never changes: the tree only grows), and then whole: to a temporary name, renamed into
+/// place. Partials are written at every checkpoint while the audit, the tile server and
+/// backups read the ones already published; a plain rewrite is briefly empty, and a full
+/// audit racing one reported the tile as tampered with.
 fn write_partial(io: &dyn Io, t: &TileId, data: &[u8]) -> io::Result<()> {
     let path = tile_path(t);
     if io.len(&path)? == Some(data.len() as u64) {
         return Ok(());
     }
-    write_creating_dirs(io, &path, data)
+    let tmp = format!("{path}{TMP_SUFFIX}");
+    write_creating_dirs(io, &tmp, data)?;
+    io.rename(&tmp, &path)
 }
 
 /// The suffix of a tile file being written; one left by a crash is never read as a tile.
