@@ -44,7 +44,7 @@ fn read_block_header(
         .map_err(|e| StoreError::corrupted(format!("{path} offset {offset}"), e))
 }
 
-/// Bytes a random block read asks for beyond the header: most blocks (4 KiB of plaintext
+/// Bytes a random block read asks for beyond the header: most blocks (2 KiB of plaintext
 /// with a dictionary, or 16 KiB without) seal to less, so one read gets the whole block.
 const BLOCK_READ_AHEAD: usize = 8 << 10;
 /// Bytes the forward reader reads at once: many blocks per system call.
