@@ -393,4 +393,33 @@ mod tests {
         assert!(!d.terms.iter().any(|t| t.windows(4).any(|w| w == b"MRN9" || w == b"mrn9")));
         assert_eq!(d.id_hash, id_hash("e-1"));
     }
+
+    /// The index blinds an event's PHI values with one MAC per distinct value; the keys must
+    /// be exactly those the query side builds for each parameter, and distinct values
+    /// (including one that is a prefix of another) must never share a MAC.
+    #[test]
+    fn blinded_terms_match_the_query_side_keys() {
+        use auditrail_core::fhir::SearchParam;
+        let stored = br#"{"action":"patient.read","category":"phi_access","entities":[{"id":"MRN9x","type":"Observation"}],"id":"e-2","outcome":"success","patient":{"id":"MRN9","system":"urn:mrn"},"recorded_at":"2026-11-22T10:00:01Z","seq":5,"source":{"system":"ehr"}}"#;
+        let p = PatientTokens::new(&[3; 32]);
+        let d = extract(5, stored, &p, Some(fhir_terms)).unwrap();
+        let patient = fhir_tag(SearchParam::Patient);
+        let identifier = fhir_tag(SearchParam::PatientIdentifier);
+        let entity = fhir_tag(SearchParam::Entity);
+        for key in [
+            p.term("MRN9"),
+            p.blind(patient, "MRN9"),
+            p.blind(patient, "Patient/MRN9"),
+            p.blind(identifier, "urn:mrn|MRN9"),
+            p.blind(entity, "MRN9"),
+            p.blind(entity, "Observation/MRN9x"),
+            p.blind(entity, "MRN9x"),
+        ] {
+            assert!(d.terms.contains(&key), "{key:?} missing");
+        }
+        // Same value under two parameters: same MAC, told apart by the tag.
+        assert_eq!(p.blind(patient, "MRN9")[1..], p.blind(entity, "MRN9")[1..]);
+        assert_ne!(p.blind(entity, "MRN9"), p.blind(entity, "MRN9x"));
+        assert!(!d.terms.contains(&p.blind(patient, "MRN9x")));
+    }
 }

@@ -310,7 +310,7 @@ fn read_matches(
     encoder.begin(total, &timestamp, &mut chunk);
     loop {
         let hits = state.index.search(&q);
-        for (_, stored) in state.read_stored(&hits.seqs)?.iter() {
+        for stored in state.read_stored(&hits.seqs)?.iter() {
             if encoder.event(stored, view, &mut chunk)? {
                 events += 1;
             }

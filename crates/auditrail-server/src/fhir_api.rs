@@ -660,7 +660,7 @@ fn search_bundle(
         (hits.seqs, next)
     };
     let mut entries = Vec::with_capacity(seqs.len());
-    for (_, stored) in state.read_stored(&seqs).map_err(FhirError::from)?.iter() {
+    for stored in state.read_stored(&seqs).map_err(FhirError::from)?.iter() {
         let mut event: Value =
             serde_json::from_slice(stored).map_err(|e| FhirError::from(ApiError::internal(e)))?;
         view.apply(&mut event);

@@ -193,9 +193,9 @@ pub struct StoredEvents {
 }
 
 impl StoredEvents {
-    /// `(seq, stored bytes)` of each event.
-    pub fn iter(&self) -> impl Iterator<Item = (u64, &[u8])> {
-        self.blocks.iter().map(|(seq, b)| (*seq, b.get(*seq).expect("checked when read")))
+    /// The stored bytes of each event.
+    pub fn iter(&self) -> impl Iterator<Item = &[u8]> {
+        self.blocks.iter().map(|(seq, b)| b.get(*seq).expect("checked when read"))
     }
 }
 
@@ -257,15 +257,8 @@ impl AppState {
         seq: u64,
         f: impl FnOnce(&[u8]) -> Result<T, ApiError>,
     ) -> Result<T, ApiError> {
-        let at = self
-            .index
-            .block_for(seq)
-            .ok_or_else(|| ApiError::internal(format!("seq {seq} has no block in the index")))?;
-        let block = self.blocks.get(&at)?;
-        let bytes = block
-            .get(seq)
-            .ok_or_else(|| ApiError::internal(format!("block at {at:?} lacks seq {seq}")))?;
-        f(bytes)
+        let stored = self.read_stored(&[seq])?;
+        f(stored.iter().next().expect("one event asked for, one read"))
     }
 }
 

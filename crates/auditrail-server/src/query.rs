@@ -138,7 +138,7 @@ pub async fn search(
         // Stored events are JSON already: copied into the answer as they are, not re-encoded.
         let mut body = Vec::with_capacity(hits.seqs.len() * 640 + 96);
         body.extend_from_slice(b"{\"events\":[");
-        for (i, (_, stored)) in s.read_stored(&hits.seqs)?.iter().enumerate() {
+        for (i, stored) in s.read_stored(&hits.seqs)?.iter().enumerate() {
             if i > 0 {
                 body.push(b',');
             }

@@ -310,6 +310,11 @@ fn a_memtable_whose_file_cannot_be_written_stays_searchable_and_is_written_later
         .filter(|&s| f.events[s as usize]["actor"]["user_id"] == "u3")
         .collect();
     assert_eq!(index.search(&u3).seqs, expected);
+    // The full memtable waiting for its file still locates its events' blocks.
+    for seq in [0, 399, 400, 1499] {
+        let block = index.block_for(seq).expect("a block");
+        assert!((block.first_seq..block.end_seq()).contains(&seq));
+    }
 
     std::fs::rename(&away, &dir).unwrap();
     index.flush(true).unwrap();
