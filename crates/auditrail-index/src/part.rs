@@ -337,13 +337,20 @@ pub struct Segment {
     /// Each block's end seq, in order: what [`Part::block_for`] searches, four times denser
     /// than the block locations (a lookup's 50 searches mostly miss the CPU caches).
     block_ends: Vec<u64>,
+    /// Every [`FENCE_STRIDE`]th of `block_ends`: small enough to stay in the CPU caches, so a
+    /// search touches only the few cache lines of one stride of `block_ends` beyond it.
+    block_fence: Vec<u64>,
 }
+
+/// Block ends per entry of [`Segment`]'s `block_fence` (one stride is 8 cache lines).
+const FENCE_STRIDE: usize = 64;
 
 impl Segment {
     pub fn new(data: SegmentData) -> Segment {
         let chunks = build_chunks(&data.occurred, &data.group_ids);
-        let block_ends = data.blocks.iter().map(|b| b.end_seq()).collect();
-        Segment { data, chunks, block_ends }
+        let block_ends: Vec<u64> = data.blocks.iter().map(|b| b.end_seq()).collect();
+        let block_fence = block_ends.iter().step_by(FENCE_STRIDE).copied().collect();
+        Segment { data, chunks, block_ends, block_fence }
     }
 
     fn key(&self, i: usize) -> &[u8] {
@@ -404,10 +411,62 @@ impl Part for Segment {
         &self.data.blocks
     }
     fn block_for(&self, seq: u64) -> Option<BlockLocation> {
-        let i = self.block_ends.partition_point(|&end| end <= seq);
+        // The first block ending after `seq` lies in the stride after the last fence entry
+        // ending at or before it.
+        let stride = self.block_fence.partition_point(|&end| end <= seq).saturating_sub(1);
+        let from = stride * FENCE_STRIDE;
+        let window = &self.block_ends[from..(from + 2 * FENCE_STRIDE).min(self.block_ends.len())];
+        let i = from + window.partition_point(|&end| end <= seq);
         self.data.blocks.get(i).filter(|b| b.first_seq <= seq).copied()
     }
     fn chunks(&self) -> &[Chunk] {
         &self.chunks
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A segment of `rows` events from seq 1000 in blocks of 1 to 9 events: only its blocks
+    /// matter here.
+    fn segment_of_blocks(rows: u64) -> Segment {
+        let first_seq = 1000;
+        let (mut blocks, mut seq, mut size) = (Vec::new(), first_seq, 1u32);
+        while seq < first_seq + rows {
+            let count = size.min((first_seq + rows - seq) as u32);
+            blocks.push(BlockLocation { segment: 0, offset: seq * 10, first_seq: seq, count });
+            seq += u64::from(count);
+            size = size % 9 + 1;
+        }
+        let rows = rows as usize;
+        Segment::new(SegmentData {
+            first_seq,
+            occurred: vec![0; rows],
+            recorded: vec![0; rows],
+            group_ids: std::array::from_fn(|_| vec![0; rows]),
+            dicts: std::array::from_fn(|_| vec![String::new()]),
+            ids: Vec::new(),
+            term_bytes: Vec::new(),
+            key_ends: Vec::new(),
+            postings: Vec::new(),
+            post_ends: Vec::new(),
+            blocks,
+        })
+    }
+
+    #[test]
+    fn block_for_finds_the_block_of_every_seq_through_the_fence() {
+        // Around the fence's stride: one block, under one stride, exactly one, and many.
+        for rows in [1, 5, 300, 321, 5000] {
+            let segment = segment_of_blocks(rows);
+            assert!(segment.block_for(999).is_none());
+            assert!(segment.block_for(1000 + rows).is_none());
+            for seq in 1000..1000 + rows {
+                let expected =
+                    segment.data.blocks.iter().find(|b| (b.first_seq..b.end_seq()).contains(&seq));
+                assert_eq!(segment.block_for(seq).as_ref(), expected, "seq {seq} of {rows}");
+            }
+        }
     }
 }

@@ -110,6 +110,25 @@ impl BlockCache {
         self.cached.get(at)
     }
 
+    /// The stored (canonical JSON) bytes of the events `seqs`, which `index` locates: each
+    /// block is located once and the cold ones are decoded two at a time ([`BlockCache::warm`]).
+    pub fn read_stored(&self, index: &Index, seqs: &[u64]) -> Result<StoredEvents, ApiError> {
+        let locations = index.blocks_for(seqs);
+        self.warm(locations.iter().flatten().copied());
+        let mut blocks = Vec::with_capacity(seqs.len());
+        for (&seq, at) in seqs.iter().zip(locations) {
+            let at = at.ok_or_else(|| {
+                ApiError::internal(format!("seq {seq} has no block in the index"))
+            })?;
+            let block = self.get(&at)?;
+            if block.get(seq).is_none() {
+                return Err(ApiError::internal(format!("block at {at:?} lacks seq {seq}")));
+            }
+            blocks.push((seq, block));
+        }
+        Ok(StoredEvents { blocks })
+    }
+
     /// Decodes the blocks not cached yet among `blocks` on two threads, so a page of results
     /// spread over the log is decrypted and decompressed in about half the time. A few cold
     /// blocks are left to the caller (handing them over costs more than they do). Never
@@ -143,6 +162,12 @@ impl BlockCache {
         seq: u64,
     ) -> Result<auditrail_core::leaf::Salt, auditrail_store::StoreError> {
         self.cached.reader.salt(at, seq)
+    }
+
+    /// Drops every decoded block (the segments' keys stay): for benchmarks of cold reads.
+    pub fn clear(&self) {
+        let mut inner = self.cached.inner.lock().unwrap_or_else(|e| e.into_inner());
+        *inner = CacheInner::default();
     }
 
     /// Drops everything cached of a segment retention purged: its blocks and its key.
@@ -232,23 +257,10 @@ impl AppState {
         self.with_stored(seq, |bytes| serde_json::from_slice(bytes).map_err(ApiError::internal))
     }
 
-    /// The stored (canonical JSON) bytes of the events `seqs`, read back from the log: each
-    /// block is located once and the cold ones are decoded two at a time ([`BlockCache::warm`]).
+    /// The stored (canonical JSON) bytes of the events `seqs`, read back from the log
+    /// ([`BlockCache::read_stored`]).
     pub fn read_stored(&self, seqs: &[u64]) -> Result<StoredEvents, ApiError> {
-        let locations = self.index.blocks_for(seqs);
-        self.blocks.warm(locations.iter().flatten().copied());
-        let mut blocks = Vec::with_capacity(seqs.len());
-        for (&seq, at) in seqs.iter().zip(locations) {
-            let at = at.ok_or_else(|| {
-                ApiError::internal(format!("seq {seq} has no block in the index"))
-            })?;
-            let block = self.blocks.get(&at)?;
-            if block.get(seq).is_none() {
-                return Err(ApiError::internal(format!("block at {at:?} lacks seq {seq}")));
-            }
-            blocks.push((seq, block));
-        }
-        Ok(StoredEvents { blocks })
+        self.blocks.read_stored(&self.index, seqs)
     }
 
     /// Calls `f` with the stored (canonical JSON) bytes of event `seq`, read back from the log.

@@ -44,6 +44,9 @@ pub enum BenchCommand {
     /// The patient access report of one patient with many events in a large log, against
     /// paging through the same events with the search, in the same session.
     Report(crate::bench_report::ReportArgs),
+    /// The server's work in a patient lookup (index search, then reading the page's events
+    /// from the log), in this process without HTTP, over a data directory `http --keep` left.
+    Lookup(crate::bench_lookup::LookupArgs),
 }
 
 pub fn run(cmd: BenchCommand) -> Result<()> {
@@ -53,6 +56,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         }
         BenchCommand::Http(args) => return crate::bench_http::run(args),
         BenchCommand::Report(args) => return crate::bench_report::run(args),
+        BenchCommand::Lookup(args) => return crate::bench_lookup::run(args),
     };
     let dir = match dir {
         Some(d) => d,

@@ -658,6 +658,10 @@ impl Percentiles {
         let rank = ((p * self.0.len() as f64).ceil() as usize).clamp(1, self.0.len());
         self.0[rank - 1].as_secs_f64() * 1e3
     }
+
+    pub(crate) fn mean_ms(&self) -> f64 {
+        self.0.iter().map(Duration::as_secs_f64).sum::<f64>() * 1e3 / self.0.len().max(1) as f64
+    }
 }
 
 fn round1(x: f64) -> f64 {
