@@ -68,11 +68,6 @@ pub struct Options {
     /// 0 (the default) relies on natural batching: whatever arrives during one fsync forms the
     /// next group, which already gives thousands of events per fsync under load.
     pub batch_wait_us: u64,
-    /// How long a group holding only [`Store::submit`]ted events (nobody waits for them) may
-    /// wait for more before it is sealed. A read-heavy server submits a trace per read: sealed
-    /// one by one, each is a block, an fsync and an index step competing with the reads. Any
-    /// waited append, publication or shutdown seals the group at once.
-    pub submit_linger_us: u64,
     /// Append calls waiting for the sequencer; beyond this `try_append` answers `Backpressure`.
     pub queue_requests_max: usize,
     /// Client `id`s are remembered for the most recent this-many events.
@@ -108,7 +103,6 @@ impl Default for Options {
             segment_bytes_max: 64 << 20,
             publish_interval_ms: 1000,
             batch_wait_us: 0,
-            submit_linger_us: 5_000,
             batch_events_max: 16_384,
             batch_bytes_max: 16 << 20,
             queue_requests_max: 1024,
@@ -183,15 +177,8 @@ impl Shared {
 type Reply = SyncSender<Result<Vec<Receipt>, StoreError>>;
 
 enum Request {
-    /// `waited`: someone waits for the reply (an append); false for a fire-and-forget submit.
-    Append {
-        events: Vec<PreparedEvent>,
-        reply: Reply,
-        waited: bool,
-    },
-    Publish {
-        reply: SyncSender<Result<Stages, StoreError>>,
-    },
+    Append { events: Vec<PreparedEvent>, reply: Reply },
+    Publish { reply: SyncSender<Result<Stages, StoreError>> },
     Shutdown,
 }
 
@@ -413,8 +400,7 @@ impl Store {
             return Ok(Vec::new());
         }
         let (tx, rx) = mpsc::sync_channel(1);
-        let request = Request::Append { events, reply: tx, waited: true };
-        self.requests.send(request).map_err(|_| self.closed())?;
+        self.requests.send(Request::Append { events, reply: tx }).map_err(|_| self.closed())?;
         rx.recv().map_err(|_| self.closed())?
     }
 
@@ -425,7 +411,7 @@ impl Store {
             return Ok(Vec::new());
         }
         let (tx, rx) = mpsc::sync_channel(1);
-        match self.requests.try_send(Request::Append { events, reply: tx, waited: true }) {
+        match self.requests.try_send(Request::Append { events, reply: tx }) {
             Ok(()) => rx.recv().map_err(|_| self.closed())?,
             Err(TrySendError::Full(_)) => Err(StoreError::Backpressure),
             Err(TrySendError::Disconnected(_)) => Err(self.closed()),
@@ -433,8 +419,7 @@ impl Store {
     }
 
     /// Queues a batch without waiting for it to be durable: it becomes durable with the next
-    /// group commit, at most `Options::submit_linger_us` (5 ms) plus one fsync later, unless
-    /// the process dies first. For records whose loss in a
+    /// group commit (milliseconds), unless the process dies first. For records whose loss in a
     /// crash is tolerable but whose absence in normal operation is not (the server's trace of
     /// each read). Answers `Backpressure` at once when the queue is full, and refuses when the
     /// store is poisoned, so a caller that must leave a trace can refuse its own work instead.
@@ -445,7 +430,7 @@ impl Store {
         }
         // The writer's answer goes nowhere: its send to a dropped receiver is ignored.
         let (tx, _rx) = mpsc::sync_channel(1);
-        match self.requests.try_send(Request::Append { events, reply: tx, waited: false }) {
+        match self.requests.try_send(Request::Append { events, reply: tx }) {
             Ok(()) => Ok(()),
             Err(TrySendError::Full(_)) => Err(StoreError::Backpressure),
             Err(TrySendError::Disconnected(_)) => Err(self.closed()),
@@ -803,20 +788,16 @@ struct Sequencer {
 impl Sequencer {
     fn run(mut self, requests: Receiver<Request>) {
         let batch_wait = Duration::from_micros(self.options.batch_wait_us);
-        let submit_linger = Duration::from_micros(self.options.submit_linger_us);
         while let Ok(first) = requests.recv() {
             let group_started = Instant::now();
             let mut group = Vec::new();
             let mut events = 0;
             let mut bytes = 0;
-            // Nobody waits for any event of the group yet: it may linger for company.
-            let mut only_submitted = true;
             let mut next = Some(first);
             // Group commit: take whatever is already waiting, up to the batch limits.
             loop {
                 match next.take() {
-                    Some(Request::Append { events: e, reply, waited }) => {
-                        only_submitted &= !waited;
+                    Some(Request::Append { events: e, reply }) => {
                         events += e.len();
                         bytes += e.iter().map(PreparedEvent::approx_len).sum::<usize>();
                         group.push((e, reply));
@@ -838,12 +819,8 @@ impl Sequencer {
                     break;
                 }
                 let waited = group_started.elapsed();
-                let wait = match only_submitted && !group.is_empty() {
-                    true => submit_linger.max(batch_wait),
-                    false => batch_wait,
-                };
-                let received = if waited < wait {
-                    requests.recv_timeout(wait - waited).map_err(|_| ())
+                let received = if waited < batch_wait {
+                    requests.recv_timeout(batch_wait - waited).map_err(|_| ())
                 } else {
                     requests.try_recv().map_err(|_| ())
                 };
@@ -856,7 +833,8 @@ impl Sequencer {
                                     > self.options.batch_bytes_max)
                         {
                             self.flush(&mut group);
-                            (events, bytes, only_submitted) = (0, 0, true);
+                            events = 0;
+                            bytes = 0;
                         }
                         next = Some(r);
                     }

@@ -41,55 +41,6 @@ fn append_publish_reopen_read_back() {
 }
 
 #[test]
-fn submitted_events_linger_for_company_and_a_waited_append_takes_them_along() {
-    let disk = SimDisk::new();
-    Keys::install(&disk, "test.example/log").unwrap();
-    // A linger no test outlasts: only a waited append (or closing) seals what was submitted.
-    let lingering = Options { submit_linger_us: 600_000_000, ..options() };
-    let store = Store::open_with(Arc::new(disk.clone()), lingering).unwrap();
-    for i in 0..5 {
-        store.submit(vec![event(i, None)]).unwrap();
-    }
-    std::thread::sleep(std::time::Duration::from_millis(50));
-    assert_eq!(store.stages().sequenced, 0, "submitted events wait for company");
-    let started = std::time::Instant::now();
-    let receipts = store.append(vec![event(5, None)]).unwrap();
-    assert!(
-        started.elapsed() < std::time::Duration::from_secs(10),
-        "a waited append never lingers"
-    );
-    assert_eq!(receipts[0].seq, 5, "the submitted events went first, in the same group");
-    let mut blocks = Vec::new();
-    store
-        .tail(0)
-        .read(6, usize::MAX, |at, _, _| {
-            if blocks.last() != Some(at) {
-                blocks.push(*at);
-            }
-            Ok(())
-        })
-        .unwrap();
-    assert_eq!(blocks.len(), 1, "one group commit, one block, for the six: {blocks:?}");
-    store.close().unwrap();
-
-    // With the default linger, submitted events are sealed on their own, milliseconds later.
-    let store = Store::open_with(Arc::new(disk.clone()), options()).unwrap();
-    for i in 6..9 {
-        store.submit(vec![event(i, None)]).unwrap();
-    }
-    let mut waited = 0;
-    while store.stages().sequenced < 9 && waited < 5000 {
-        std::thread::sleep(std::time::Duration::from_millis(1));
-        waited += 1;
-    }
-    assert_eq!(store.stages().sequenced, 9);
-    store.close().unwrap();
-    let store = Store::open_with(Arc::new(disk), options()).unwrap();
-    assert_eq!(store.read_events(0, 9).unwrap().len(), 9, "every submitted event is in the log");
-    store.close().unwrap();
-}
-
-#[test]
 fn a_repeated_client_id_returns_the_original_receipt() {
     let disk = SimDisk::new();
     Keys::install(&disk, "test.example/log").unwrap();
