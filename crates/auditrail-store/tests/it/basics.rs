@@ -319,5 +319,33 @@ fn later_segments_compress_with_a_dictionary_and_every_reader_opens_them() {
     let after = store.read_events(0, total + 200).unwrap();
     assert_eq!(&after[..total as usize], seen.as_slice());
     assert_eq!(after.len() as u64, total + 200);
+
+    // A block far larger than a dictionary segment's usual one (an event with 24 KB of
+    // text that does not compress) is read whole, beyond the first read's 2 KiB.
+    let noise = |n: u64| -> String {
+        (0..1000u64)
+            .map(|i| char::from(b'a' + ((n * 1000 + i) * 2_654_435_761 >> 7 & 15) as u8))
+            .collect()
+    };
+    let context: serde_json::Map<String, serde_json::Value> =
+        (0..24).map(|n| (format!("note{n}"), noise(n).into())).collect();
+    let mut big = serde_json::json!({
+        "occurred_at": "2026-11-22T10:15:00Z", "category": "phi_access", "action": "patient.read",
+        "outcome": "success", "actor": {"user_id": "u1"}, "source": {"system": "ehr"},
+        "context": context
+    });
+    big["id"] = serde_json::json!("big-1");
+    let big = auditrail_core::event::ClientEvent::validate(big).unwrap().prepare().unwrap();
+    let seq = store.append(vec![big]).unwrap()[0].seq;
+    let mut at = None;
+    store
+        .tail(seq)
+        .read(seq + 1, usize::MAX, |block, _, _| {
+            at = Some(*block);
+            Ok(())
+        })
+        .unwrap();
+    let block = store.block_reader().read(&at.unwrap()).unwrap();
+    assert_eq!(block.get(seq).unwrap(), store.read_events(seq, seq + 1).unwrap()[0].1.as_slice());
     store.close().unwrap();
 }
