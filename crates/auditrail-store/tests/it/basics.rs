@@ -324,7 +324,7 @@ fn later_segments_compress_with_a_dictionary_and_every_reader_opens_them() {
     // text that does not compress) is read whole, beyond the first read's 2 KiB.
     let noise = |n: u64| -> String {
         (0..1000u64)
-            .map(|i| char::from(b'a' + ((n * 1000 + i) * 2_654_435_761 >> 7 & 15) as u8))
+            .map(|i| char::from(b'a' + ((((n * 1000 + i) * 2_654_435_761) >> 7) & 15) as u8))
             .collect()
     };
     let context: serde_json::Map<String, serde_json::Value> =
