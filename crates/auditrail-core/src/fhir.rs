@@ -977,10 +977,10 @@ fn native_audit_event(
     r
 }
 
-/// The native category, or `unspecified` (R4 requires `type`).
 /// The category of a native event without one.
 const CATEGORY_UNSPECIFIED: &str = "unspecified";
 
+/// The native category, or `unspecified` (R4 requires `type`).
 fn category(e: &Value) -> &str {
     text(e, "category").unwrap_or(CATEGORY_UNSPECIFIED)
 }

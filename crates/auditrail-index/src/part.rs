@@ -411,8 +411,8 @@ impl Part for Segment {
         &self.data.blocks
     }
     fn block_for(&self, seq: u64) -> Option<BlockLocation> {
-        // The first block ending after `seq` lies in the stride after the last fence entry
-        // ending at or before it.
+        // The first block ending after `seq` lies after the last fence entry ending at or
+        // before `seq`, and no later than the next fence entry: within two strides of it.
         let stride = self.block_fence.partition_point(|&end| end <= seq).saturating_sub(1);
         let from = stride * FENCE_STRIDE;
         let window = &self.block_ends[from..(from + 2 * FENCE_STRIDE).min(self.block_ends.len())];

@@ -951,6 +951,17 @@ mod block_cache_tests {
                     assert_eq!(block.get(seq).unwrap(), stored[seq as usize].1.as_slice());
                 }
             }
+            // Emptied, it holds and counts nothing, and reads decode again.
+            cache.clear();
+            let inner = cache.cached.inner.lock().unwrap();
+            assert!(inner.map.is_empty() && inner.order.is_empty() && inner.bytes == 0);
+            drop(inner);
+            let at = blocks[1];
+            let block = cache.get(&at).unwrap();
+            assert_eq!(
+                block.get(at.first_seq).unwrap(),
+                stored[at.first_seq as usize].1.as_slice()
+            );
         }
         store.close().unwrap();
     }

@@ -40,6 +40,9 @@ pub fn run(args: LookupArgs) -> Result<()> {
     let store = Store::open(&args.dir, Options::default())
         .with_context(|| format!("cannot open {}", args.dir.display()))?;
     let index = auditrail_server::open_index(&args.dir, store.master_keys(), 1 << 18)?;
+    // Events after the last index file (a server keeps them in memory only) are indexed here,
+    // as the server's follower would on start.
+    auditrail_index::Follower::new(&index, &store).catch_up(&index, &store)?;
     let cache = BlockCache::new(store.block_reader(), args.cache_bytes);
     let from = now_millis() - YEAR_MS;
     // The same patient draw as `bench http`'s lookups.
@@ -52,6 +55,7 @@ pub fn run(args: LookupArgs) -> Result<()> {
         if args.cold {
             cache.clear();
         }
+        // What `query::search_query` builds for `?patient=P&from=F&limit=50`.
         let query = Query {
             all_of: vec![
                 vec![index.patients().term(&patients.patient_id())],
@@ -80,6 +84,11 @@ pub fn run(args: LookupArgs) -> Result<()> {
         }
     }
     store.close()?;
+    ensure!(
+        found > 0,
+        "no lookup found an event: is {} a `bench http` directory?",
+        args.dir.display()
+    );
     let (in_index, in_log, total) =
         (Percentiles::of(in_index), Percentiles::of(in_log), Percentiles::of(total));
     let line = |name: &str, p: &Percentiles| {
