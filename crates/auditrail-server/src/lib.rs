@@ -71,13 +71,33 @@ struct CachedBlocks {
 struct WarmJob {
     blocks: Vec<BlockLocation>,
     next: AtomicUsize,
+    /// Set at the first block found not in memory (the page cache), when the blocks not
+    /// taken yet are prefetched: from then on, reads wait for the disk. So a page whose
+    /// blocks were evicted waits for the disk about once, not once per block.
+    prefetched: AtomicBool,
 }
 
 impl WarmJob {
+    fn new(blocks: Vec<BlockLocation>) -> WarmJob {
+        WarmJob { blocks, next: AtomicUsize::new(0), prefetched: AtomicBool::new(false) }
+    }
+
     fn run(&self, cached: &CachedBlocks) {
         loop {
             let i = self.next.fetch_add(1, Ordering::Relaxed);
             let Some(at) = self.blocks.get(i) else { return };
+            if !self.prefetched.load(Ordering::Relaxed) {
+                match cached.get_if_resident(at) {
+                    Ok(true) => continue,
+                    Ok(false) => {
+                        if !self.prefetched.swap(true, Ordering::Relaxed) {
+                            cached.reader.prefetch(&self.blocks[i..]);
+                        }
+                    }
+                    // Left to the caller's own read, which reports it.
+                    Err(_) => continue,
+                }
+            }
             drop(cached.get(at));
         }
     }
@@ -150,7 +170,7 @@ impl BlockCache {
         if cold.len() < WARM_IN_PARALLEL_MIN {
             return;
         }
-        let job = Arc::new(WarmJob { blocks: cold, next: AtomicUsize::new(0) });
+        let job = Arc::new(WarmJob::new(cold));
         let _ = self.helper.lock().unwrap_or_else(|e| e.into_inner()).send(job.clone());
         job.run(&self.cached);
     }
@@ -193,11 +213,27 @@ impl CachedBlocks {
         if let Some(b) = self.inner.lock().unwrap_or_else(|e| e.into_inner()).map.get(&key) {
             return Ok(b.clone());
         }
-        let block = Arc::new(self.reader.read(at)?);
+        Ok(self.keep(key, Arc::new(self.reader.read(at)?)))
+    }
+
+    /// Decodes the block at `at` if it is cached or its bytes are in memory; `false` when
+    /// reading it would wait for the disk.
+    fn get_if_resident(&self, at: &BlockLocation) -> Result<bool, auditrail_store::StoreError> {
+        let key = (at.segment, at.offset);
+        if self.inner.lock().unwrap_or_else(|e| e.into_inner()).map.contains_key(&key) {
+            return Ok(true);
+        }
+        let Some(block) = self.reader.read_if_resident(at)? else { return Ok(false) };
+        self.keep(key, Arc::new(block));
+        Ok(true)
+    }
+
+    /// Caches a decoded block (the one cached already, if another thread was first).
+    fn keep(&self, key: (u64, u64), block: Arc<BlockEvents>) -> Arc<BlockEvents> {
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(b) = inner.map.get(&key) {
             // The helper and the caller of `warm` both read it: keep one, counted once.
-            return Ok(b.clone());
+            return b.clone();
         }
         inner.bytes += block.bytes();
         inner.map.insert(key, block.clone());
@@ -208,7 +244,7 @@ impl CachedBlocks {
                 inner.bytes -= b.bytes();
             }
         }
-        Ok(block)
+        block
     }
 }
 
@@ -894,19 +930,15 @@ mod block_cache_tests {
     use auditrail_store::keys::Keys;
     use auditrail_store::sim::SimDisk;
 
-    /// Warming from several threads at once (the helper and callers decode the same blocks)
-    /// gives every block's events, and the cache counts each cached block once, within its
-    /// budget.
-    #[test]
-    fn warmed_blocks_read_back_and_are_counted_once() {
-        let disk = SimDisk::new();
-        Keys::install(&disk, "test.example/log").unwrap();
+    /// A store of 400 events in small blocks, those blocks, and the events' stored bytes.
+    fn store_of_small_blocks(disk: &SimDisk) -> (Store, Vec<BlockLocation>, Vec<Vec<u8>>) {
+        Keys::install(disk, "test.example/log").unwrap();
         let options = auditrail_store::Options {
             block_plain_bytes_target: 1024,
             publish_interval_ms: 60_000,
             ..Default::default()
         };
-        let store = Store::open_with(Arc::new(disk), options).unwrap();
+        let store = Store::open_with(Arc::new(disk.clone()), options).unwrap();
         let events = (0..400)
             .map(|i| {
                 ClientEvent::validate(serde_json::json!({
@@ -931,7 +963,18 @@ mod block_cache_tests {
             })
             .unwrap();
         assert!(blocks.len() > 2 * WARM_IN_PARALLEL_MIN, "{} blocks", blocks.len());
-        let stored = store.read_events(0, 400).unwrap();
+        let stored = store.read_events(0, 400).unwrap().into_iter().map(|(_, e)| e).collect();
+        (store, blocks, stored)
+    }
+
+    /// Warming from several threads at once (the helper and callers decode the same blocks)
+    /// gives every block's events, and the cache counts each cached block once, within its
+    /// budget.
+    #[test]
+    fn warmed_blocks_read_back_and_are_counted_once() {
+        let disk = SimDisk::new();
+        let (store, blocks, stored) = store_of_small_blocks(&disk);
+
         for budget in [usize::MAX, 8 << 10] {
             let cache = BlockCache::new(store.block_reader(), budget);
             std::thread::scope(|s| {
@@ -948,7 +991,7 @@ mod block_cache_tests {
             for at in &blocks {
                 let block = cache.get(at).unwrap();
                 for seq in at.first_seq..at.end_seq() {
-                    assert_eq!(block.get(seq).unwrap(), stored[seq as usize].1.as_slice());
+                    assert_eq!(block.get(seq).unwrap(), stored[seq as usize].as_slice());
                 }
             }
             // Emptied, it holds and counts nothing, and reads decode again.
@@ -958,10 +1001,40 @@ mod block_cache_tests {
             drop(inner);
             let at = blocks[1];
             let block = cache.get(&at).unwrap();
-            assert_eq!(
-                block.get(at.first_seq).unwrap(),
-                stored[at.first_seq as usize].1.as_slice()
-            );
+            assert_eq!(block.get(at.first_seq).unwrap(), stored[at.first_seq as usize].as_slice());
+        }
+        store.close().unwrap();
+    }
+
+    /// A page whose blocks are not in memory asks for all of them at once (one prefetch per
+    /// block not taken yet), then reads each; blocks in memory are never prefetched.
+    #[test]
+    fn evicted_blocks_are_prefetched_together_and_read_back() {
+        let disk = SimDisk::new();
+        let (store, blocks, stored) = store_of_small_blocks(&disk);
+        let cache = BlockCache::new(store.block_reader(), usize::MAX);
+        cache.warm(blocks.iter().copied());
+        assert_eq!(disk.prefetches(), 0, "every block was in memory");
+
+        cache.clear();
+        for at in &blocks {
+            disk.evict(&auditrail_store::reader::segment_path(at.segment));
+        }
+        cache.warm(blocks.iter().copied());
+        let prefetched = disk.prefetches();
+        assert!(
+            (1..=blocks.len() as u64).contains(&prefetched),
+            "{prefetched} prefetches for {} blocks",
+            blocks.len()
+        );
+        let inner = cache.cached.inner.lock().unwrap();
+        assert_eq!(inner.map.len(), blocks.len(), "warming decoded every block");
+        drop(inner);
+        for at in &blocks {
+            let block = cache.get(at).unwrap();
+            for seq in at.first_seq..at.end_seq() {
+                assert_eq!(block.get(seq).unwrap(), stored[seq as usize].as_slice());
+            }
         }
         store.close().unwrap();
     }

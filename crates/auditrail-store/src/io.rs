@@ -14,6 +14,14 @@ pub trait Io: Send + Sync + 'static {
     fn read(&self, path: &str) -> io::Result<Vec<u8>>;
     /// Up to `len` bytes from `offset` (fewer at the end of the file).
     fn read_at(&self, path: &str, offset: u64, len: usize) -> io::Result<Vec<u8>>;
+    /// Like [`Io::read_at`], but `None` rather than waiting for the disk when some of the
+    /// range is not in memory (the page cache). A store that cannot tell reads.
+    fn read_at_resident(&self, path: &str, offset: u64, len: usize) -> io::Result<Option<Vec<u8>>> {
+        self.read_at(path, offset, len).map(Some)
+    }
+    /// Asks for the range to be brought into memory without waiting for it, so that reads of
+    /// several ranges wait for the disk once, together. A hint: it may do nothing.
+    fn prefetch(&self, _path: &str, _offset: u64, _len: usize) {}
     /// The file's length, or `None` if it does not exist.
     fn len(&self, path: &str) -> io::Result<Option<u64>>;
     /// Appends to a file, creating it if needed. Not durable until [`Io::sync_file`].
@@ -143,6 +151,33 @@ impl Io for StdIo {
         }
         buf.truncate(filled);
         Ok(buf)
+    }
+
+    fn read_at_resident(&self, path: &str, offset: u64, len: usize) -> io::Result<Option<Vec<u8>>> {
+        let f = self.read_handle(path)?;
+        let mut buf = vec![0u8; len];
+        let mut filled = 0;
+        while filled < len {
+            match read_at_nowait(&f, &mut buf[filled..], offset + filled as u64) {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+                // A kernel or file system without the flag: read as usual.
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::EINVAL)) => {
+                    return self.read_at(path, offset, len).map(Some);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        buf.truncate(filled);
+        Ok(Some(buf))
+    }
+
+    fn prefetch(&self, path: &str, offset: u64, len: usize) {
+        if let Ok(f) = self.read_handle(path) {
+            will_need(&f, offset, len);
+        }
     }
 
     fn len(&self, path: &str) -> io::Result<Option<u64>> {
@@ -280,6 +315,43 @@ impl StdIo {
     }
 }
 
+/// `preadv2(2)` with `RWF_NOWAIT`: reads only what is in the page cache, and fails with
+/// `WouldBlock` when the first byte is not.
+#[cfg(target_os = "linux")]
+#[allow(unsafe_code)]
+fn read_at_nowait(f: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    let iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
+    // SAFETY: `iov` describes `buf`, which outlives the call; `f` is an open descriptor.
+    let n =
+        unsafe { libc::preadv2(f.as_raw_fd(), &iov, 1, offset as libc::off_t, libc::RWF_NOWAIT) };
+    if n >= 0 { Ok(n as usize) } else { Err(io::Error::last_os_error()) }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn read_at_nowait(f: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    std::os::unix::fs::FileExt::read_at(f, buf, offset)
+}
+
+/// `posix_fadvise(WILLNEED)`: starts reading the range into the page cache.
+#[cfg(target_os = "linux")]
+#[allow(unsafe_code)]
+fn will_need(f: &File, offset: u64, len: usize) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a hint about an open descriptor; no memory is passed.
+    unsafe {
+        libc::posix_fadvise(
+            f.as_raw_fd(),
+            offset as libc::off_t,
+            len as libc::off_t,
+            libc::POSIX_FADV_WILLNEED,
+        );
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn will_need(_f: &File, _offset: u64, _len: usize) {}
+
 /// `syncfs(2)` on the file system holding `dir`: flushes every dirty page and all metadata.
 #[cfg(target_os = "linux")]
 #[allow(unsafe_code)]
@@ -295,4 +367,60 @@ fn syncfs(dir: &Path) -> io::Result<()> {
 fn syncfs(_dir: &Path) -> io::Result<()> {
     // Portable fallback: `sync(2)` flushes every file system, which is a superset.
     std::process::Command::new("sync").status().map(|_| ())
+}
+
+#[cfg(all(test, target_os = "linux"))]
+#[allow(unsafe_code)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsRawFd;
+
+    /// Drops a synced file's pages from the page cache; false on a file system that keeps
+    /// files in memory (tmpfs), where nothing can be evicted.
+    fn evict(path: &Path) -> bool {
+        let f = File::open(path).unwrap();
+        // SAFETY: `statfs` fills the struct it is given; `f` is an open descriptor.
+        let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
+        assert_eq!(unsafe { libc::fstatfs(f.as_raw_fd(), &mut fs) }, 0);
+        if fs.f_type == libc::TMPFS_MAGIC {
+            return false;
+        }
+        let rc = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        assert_eq!(rc, 0);
+        true
+    }
+
+    /// A read that must not wait finds nothing in a file the page cache dropped, a prefetch
+    /// brings the range back, and then it reads the same bytes as a plain read.
+    #[test]
+    fn resident_reads_give_up_on_evicted_pages_until_a_prefetch() {
+        let dir = tempfile::tempdir().unwrap();
+        let io = StdIo::new(dir.path());
+        let data: Vec<u8> = (0..256 << 10).map(|i: u32| (i * 7 % 251) as u8).collect();
+        io.write_file("f", &data).unwrap();
+        io.sync_file("f").unwrap();
+        let (offset, len) = (100_000u64, 3000usize);
+        let want = &data[offset as usize..offset as usize + len];
+        assert_eq!(io.read_at_resident("f", offset, len).unwrap().as_deref(), Some(want));
+        // Past the end: fewer bytes, as `read_at`.
+        let tail = io.read_at_resident("f", data.len() as u64 - 10, 100).unwrap().unwrap();
+        assert_eq!(tail, &data[data.len() - 10..]);
+
+        if !evict(&dir.path().join("f")) {
+            eprintln!("tmpfs keeps every page: nothing to evict");
+            return;
+        }
+        assert_eq!(io.read_at_resident("f", offset, len).unwrap(), None);
+        io.prefetch("f", offset, len);
+        let mut read = None;
+        for _ in 0..200 {
+            read = io.read_at_resident("f", offset, len).unwrap();
+            if read.is_some() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert_eq!(read.as_deref(), Some(want), "the prefetch brought the range back within 2 s");
+        assert_eq!(io.read_at("f", offset, len).unwrap(), want);
+    }
 }

@@ -32,6 +32,10 @@ struct Disk {
     /// Fail exactly this sync (the disk keeps working afterwards).
     fail_sync: Option<u64>,
     crashed: bool,
+    /// Files not in memory, as if the page cache had dropped them: `read_at_resident` finds
+    /// nothing until a read or a prefetch brings the file back.
+    evicted: std::collections::BTreeSet<String>,
+    prefetches: u64,
 }
 
 /// A cheap, clonable handle to one simulated disk.
@@ -141,6 +145,16 @@ impl SimDisk {
         Some(d.inodes[ino].durable.clone())
     }
 
+    /// Drops a file from memory (see [`Io::read_at_resident`]).
+    pub fn evict(&self, path: &str) {
+        self.lock().evicted.insert(path.to_string());
+    }
+
+    /// How many ranges were prefetched.
+    pub fn prefetches(&self) -> u64 {
+        self.lock().prefetches
+    }
+
     /// Changes one byte of a file, as a tamperer or a failing disk would.
     pub fn flip_byte(&self, path: &str, offset: usize) {
         let mut d = self.lock();
@@ -218,10 +232,24 @@ impl Io for SimDisk {
     fn read_at(&self, path: &str, offset: u64, len: usize) -> io::Result<Vec<u8>> {
         let mut d = self.lock();
         Self::check(&d)?;
+        d.evicted.remove(path);
         let data = &Self::inode_mut(&mut d, path, false)?.data;
         let start = (offset as usize).min(data.len());
         let end = start.saturating_add(len).min(data.len());
         Ok(data[start..end].to_vec())
+    }
+
+    fn read_at_resident(&self, path: &str, offset: u64, len: usize) -> io::Result<Option<Vec<u8>>> {
+        if self.lock().evicted.contains(path) {
+            return Ok(None);
+        }
+        self.read_at(path, offset, len).map(Some)
+    }
+
+    fn prefetch(&self, path: &str, _offset: u64, _len: usize) {
+        let mut d = self.lock();
+        d.prefetches += 1;
+        d.evicted.remove(path);
     }
 
     fn len(&self, path: &str) -> io::Result<Option<u64>> {

@@ -51,29 +51,57 @@ const BLOCK_READ_AHEAD: usize = 8 << 10;
 /// hundred bytes: reading 8 KiB for them copied twenty times what was needed, a third of a
 /// cold block's cost. A block larger than this takes a second read.
 const DICTIONARY_BLOCK_READ_AHEAD: usize = 2 << 10;
-/// Bytes the forward reader reads at once: many blocks per system call.
+/// Bytes the forward reader reads at once at most: many blocks per system call.
 const TAIL_READ_BYTES: usize = 512 << 10;
+/// Bytes it reads after a read that found the file's end, doubling while reads come back full.
+/// A follower at the live end reads a block or two per step (a read's trace is one block),
+/// and allocating and zeroing 512 KiB for each of those cost more than the block itself.
+const TAIL_READ_BYTES_MIN: usize = 16 << 10;
+
+/// Whether a block read may wait for the disk, or gives up when the block is not in memory.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Wait {
+    Yes,
+    No,
+}
 
 /// Reads the whole block at `offset` (header and sealed body), in one read when it is no
-/// larger than the header and `read_ahead`. `None` when the file ends before a whole header.
+/// larger than the header and `read_ahead`.
 fn read_block(
     io: &dyn Io,
     path: &str,
     offset: u64,
     read_ahead: usize,
-) -> Result<Option<(BlockHeader, Vec<u8>)>, StoreError> {
-    let mut bytes = io.read_at(path, offset, BLOCK_HEADER_BYTES + read_ahead)?;
+    wait: Wait,
+) -> Result<BlockRead, StoreError> {
+    let read = |len: usize| match wait {
+        Wait::Yes => io.read_at(path, offset, len).map(Some),
+        Wait::No => io.read_at_resident(path, offset, len),
+    };
+    let Some(mut bytes) = read(BLOCK_HEADER_BYTES + read_ahead)? else {
+        return Ok(BlockRead::NotResident);
+    };
     if bytes.len() < BLOCK_HEADER_BYTES {
-        return Ok(None);
+        return Ok(BlockRead::NoBlock);
     }
     let header = BlockHeader::decode(&bytes)
         .map_err(|e| StoreError::corrupted(format!("{path} offset {offset}"), e))?;
     let total = header.total_len() as usize;
     if bytes.len() < total {
-        bytes = io.read_at(path, offset, total)?;
+        let Some(whole) = read(total)? else { return Ok(BlockRead::NotResident) };
+        bytes = whole;
     }
     bytes.truncate(total);
-    Ok(Some((header, bytes)))
+    Ok(BlockRead::Block(header, bytes))
+}
+
+/// What [`read_block`] found.
+enum BlockRead {
+    Block(BlockHeader, Vec<u8>),
+    /// The file ends before a whole header.
+    NoBlock,
+    /// Some of the block is not in memory, and the read was not to wait for the disk.
+    NotResident,
 }
 
 fn open_block(
@@ -97,11 +125,13 @@ struct Position {
     ahead: Vec<u8>,
     ahead_at: u64,
     ahead_durable: u64,
+    /// Bytes the next fresh read asks for.
+    read_bytes: usize,
 }
 
 impl Position {
     /// The block at `offset`, from the read-ahead when it holds the whole block and the block
-    /// was durable when read, else read anew (with `TAIL_READ_BYTES` read ahead).
+    /// was durable when read, else read anew (up to `TAIL_READ_BYTES` read ahead).
     fn block(
         &mut self,
         io: &dyn Io,
@@ -109,7 +139,12 @@ impl Position {
     ) -> Result<Option<(BlockHeader, std::ops::Range<usize>)>, StoreError> {
         for fresh in [false, true] {
             if fresh {
-                self.ahead = io.read_at(&self.path, self.offset, TAIL_READ_BYTES)?;
+                self.ahead = io.read_at(&self.path, self.offset, self.read_bytes)?;
+                self.read_bytes = if self.ahead.len() < self.read_bytes {
+                    TAIL_READ_BYTES_MIN
+                } else {
+                    (self.read_bytes * 2).min(TAIL_READ_BYTES)
+                };
                 self.ahead_at = self.offset;
                 self.ahead_durable = durable_end;
             }
@@ -208,6 +243,7 @@ impl LogTail {
             ahead: Vec::new(),
             ahead_at: 0,
             ahead_durable: 0,
+            read_bytes: TAIL_READ_BYTES_MIN,
         });
         Ok(true)
     }
@@ -342,16 +378,52 @@ impl BlockReader {
     }
 
     pub fn read(&self, at: &BlockLocation) -> Result<BlockEvents, StoreError> {
-        let keys = self.segment_keys(at.segment)?;
-        let path = segment_path(at.segment);
-        let read_ahead = match keys.dictionary {
+        let read = self.read_waiting(at, Wait::Yes)?;
+        Ok(read.expect("a read that may wait always reads"))
+    }
+
+    /// [`BlockReader::read`], but `None` instead of waiting for the disk when the block is
+    /// not in memory: the caller can then [`prefetch`](BlockReader::prefetch) the blocks it
+    /// still needs, so that they are read from the disk together rather than one by one.
+    pub fn read_if_resident(&self, at: &BlockLocation) -> Result<Option<BlockEvents>, StoreError> {
+        self.read_waiting(at, Wait::No)
+    }
+
+    /// Starts bringing `blocks` into memory without waiting (each block's usual first read:
+    /// the header and the read-ahead).
+    pub fn prefetch(&self, blocks: &[BlockLocation]) {
+        for at in blocks {
+            let Ok(keys) = self.segment_keys(at.segment) else { continue };
+            let read_ahead = Self::read_ahead(&keys);
+            self.io.prefetch(&segment_path(at.segment), at.offset, BLOCK_HEADER_BYTES + read_ahead);
+        }
+    }
+
+    fn read_ahead(keys: &SegmentKeys) -> usize {
+        match keys.dictionary {
             Some(_) => DICTIONARY_BLOCK_READ_AHEAD,
             None => BLOCK_READ_AHEAD,
-        };
-        let read = read_block(self.io.as_ref(), &path, at.offset, read_ahead)?;
-        let (header, block) = read.ok_or_else(|| {
-            StoreError::corrupted(format!("{path} offset {}", at.offset), "no block here")
-        })?;
+        }
+    }
+
+    fn read_waiting(
+        &self,
+        at: &BlockLocation,
+        wait: Wait,
+    ) -> Result<Option<BlockEvents>, StoreError> {
+        let keys = self.segment_keys(at.segment)?;
+        let path = segment_path(at.segment);
+        let (header, block) =
+            match read_block(self.io.as_ref(), &path, at.offset, Self::read_ahead(&keys), wait)? {
+                BlockRead::Block(header, block) => (header, block),
+                BlockRead::NotResident => return Ok(None),
+                BlockRead::NoBlock => {
+                    return Err(StoreError::corrupted(
+                        format!("{path} offset {}", at.offset),
+                        "no block here",
+                    ));
+                }
+            };
         if header.first_seq != at.first_seq || header.count != at.count {
             return Err(StoreError::corrupted(
                 format!("{path} offset {}", at.offset),
@@ -367,7 +439,7 @@ impl BlockReader {
             let start = record.canonical.as_ptr() as usize - base;
             spans.push((start as u32, (start + record.canonical.len()) as u32));
         }
-        Ok(BlockEvents { first_seq: header.first_seq, plain, spans })
+        Ok(Some(BlockEvents { first_seq: header.first_seq, plain, spans }))
     }
 
     /// Forgets the keys of a segment (after retention erased it).
