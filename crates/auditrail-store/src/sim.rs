@@ -33,7 +33,8 @@ struct Disk {
     fail_sync: Option<u64>,
     crashed: bool,
     /// Files not in memory, as if the page cache had dropped them: `read_at_resident` finds
-    /// nothing until a read or a prefetch brings the file back.
+    /// nothing until a prefetch brings the file back. (Whole files, so a plain read of one
+    /// block does not: its neighbours would still be on disk.)
     evicted: std::collections::BTreeSet<String>,
     prefetches: u64,
 }
@@ -232,7 +233,6 @@ impl Io for SimDisk {
     fn read_at(&self, path: &str, offset: u64, len: usize) -> io::Result<Vec<u8>> {
         let mut d = self.lock();
         Self::check(&d)?;
-        d.evicted.remove(path);
         let data = &Self::inode_mut(&mut d, path, false)?.data;
         let start = (offset as usize).min(data.len());
         let end = start.saturating_add(len).min(data.len());
