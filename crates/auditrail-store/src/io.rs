@@ -139,39 +139,20 @@ impl Io for StdIo {
     fn read_at(&self, path: &str, offset: u64, len: usize) -> io::Result<Vec<u8>> {
         use std::os::unix::fs::FileExt as _;
         let f = self.read_handle(path)?;
-        let mut buf = vec![0u8; len];
-        let mut filled = 0;
-        while filled < len {
-            match f.read_at(&mut buf[filled..], offset + filled as u64) {
-                Ok(0) => break, // end of file: fewer bytes, as documented
-                Ok(n) => filled += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        buf.truncate(filled);
-        Ok(buf)
+        read_fully(len, |buf, from| f.read_at(buf, offset + from as u64))
     }
 
     fn read_at_resident(&self, path: &str, offset: u64, len: usize) -> io::Result<Option<Vec<u8>>> {
         let f = self.read_handle(path)?;
-        let mut buf = vec![0u8; len];
-        let mut filled = 0;
-        while filled < len {
-            match read_at_nowait(&f, &mut buf[filled..], offset + filled as u64) {
-                Ok(0) => break,
-                Ok(n) => filled += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
-                // A kernel or file system without the flag: read as usual.
-                Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::EINVAL)) => {
-                    return self.read_at(path, offset, len).map(Some);
-                }
-                Err(e) => return Err(e),
+        match read_fully(len, |buf, from| read_at_nowait(&f, buf, offset + from as u64)) {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+            // A kernel or file system without the flag: read as usual.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::EINVAL)) => {
+                self.read_at(path, offset, len).map(Some)
             }
+            Err(e) => Err(e),
         }
-        buf.truncate(filled);
-        Ok(Some(buf))
     }
 
     fn prefetch(&self, path: &str, offset: u64, len: usize) {
@@ -313,6 +294,26 @@ impl StdIo {
     fn count_sync(&self) {
         self.syncs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
+}
+
+/// Up to `len` bytes through `read(buf, bytes read so far)`, which returns 0 at the end of
+/// the file; retried when interrupted.
+fn read_fully(
+    len: usize,
+    mut read: impl FnMut(&mut [u8], usize) -> io::Result<usize>,
+) -> io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; len];
+    let mut filled = 0;
+    while filled < len {
+        match read(&mut buf[filled..], filled) {
+            Ok(0) => break, // end of file: fewer bytes, as documented
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    buf.truncate(filled);
+    Ok(buf)
 }
 
 /// `preadv2(2)` with `RWF_NOWAIT`: reads only what is in the page cache, and fails with

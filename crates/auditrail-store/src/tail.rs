@@ -58,6 +58,12 @@ const TAIL_READ_BYTES: usize = 512 << 10;
 /// and allocating and zeroing 512 KiB for each of those cost more than the block itself.
 const TAIL_READ_BYTES_MIN: usize = 16 << 10;
 
+/// The size of the forward reader's next read, after one that asked for `asked` bytes and
+/// got `got`: back to the minimum at the file's end, else doubled up to the maximum.
+fn next_tail_read_bytes(asked: usize, got: usize) -> usize {
+    if got < asked { TAIL_READ_BYTES_MIN } else { (asked * 2).min(TAIL_READ_BYTES) }
+}
+
 /// Whether a block read may wait for the disk, or gives up when the block is not in memory.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Wait {
@@ -140,11 +146,7 @@ impl Position {
         for fresh in [false, true] {
             if fresh {
                 self.ahead = io.read_at(&self.path, self.offset, self.read_bytes)?;
-                self.read_bytes = if self.ahead.len() < self.read_bytes {
-                    TAIL_READ_BYTES_MIN
-                } else {
-                    (self.read_bytes * 2).min(TAIL_READ_BYTES)
-                };
+                self.read_bytes = next_tail_read_bytes(self.read_bytes, self.ahead.len());
                 self.ahead_at = self.offset;
                 self.ahead_durable = durable_end;
             }
@@ -445,5 +447,25 @@ impl BlockReader {
     /// Forgets the keys of a segment (after retention erased it).
     pub fn forget(&self, segment: u64) {
         self.keys.lock().unwrap_or_else(|e| e.into_inner()).remove(&segment);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A follower at the live end reads little; catching up, its reads grow to the maximum.
+    #[test]
+    fn tail_reads_start_small_at_the_end_and_grow_while_full() {
+        let mut asked = TAIL_READ_BYTES_MIN;
+        let mut sizes = vec![asked];
+        while asked < TAIL_READ_BYTES {
+            asked = next_tail_read_bytes(asked, asked);
+            sizes.push(asked);
+        }
+        assert_eq!(sizes, [16 << 10, 32 << 10, 64 << 10, 128 << 10, 256 << 10, 512 << 10]);
+        assert_eq!(next_tail_read_bytes(TAIL_READ_BYTES, TAIL_READ_BYTES), TAIL_READ_BYTES);
+        assert_eq!(next_tail_read_bytes(TAIL_READ_BYTES, 600), TAIL_READ_BYTES_MIN);
+        assert_eq!(next_tail_read_bytes(TAIL_READ_BYTES_MIN, 0), TAIL_READ_BYTES_MIN);
     }
 }
