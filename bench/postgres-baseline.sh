@@ -437,7 +437,8 @@ SELECT body FROM audit_event
  ORDER BY occurred_at DESC
  LIMIT 50;
 EOF
-warm=$((LOOKUPS < 200 ? LOOKUPS : 200))
+# The same warm-up as `auditrail bench http`: a tenth as many lookups, at least one.
+warm=$((LOOKUPS / 10 > 0 ? LOOKUPS / 10 : 1))
 bg "$WORK/warm.out" "${PGB[@]}" -c 1 -j 1 -t "$warm" -f "$WORK/lookup.sql"
 log "(c) patient lookups: $LOOKUPS sequential (1 client, after $warm warm-up), client-side latency over the unix socket ..."
 bg "$WORK/lookup.out" "${PGB[@]}" -c 1 -j 1 -t "$LOOKUPS" -f "$WORK/lookup.sql" --log --log-prefix="$WORK/lookup"

@@ -52,6 +52,10 @@ pub struct HttpArgs {
     /// 30-day counts to time.
     #[arg(long, default_value_t = 50)]
     count_runs: usize,
+    /// Write each timed lookup's client, server, index and log milliseconds to this file
+    /// (tab-separated, one line per lookup), to sort the slow ones by where they spent it.
+    #[arg(long)]
+    lookup_log: Option<PathBuf>,
     #[command(flatten)]
     data: BenchDir,
     /// PostgreSQL's figures: the JSON line `bench/postgres-baseline.sh` printed last, or a file
@@ -270,6 +274,7 @@ async fn lookup_phase(args: &HttpArgs, addr: &str, report: &mut Value) -> Result
     // The server's time in the index and reading events from the log, per lookup.
     let (mut in_index, mut in_log) = (Vec::new(), Vec::new());
     let mut found = 0usize;
+    let mut lookup_log = String::new();
     for i in 0..warm_up + args.lookups {
         let path = format!("/api/v1/events?patient={}&from={from}&limit=50", patients.patient_id());
         let t = Instant::now();
@@ -279,16 +284,33 @@ async fn lookup_phase(args: &HttpArgs, addr: &str, report: &mut Value) -> Result
         if i >= warm_up {
             latencies.push(took);
             server_side.push(conn.server_time.context("no Server-Timing total")?);
-            for (name, d) in &conn.server_timing {
-                match name.as_str() {
-                    "index" => in_index.push(*d),
-                    "log" => in_log.push(*d),
-                    _ => {}
-                }
-            }
+            let part = |wanted: &str| {
+                conn.server_timing.iter().find(|(name, _)| name == wanted).map(|(_, d)| *d)
+            };
+            let (index, log) = (part("index"), part("log"));
+            in_index.extend(index);
+            in_log.extend(log);
             let page: Value = serde_json::from_slice(&body)?;
-            found += page["events"].as_array().map_or(0, Vec::len);
+            let events = page["events"].as_array().map_or(0, Vec::len);
+            found += events;
+            if args.lookup_log.is_some() {
+                let ms = |d: Option<Duration>| d.map_or(f64::NAN, |d| d.as_secs_f64() * 1e3);
+                lookup_log.push_str(&format!(
+                    "{:.3}\t{:.3}\t{:.3}\t{:.3}\t{events}\n",
+                    ms(Some(took)),
+                    ms(conn.server_time),
+                    ms(index),
+                    ms(log),
+                ));
+            }
         }
+    }
+    if let Some(path) = &args.lookup_log {
+        std::fs::write(
+            path,
+            "client_ms\tserver_ms\tindex_ms\tlog_ms\tevents\n".to_string() + &lookup_log,
+        )
+        .with_context(|| format!("writing {}", path.display()))?;
     }
     let lat = Percentiles::of(latencies);
     let server = Percentiles::of(server_side);
