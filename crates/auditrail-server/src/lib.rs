@@ -49,7 +49,7 @@ pub struct Metrics {
     pub searches: AtomicU64,
 }
 
-/// Cold blocks below which [`BlockCache::warm`] leaves decoding to the caller's thread.
+/// Cold blocks below which [`BlockCache::warm`] decodes them on the caller's thread alone.
 const WARM_IN_PARALLEL_MIN: usize = 8;
 
 /// Decoded log blocks, so a page of results from the same few blocks decrypts each once.
@@ -151,9 +151,11 @@ impl BlockCache {
 
     /// Decodes the blocks not cached yet among `blocks` on two threads, so a page of results
     /// spread over the log is decrypted and decompressed in about half the time. A few cold
-    /// blocks are left to the caller (handing them over costs more than they do). Never
-    /// waits for the helper: a block it is still decoding when the caller is done is decoded
-    /// again by the caller's own read, which also reports any error.
+    /// blocks are decoded by the caller alone (handing them over costs more than they do),
+    /// in the same way: without waiting for the disk until the first one not in memory,
+    /// which prefetches the rest ([`WarmJob`]). A single cold block is left to the caller's
+    /// own read. Never waits for the helper: a block it is still decoding when the caller is
+    /// done is decoded again by the caller's own read, which also reports any error.
     pub fn warm(&self, blocks: impl IntoIterator<Item = BlockLocation>) {
         let mut cold: Vec<BlockLocation> = Vec::new();
         {
@@ -167,7 +169,11 @@ impl BlockCache {
                 }
             }
         }
+        if cold.len() < 2 {
+            return;
+        }
         if cold.len() < WARM_IN_PARALLEL_MIN {
+            WarmJob::new(cold).run(&self.cached);
             return;
         }
         let job = Arc::new(WarmJob::new(cold));
@@ -1044,6 +1050,39 @@ mod block_cache_tests {
         std::thread::sleep(std::time::Duration::from_millis(20));
         assert_eq!(disk.prefetches(), prefetched, "blocks in memory were prefetched");
         assert!(prefetched <= all);
+        store.close().unwrap();
+    }
+
+    /// A page of too few cold blocks for the helper is decoded by the caller alone, but read
+    /// the same way: its first miss prefetches every one of its blocks, and blocks in memory
+    /// none. A single cold block is simply read.
+    #[test]
+    fn a_small_page_of_evicted_blocks_is_prefetched_together_too() {
+        let disk = SimDisk::new();
+        let (store, blocks, stored) = store_of_small_blocks(&disk);
+        let path = auditrail_store::reader::segment_path(blocks[0].segment);
+        let page = &blocks[3..3 + WARM_IN_PARALLEL_MIN - 1];
+        let cache = BlockCache::new(store.block_reader(), usize::MAX);
+
+        disk.evict(&path);
+        cache.warm(page.iter().copied());
+        // No helper: everything happened on this thread, before `warm` returned.
+        assert_eq!(disk.prefetches(), page.len() as u64, "one prefetch per block of the page");
+        for at in page {
+            assert!(cache.cached.get_if_resident(at).unwrap(), "{at:?} decoded by warm");
+            let block = cache.get(at).unwrap();
+            for seq in at.first_seq..at.end_seq() {
+                assert_eq!(block.get(seq).unwrap(), stored[seq as usize].as_slice());
+            }
+        }
+
+        cache.clear();
+        cache.warm(page.iter().copied());
+        assert_eq!(disk.prefetches(), page.len() as u64, "blocks in memory were prefetched");
+
+        disk.evict(&path);
+        cache.warm([blocks[0]]);
+        assert_eq!(disk.prefetches(), page.len() as u64, "a single block was prefetched");
         store.close().unwrap();
     }
 }
