@@ -6,7 +6,7 @@
 
 use crate::limits::*;
 use crate::privacy::Redactions;
-use crate::time::{UnixMillis, format_millis, parse_rfc3339};
+use crate::time::{UnixMillis, parse_rfc3339};
 use serde_json::{Map, Value};
 use std::net::IpAddr;
 
@@ -478,13 +478,20 @@ fn too_large() -> InvalidEvent {
 /// members' canonical forms joined by commas.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PreparedEvent {
-    /// `(key, canonical "key":value bytes)`, sorted by key.
-    members: Vec<(&'static str, Vec<u8>)>,
-    has_id: bool,
+    /// The client's members in canonical form (`"key":value`), sorted by key, each followed by
+    /// a comma: one allocation per event, whichever thread frees it.
+    members: Vec<u8>,
+    /// Where in `members` each server field ([`SERVER_MEMBERS`]) goes: before the first client
+    /// member whose key sorts after it.
+    server_at: [u32; SERVER_MEMBERS.len()],
+    /// Where the value of the client's `id` member lies in `members`, if it sent one.
+    id_value: Option<(u32, u32)>,
     /// The key that makes a retry idempotent: `source.system` and the client's `id`.
     idempotency_key: Option<IdempotencyKey>,
-    len: usize,
 }
+
+/// The members the writer splices in, in key order (`id` only when the client sent none).
+const SERVER_MEMBERS: [&str; 3] = ["id", "recorded_at", "seq"];
 
 /// A 128-bit digest of `(source.system, id)`; collisions are resolved by comparing the stored
 /// event's fields, so it only needs to be well spread.
@@ -505,26 +512,35 @@ impl ClientEvent {
     /// [`EVENT_BYTES_MAX`] once the server's fields are added.
     pub fn prepare(self) -> Result<PreparedEvent, InvalidEvent> {
         let idempotency_key = self.id().map(|id| idempotency_key(self.source_system(), id));
-        let has_id = self.fields.contains_key("id");
-        let mut members: Vec<(&'static str, Vec<u8>)> = self
-            .fields
-            .iter()
-            .map(|(k, v)| {
-                let key = TOP_LEVEL.iter().find(|t| **t == k).expect("validated keys are known");
-                let mut m = Vec::with_capacity(k.len() + 3 + 32);
-                m.push(b'"');
-                m.extend_from_slice(k.as_bytes());
-                m.extend_from_slice(b"\":");
-                write_canonical(v, &mut m);
-                (*key, m)
-            })
-            .collect();
-        members.sort_unstable_by(|a, b| a.0.cmp(b.0));
-        let len = members.iter().map(|m| m.1.len() + 1).sum::<usize>() + 1;
-        if len + SERVER_FIELDS_BYTES_MAX > EVENT_BYTES_MAX {
+        let mut members = Vec::with_capacity(512);
+        let mut server_at = [0u32; SERVER_MEMBERS.len()];
+        let mut placed = 0;
+        let mut id_value = None;
+        // A `Map` iterates in key order, and the keys are ASCII (validated against
+        // `TOP_LEVEL`), so this is RFC 8785's order.
+        for (k, v) in &self.fields {
+            while placed < SERVER_MEMBERS.len() && SERVER_MEMBERS[placed] < k.as_str() {
+                server_at[placed] = members.len() as u32;
+                placed += 1;
+            }
+            members.push(b'"');
+            members.extend_from_slice(k.as_bytes());
+            members.extend_from_slice(b"\":");
+            let value_start = members.len();
+            write_canonical(v, &mut members);
+            if k == "id" {
+                id_value = Some((value_start as u32, members.len() as u32));
+            }
+            members.push(b',');
+        }
+        for at in &mut server_at[placed..] {
+            *at = members.len() as u32;
+        }
+        // `{`, the members, `}` in place of the last comma.
+        if members.len() + 1 + SERVER_FIELDS_BYTES_MAX > EVENT_BYTES_MAX {
             return Err(too_large());
         }
-        Ok(PreparedEvent { members, has_id, idempotency_key, len })
+        Ok(PreparedEvent { members, server_at, id_value, idempotency_key })
     }
 }
 
@@ -535,13 +551,13 @@ impl PreparedEvent {
 
     /// The client's `id`, if it sent one.
     pub fn client_id(&self) -> Option<String> {
-        let (_, m) = self.members.iter().find(|m| m.0 == "id")?;
-        serde_json::from_slice::<String>(&m[5..]).ok()
+        let (start, end) = self.id_value?;
+        serde_json::from_slice::<String>(&self.members[start as usize..end as usize]).ok()
     }
 
     /// An upper bound of the stored event's size before the server fields.
     pub fn approx_len(&self) -> usize {
-        self.len
+        self.members.len() + 1
     }
 
     /// The stored event's canonical bytes, written into `out`, with `default_id` used when the
@@ -553,45 +569,55 @@ impl PreparedEvent {
         default_id: &str,
         out: &mut Vec<u8>,
     ) {
-        let id_member;
-        let seq_member = format!("\"seq\":{seq}");
-        let recorded_member = format!("\"recorded_at\":\"{}\"", format_millis(recorded_at));
-        let mut server: Vec<(&str, &[u8])> = Vec::with_capacity(3);
-        if !self.has_id {
-            id_member = format!(
-                "\"id\":{}",
-                serde_json::to_string(default_id).expect("a string serialises")
-            );
-            server.push(("id", id_member.as_bytes()));
-        }
-        server.push(("recorded_at", recorded_member.as_bytes()));
-        server.push(("seq", seq_member.as_bytes()));
         out.push(b'{');
-        let mut first = true;
-        let mut push = |out: &mut Vec<u8>, m: &[u8]| {
-            if !first {
-                out.push(b',');
-            }
-            first = false;
-            out.extend_from_slice(m);
-        };
-        let mut server = server.into_iter().peekable();
-        for (key, m) in &self.members {
-            while let Some((skey, sm)) = server.peek() {
-                if *skey < *key {
-                    push(out, sm);
-                    server.next();
-                } else {
-                    break;
+        let mut from = 0;
+        for (field, &at) in SERVER_MEMBERS.iter().zip(&self.server_at) {
+            out.extend_from_slice(&self.members[from..at as usize]);
+            from = at as usize;
+            match *field {
+                "id" if self.id_value.is_some() => continue,
+                "id" => {
+                    out.extend_from_slice(b"\"id\":");
+                    serde_json::to_writer(&mut *out, default_id).expect("writing to a Vec");
+                }
+                "recorded_at" => {
+                    out.extend_from_slice(b"\"recorded_at\":\"");
+                    write_millis(recorded_at, out);
+                    out.push(b'"');
+                }
+                _ => {
+                    out.extend_from_slice(b"\"seq\":");
+                    write_decimal(seq, out);
                 }
             }
-            push(out, m);
+            out.push(b',');
         }
-        for (_, sm) in server {
-            push(out, sm);
-        }
-        out.push(b'}');
+        out.extend_from_slice(&self.members[from..]);
+        // `seq` is always written, so there is a trailing comma to close over.
+        *out.last_mut().expect("at least one member") = b'}';
     }
+}
+
+/// Appends `n` in decimal.
+fn write_decimal(n: u64, out: &mut Vec<u8>) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    let mut n = n;
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[i..]);
+}
+
+/// Appends [`crate::time::format_millis`]'s form of `ms` without allocating.
+fn write_millis(ms: UnixMillis, out: &mut Vec<u8>) {
+    use std::io::Write as _;
+    write!(out, "{}", crate::time::Millis(ms)).expect("writing to a Vec");
 }
 
 /// RFC 8785 (JCS) canonical bytes of a JSON value.
@@ -673,6 +699,7 @@ fn utf16_cmp(a: &str, b: &str) -> std::cmp::Ordering {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::time::format_millis;
     use serde_json::json;
 
     pub(crate) fn example() -> Value {
@@ -824,6 +851,28 @@ mod tests {
             let spliced = stored(e.clone(), 42, 1_795_342_500_123, "0190-generated");
             let full = reference_stored(e, 42, 1_795_342_500_123, "0190-generated");
             assert_eq!(String::from_utf8(spliced).unwrap(), String::from_utf8(full).unwrap());
+        }
+    }
+
+    /// The server's members land before, between and after the client's whatever the client
+    /// sent: nothing before `id`, nothing after `seq`, an `id` of its own or none.
+    #[test]
+    fn server_members_are_spliced_at_every_position() {
+        for (v, seq) in [
+            (json!({"action": "a.b", "outcome": "success"}), 0),
+            (json!({"action": "a.b", "outcome": "success", "id": "x-1"}), 9),
+            (json!({"action": "a.b", "outcome": "success", "source": {"system": "s"}}), (1 << 53) - 1),
+            (json!({"outcome": "failure", "action": "z", "request": {"path": "/p"}}), 10_000_000),
+        ] {
+            let e = ClientEvent::validate(v).unwrap();
+            let spliced = stored(e.clone(), seq, 1_795_342_500_123, "gen");
+            assert_eq!(
+                String::from_utf8(spliced).unwrap(),
+                String::from_utf8(reference_stored(e.clone(), seq, 1_795_342_500_123, "gen"))
+                    .unwrap()
+            );
+            let client_id = e.id().map(str::to_string);
+            assert_eq!(e.prepare().unwrap().client_id(), client_id);
         }
     }
 

@@ -38,12 +38,22 @@ fn days_in_month(y: i64, m: u32) -> u32 {
 
 /// Formats as `YYYY-MM-DDTHH:MM:SS.mmmZ` (always milliseconds, always UTC), for years 0..=9999.
 pub fn format_millis(ms: UnixMillis) -> String {
-    let days = ms.div_euclid(86_400_000);
-    let in_day = ms.rem_euclid(86_400_000);
-    let (y, m, d) = civil_from_days(days);
-    let (h, min, s, milli) =
-        (in_day / 3_600_000, in_day / 60_000 % 60, in_day / 1000 % 60, in_day % 1000);
-    format!("{y:04}-{m:02}-{d:02}T{h:02}:{min:02}:{s:02}.{milli:03}Z")
+    Millis(ms).to_string()
+}
+
+/// Displays as [`format_millis`] formats, for writing a timestamp without allocating one.
+#[derive(Debug, Clone, Copy)]
+pub struct Millis(pub UnixMillis);
+
+impl std::fmt::Display for Millis {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let days = self.0.div_euclid(86_400_000);
+        let in_day = self.0.rem_euclid(86_400_000);
+        let (y, m, d) = civil_from_days(days);
+        let (h, min, s, milli) =
+            (in_day / 3_600_000, in_day / 60_000 % 60, in_day / 1000 % 60, in_day % 1000);
+        write!(f, "{y:04}-{m:02}-{d:02}T{h:02}:{min:02}:{s:02}.{milli:03}Z")
+    }
 }
 
 /// The UTC day number of a timestamp (segments roll when it changes).

@@ -173,6 +173,15 @@ impl PartialEq for TermKey {
 
 impl Eq for TermKey {}
 
+/// A key's first eight bytes as a big-endian integer (zero-padded), which orders keys as their
+/// bytes do wherever the prefixes differ.
+fn key_prefix(key: &[u8]) -> u64 {
+    let mut prefix = [0u8; 8];
+    let n = key.len().min(8);
+    prefix[..n].copy_from_slice(&key[..n]);
+    u64::from_be_bytes(prefix)
+}
+
 /// A term's rows, ascending.
 #[derive(Debug, Default)]
 struct TermRows {
@@ -238,9 +247,15 @@ impl Memtable {
     /// The immutable, compressed form, ready to be written and searched.
     pub fn freeze(&self) -> Segment {
         let rows = self.occurred.len();
-        let mut keys: Vec<(&[u8], &[u32])> =
-            self.terms.iter().map(|(k, t)| (k.as_bytes(), t.rows.as_slice())).collect();
-        keys.sort_unstable_by_key(|&(k, _)| k);
+        // Sorted by the keys' first eight bytes as an integer, then by the whole key: most keys
+        // (blinded tokens, words) differ early, so most comparisons never read the key again.
+        let mut keys: Vec<(u64, &[u8], &[u32])> = self
+            .terms
+            .iter()
+            .map(|(k, t)| (key_prefix(k.as_bytes()), k.as_bytes(), t.rows.as_slice()))
+            .collect();
+        keys.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.cmp(b.1)));
+        let keys = keys.into_iter().map(|(_, k, rows)| (k, rows));
         let mut term_bytes = Vec::new();
         let mut key_ends = Vec::with_capacity(keys.len());
         let mut encoded = Vec::new();
@@ -468,5 +483,35 @@ mod tests {
                 assert_eq!(segment.block_for(seq).as_ref(), expected, "seq {seq} of {rows}");
             }
         }
+    }
+
+    /// Keys that tie on their first eight bytes, are prefixes of one another, or hold zero
+    /// bytes where a shorter key is padded: the frozen segment lists them in byte order, so
+    /// its binary search finds every one with its rows.
+    #[test]
+    fn freeze_orders_keys_by_their_bytes_whatever_their_prefixes() {
+        let keys: [&[u8]; 12] = [
+            b"\x05abcdefgh", b"\x05abcdefg", b"\x05abcdefg\x00", b"\x05abcdefgz", b"\x05a",
+            b"\x05a\x00", b"\x05", b"\x09\xff\xff\xff\xff\xff\xff\xff\x01",
+            b"\x09\xff\xff\xff\xff\xff\xff\xff", b"\x01", b"\x05abcdefgh\x00\x00",
+            b"\x05abcdefgha",
+        ];
+        let mut memtable = Memtable::new(0);
+        for (seq, key) in keys.iter().enumerate() {
+            let mut doc = Doc::placeholder(seq as u64, 0);
+            doc.terms.push_key(key);
+            doc.terms.push_key(keys[0]);
+            let block = BlockLocation { segment: 0, offset: 0, first_seq: 0, count: 12 };
+            memtable.push(doc, &block);
+        }
+        let segment = memtable.freeze();
+        let frozen: Vec<&[u8]> = (0..segment.data.key_ends.len()).map(|i| segment.key(i)).collect();
+        let mut sorted = keys.to_vec();
+        sorted.sort();
+        assert_eq!(frozen, sorted);
+        for (row, key) in keys.iter().enumerate().skip(1) {
+            assert_eq!(segment.postings(key).rows().as_ref(), &[row as u32], "{key:?}");
+        }
+        assert_eq!(segment.postings(keys[0]).len(), keys.len());
     }
 }

@@ -47,6 +47,9 @@ pub enum BenchCommand {
     /// The server's work in a patient lookup (index search, then reading the page's events
     /// from the log), in this process without HTTP, over a data directory `http --keep` left.
     Lookup(crate::bench_lookup::LookupArgs),
+    /// The CPU cost per event of each step of bulk ingest and indexing (parse, prepare,
+    /// stored form, index document, memtable, freeze), one thread, no HTTP or disk.
+    Stages(crate::bench_stages::StagesArgs),
 }
 
 pub fn run(cmd: BenchCommand) -> Result<()> {
@@ -57,6 +60,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Http(args) => return crate::bench_http::run(args),
         BenchCommand::Report(args) => return crate::bench_report::run(args),
         BenchCommand::Lookup(args) => return crate::bench_lookup::run(args),
+        BenchCommand::Stages(args) => return crate::bench_stages::run(args),
     };
     let dir = match dir {
         Some(d) => d,

@@ -9,6 +9,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 mod bench;
 mod bench_http;
 mod bench_lookup;
+mod bench_stages;
 mod bench_report;
 mod generator;
 
