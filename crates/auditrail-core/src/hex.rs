@@ -2,6 +2,23 @@
 
 const DIGITS: &[u8; 16] = b"0123456789abcdef";
 
+/// Displays bytes as lowercase hex, for writing them without an intermediate string.
+pub struct Hex<'a>(pub &'a [u8]);
+
+impl std::fmt::Display for Hex<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for chunk in self.0.chunks(32) {
+            let mut buf = [0u8; 64];
+            for (i, b) in chunk.iter().enumerate() {
+                buf[2 * i] = DIGITS[usize::from(b >> 4)];
+                buf[2 * i + 1] = DIGITS[usize::from(b & 15)];
+            }
+            f.write_str(std::str::from_utf8(&buf[..2 * chunk.len()]).expect("hex is ASCII"))?;
+        }
+        Ok(())
+    }
+}
+
 pub fn encode(bytes: &[u8]) -> String {
     let mut out = String::with_capacity(bytes.len() * 2);
     for b in bytes {

@@ -486,32 +486,24 @@ async fn bulk_inner(
     }
     let stored = bulk.receipts.len();
     let mut items = Vec::with_capacity(bulk.lines.len());
-    for line in bulk.lines {
+    for line in &bulk.lines {
         items.push(match line {
-            Line::Done(v) => v,
-            Line::Pending { line, chunk, at } if chunk < stored => {
-                let r = &bulk.receipts[chunk][at];
-                let mut v = receipt_json(r);
-                v["line"] = json!(line);
-                v["status"] = json!(if r.duplicate { 200 } else { 201 });
-                v
+            Line::Done(v) => BulkItem::Failed(v),
+            Line::Pending { line, chunk, at } if *chunk < stored => {
+                BulkItem::Stored(StoredLine { line: *line, receipt: &bulk.receipts[*chunk][*at] })
             }
             Line::Pending { line, .. } => {
                 bulk.errors = true;
-                json!({"line": line, "status": 503, "error": {"code": "not_stored",
-                    "message": "not stored: the request failed before this line was appended"}})
+                BulkItem::NotStored(*line)
             }
         });
     }
-    let body = json!({
-        "took_ms": started.elapsed().as_millis() as u64,
-        "errors": bulk.errors || failure.is_some(),
-        "items": items,
-    });
+    let errors = bulk.errors || failure.is_some();
+    let took_ms = started.elapsed().as_millis() as u64;
     if let Some(e) = failure {
         // Lines appended before the failure are durable and listed with their receipts.
         let mut b = e.body();
-        b["items"] = body["items"].clone();
+        b["items"] = serde_json::to_value(&items).map_err(ApiError::internal)?;
         let mut response = (e.status, axum::Json(b)).into_response();
         if e.status == StatusCode::SERVICE_UNAVAILABLE {
             response
@@ -520,8 +512,58 @@ async fn bulk_inner(
         }
         return Ok(response);
     }
-    Ok((StatusCode::OK, axum::Json(body)).into_response())
+    Ok((StatusCode::OK, axum::Json(BulkAnswer { errors, items, took_ms })).into_response())
 }
+
+/// The answer to a bulk request, written straight from the receipts: a `Value` per line cost
+/// a tenth of the server's time per event in a bulk load. Members are in alphabetical order,
+/// as a `Value` would write them.
+#[derive(serde::Serialize)]
+struct BulkAnswer<'a> {
+    errors: bool,
+    items: Vec<BulkItem<'a>>,
+    took_ms: u64,
+}
+
+enum BulkItem<'a> {
+    Stored(StoredLine<'a>),
+    Failed(&'a Value),
+    /// Valid, but not appended because the request failed first.
+    NotStored(usize),
+}
+
+struct StoredLine<'a> {
+    line: usize,
+    receipt: &'a Receipt,
+}
+
+impl serde::Serialize for BulkItem<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        match self {
+            BulkItem::Failed(v) => v.serialize(s),
+            BulkItem::NotStored(line) => json!({"line": line, "status": 503, "error": {
+                "code": "not_stored",
+                "message": "not stored: the request failed before this line was appended"}})
+            .serialize(s),
+            // The members of `receipt_json`, with the line and its status.
+            BulkItem::Stored(StoredLine { line, receipt: r }) => {
+                let mut m = s.serialize_map(Some(6))?;
+                m.serialize_entry("duplicate", &r.duplicate)?;
+                m.serialize_entry("id", &r.id)?;
+                m.serialize_entry(
+                    "leaf_hash",
+                    &format_args!("{}", auditrail_core::hex::Hex(&r.leaf_hash)),
+                )?;
+                m.serialize_entry("line", line)?;
+                m.serialize_entry("seq", &r.seq)?;
+                m.serialize_entry("status", &if r.duplicate { 200 } else { 201 })?;
+                m.end()
+            }
+        }
+    }
+}
+
 
 /// Like [`append`], but a streaming bulk request waits (boundedly) for budget and for room in
 /// the store's queue rather than failing at once: the client is already sending, and waiting

@@ -67,7 +67,8 @@ pub struct HttpArgs {
 /// Where a benchmark's server keeps its data, shared by `bench http` and `bench report`.
 #[derive(clap::Args)]
 pub struct BenchDir {
-    /// The data directory (a fresh temporary one by default; cleared first).
+    /// The data directory (a fresh temporary one by default; cleared first: what it held is
+    /// moved aside and deleted once the run is over).
     #[arg(long)]
     pub dir: Option<PathBuf>,
     /// Keep the data directory afterwards (then `--reuse` it to skip the load next time).
@@ -76,6 +77,9 @@ pub struct BenchDir {
     /// Use the events already in `--dir` instead of clearing it and loading new ones.
     #[arg(long, requires = "dir")]
     pub reuse: bool,
+    /// The previous contents of `dir`, deleted by [`BenchDir::finish`].
+    #[arg(skip)]
+    stale: std::cell::RefCell<Option<PathBuf>>,
 }
 
 impl BenchDir {
@@ -85,8 +89,16 @@ impl BenchDir {
             std::env::temp_dir().join(format!("auditrail-bench-{name}-{}", std::process::id()))
         });
         if !self.reuse && dir.exists() {
-            std::fs::remove_dir_all(&dir)
-                .with_context(|| format!("cannot clear {}", dir.display()))?;
+            // Deleted after the run, not before it: ext4 skips over recently freed inodes when
+            // it allocates new ones, so a load that follows the deletion of a large data
+            // directory (hundreds of thousands of tile files) spends a twentieth of the
+            // machine in the kernel creating its own tile files, which no real server does.
+            let mut stale = dir.clone().into_os_string();
+            stale.push(format!(".stale-{}", std::process::id()));
+            let stale = PathBuf::from(stale);
+            std::fs::rename(&dir, &stale)
+                .with_context(|| format!("cannot move {} aside", dir.display()))?;
+            *self.stale.borrow_mut() = Some(stale);
         }
         Ok(dir)
     }
@@ -97,6 +109,9 @@ impl BenchDir {
             println!("\nkept the data in {}", dir.display());
         } else {
             std::fs::remove_dir_all(dir).ok();
+        }
+        if let Some(stale) = self.stale.borrow_mut().take() {
+            std::fs::remove_dir_all(stale).ok();
         }
     }
 }
