@@ -434,7 +434,7 @@ async fn bulk_inner(
         }
         // Split off every complete line (and the last one at the end of the body).
         let mut start = 0;
-        while let Some(nl) = pending[start..].iter().position(|&b| b == b'\n') {
+        while let Some(nl) = memchr::memchr(b'\n', &pending[start..]) {
             let line = &pending[start..start + nl];
             line_no += 1;
             let line = line.strip_suffix(b"\r").unwrap_or(line);
