@@ -182,12 +182,31 @@ fn key_prefix(key: &[u8]) -> u64 {
     u64::from_be_bytes(prefix)
 }
 
-/// A term's rows, ascending.
+/// A term's rows, ascending. Most terms of a memtable occur in one event only (an entity's id,
+/// under three parameters), so a single row lives in `last` and the list starts at the second.
 #[derive(Debug, Default)]
 struct TermRows {
+    /// Every row, once there are two or more; empty before.
     rows: Vec<u32>,
     /// The last row, beside the key: checking it there saves reading the list's tail.
     last: Option<u32>,
+}
+
+impl TermRows {
+    fn push(&mut self, row: u32) {
+        match self.last {
+            // A term repeated within one event is posted once.
+            Some(last) if last == row => return,
+            Some(last) if self.rows.is_empty() => self.rows.extend([last, row]),
+            Some(_) => self.rows.push(row),
+            None => {}
+        }
+        self.last = Some(row);
+    }
+
+    fn as_slice(&self) -> &[u32] {
+        if self.rows.is_empty() { self.last.as_slice() } else { &self.rows }
+    }
 }
 
 impl Memtable {
@@ -233,11 +252,7 @@ impl Memtable {
                 Some(term) => term,
                 None => self.terms.entry(TermKey::new(key)).or_default(),
             };
-            // A term repeated within one event is posted once.
-            if term.last != Some(row) {
-                term.rows.push(row);
-                term.last = Some(row);
-            }
+            term.push(row);
         }
         if self.blocks.last() != Some(block) {
             self.blocks.push(*block);
@@ -252,7 +267,7 @@ impl Memtable {
         let mut keys: Vec<(u64, &[u8], &[u32])> = self
             .terms
             .iter()
-            .map(|(k, t)| (key_prefix(k.as_bytes()), k.as_bytes(), t.rows.as_slice()))
+            .map(|(k, t)| (key_prefix(k.as_bytes()), k.as_bytes(), t.as_slice()))
             .collect();
         keys.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.cmp(b.1)));
         let keys = keys.into_iter().map(|(_, k, rows)| (k, rows));
@@ -303,7 +318,7 @@ impl Part for Memtable {
     }
     fn postings(&self, key: &[u8]) -> Postings<'_> {
         match self.terms.get(key) {
-            Some(t) => Postings::Rows(Cow::Borrowed(&t.rows)),
+            Some(t) => Postings::Rows(Cow::Borrowed(t.as_slice())),
             None => Postings::EMPTY,
         }
     }
@@ -504,6 +519,10 @@ mod tests {
             let block = BlockLocation { segment: 0, offset: 0, first_seq: 0, count: 12 };
             memtable.push(doc, &block);
         }
+        for (row, key) in keys.iter().enumerate().skip(1) {
+            assert_eq!(memtable.postings(key).rows().as_ref(), &[row as u32], "{key:?}");
+        }
+        assert_eq!(memtable.postings(keys[0]).len(), keys.len());
         let segment = memtable.freeze();
         let frozen: Vec<&[u8]> = (0..segment.data.key_ends.len()).map(|i| segment.key(i)).collect();
         let mut sorted = keys.to_vec();
@@ -513,5 +532,21 @@ mod tests {
             assert_eq!(segment.postings(key).rows().as_ref(), &[row as u32], "{key:?}");
         }
         assert_eq!(segment.postings(keys[0]).len(), keys.len());
+    }
+
+    #[test]
+    fn a_term_posts_each_row_once_and_keeps_a_single_row_without_a_list() {
+        let rows_after = |pushes: &[u32]| {
+            let mut t = TermRows::default();
+            for &r in pushes {
+                t.push(r);
+            }
+            (t.as_slice().to_vec(), t.rows.capacity() > 0)
+        };
+        assert_eq!(rows_after(&[]), (vec![], false));
+        assert_eq!(rows_after(&[3]), (vec![3], false));
+        assert_eq!(rows_after(&[3, 3]), (vec![3], false));
+        assert_eq!(rows_after(&[3, 5]), (vec![3, 5], true));
+        assert_eq!(rows_after(&[3, 5, 5, 9, 9]), (vec![3, 5, 9], true));
     }
 }

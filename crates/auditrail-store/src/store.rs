@@ -311,6 +311,7 @@ impl Store {
             to_syncer: sync_tx,
             plain: Vec::new(),
             stored: Vec::new(),
+            id_randomness: crypto::RandomPool::new(),
         };
         let syncer = Syncer {
             io: io.clone(),
@@ -783,6 +784,8 @@ struct Sequencer {
     /// Reused buffers: the block's plaintext and one stored event.
     plain: Vec<u8>,
     stored: Vec<u8>,
+    /// The random part of generated event ids.
+    id_randomness: crypto::RandomPool,
 }
 
 impl Sequencer {
@@ -931,7 +934,7 @@ impl Sequencer {
                 let id = match client_id {
                     Some(id) => id,
                     None => {
-                        crypto::random_fill(&mut ids);
+                        self.id_randomness.fill(&mut ids);
                         uuid::Builder::from_unix_timestamp_millis(recorded_at as u64, &ids)
                             .into_uuid()
                             .to_string()
