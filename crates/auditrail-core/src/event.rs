@@ -861,7 +861,10 @@ mod tests {
         for (v, seq) in [
             (json!({"action": "a.b", "outcome": "success"}), 0),
             (json!({"action": "a.b", "outcome": "success", "id": "x-1"}), 9),
-            (json!({"action": "a.b", "outcome": "success", "source": {"system": "s"}}), (1 << 53) - 1),
+            (
+                json!({"action": "a.b", "outcome": "success", "source": {"system": "s"}}),
+                (1 << 53) - 1,
+            ),
             (json!({"outcome": "failure", "action": "z", "request": {"path": "/p"}}), 10_000_000),
         ] {
             let e = ClientEvent::validate(v).unwrap();

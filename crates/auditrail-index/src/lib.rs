@@ -13,6 +13,7 @@ pub mod file;
 pub mod index;
 pub mod part;
 pub mod postings;
+mod terms;
 
 pub use doc::{Field, GroupBy, PatientTokens};
 pub use index::{Follower, Hits, Index, IndexError, IndexOptions, Query};

@@ -7,6 +7,7 @@
 
 use crate::doc::{Doc, GROUP_FIELDS};
 use crate::postings::{self, Postings};
+use crate::terms::TermTable;
 use auditrail_store::tail::BlockLocation;
 use rustc_hash::FxHashMap;
 use std::borrow::Cow;
@@ -116,62 +117,11 @@ pub struct Memtable {
     dict_ids: [FxHashMap<String, u32>; GROUP_FIELDS],
     /// The id hash of each row (a scan finds an id: cheaper than a map entry per event).
     id_hashes: Vec<u32>,
-    /// Each term's rows. Posting is most of the work of indexing an event (some 60 terms each),
-    /// and most of that is waiting for memory, hence [`TermKey`] and [`TermRows::last`].
-    terms: FxHashMap<TermKey, TermRows>,
+    /// Each term's rows. Posting is most of the work of indexing an event (some 60 terms
+    /// each), and most of that is waiting for memory: see [`TermTable`].
+    terms: TermTable,
     blocks: Vec<BlockLocation>,
 }
-
-/// Bytes of a term key kept inside its table entry; longer keys live on the heap.
-const KEY_INLINE: usize = 30;
-
-/// A term key, inside its table entry when short (nearly all are: a blinded token is 17 bytes),
-/// so finding a term reads one cache line instead of chasing a pointer to its bytes.
-#[derive(Debug)]
-enum TermKey {
-    Inline { len: u8, bytes: [u8; KEY_INLINE] },
-    Heap(Box<[u8]>),
-}
-
-impl TermKey {
-    fn new(key: &[u8]) -> TermKey {
-        if key.len() <= KEY_INLINE {
-            let mut bytes = [0; KEY_INLINE];
-            bytes[..key.len()].copy_from_slice(key);
-            TermKey::Inline { len: key.len() as u8, bytes }
-        } else {
-            TermKey::Heap(key.into())
-        }
-    }
-
-    fn as_bytes(&self) -> &[u8] {
-        match self {
-            TermKey::Inline { len, bytes } => &bytes[..*len as usize],
-            TermKey::Heap(bytes) => bytes,
-        }
-    }
-}
-
-impl std::borrow::Borrow<[u8]> for TermKey {
-    fn borrow(&self) -> &[u8] {
-        self.as_bytes()
-    }
-}
-
-/// Hashes as its bytes do, as `Borrow` requires.
-impl std::hash::Hash for TermKey {
-    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        self.as_bytes().hash(state)
-    }
-}
-
-impl PartialEq for TermKey {
-    fn eq(&self, other: &TermKey) -> bool {
-        self.as_bytes() == other.as_bytes()
-    }
-}
-
-impl Eq for TermKey {}
 
 /// A key's first eight bytes as a big-endian integer (zero-padded), which orders keys as their
 /// bytes do wherever the prefixes differ.
@@ -180,33 +130,6 @@ fn key_prefix(key: &[u8]) -> u64 {
     let n = key.len().min(8);
     prefix[..n].copy_from_slice(&key[..n]);
     u64::from_be_bytes(prefix)
-}
-
-/// A term's rows, ascending. Most terms of a memtable occur in one event only (an entity's id,
-/// under three parameters), so a single row lives in `last` and the list starts at the second.
-#[derive(Debug, Default)]
-struct TermRows {
-    /// Every row, once there are two or more; empty before.
-    rows: Vec<u32>,
-    /// The last row, beside the key: checking it there saves reading the list's tail.
-    last: Option<u32>,
-}
-
-impl TermRows {
-    fn push(&mut self, row: u32) {
-        match self.last {
-            // A term repeated within one event is posted once.
-            Some(last) if last == row => return,
-            Some(last) if self.rows.is_empty() => self.rows.extend([last, row]),
-            Some(_) => self.rows.push(row),
-            None => {}
-        }
-        self.last = Some(row);
-    }
-
-    fn as_slice(&self) -> &[u32] {
-        if self.rows.is_empty() { self.last.as_slice() } else { &self.rows }
-    }
 }
 
 impl Memtable {
@@ -223,7 +146,7 @@ impl Memtable {
             recorded: Vec::with_capacity(rows),
             group_ids: std::array::from_fn(|_| Vec::with_capacity(rows)),
             id_hashes: Vec::with_capacity(rows),
-            terms: FxHashMap::with_capacity_and_hasher(previous.terms.len(), Default::default()),
+            terms: TermTable::with_capacity(previous.terms.len()),
             ..Memtable::default()
         }
     }
@@ -247,13 +170,7 @@ impl Memtable {
             self.group_ids[g].push(id);
         }
         self.id_hashes.push(doc.id_hash);
-        for key in doc.terms.iter() {
-            let term = match self.terms.get_mut(key) {
-                Some(term) => term,
-                None => self.terms.entry(TermKey::new(key)).or_default(),
-            };
-            term.push(row);
-        }
+        self.terms.post(doc.terms.iter(), row);
         if self.blocks.last() != Some(block) {
             self.blocks.push(*block);
         }
@@ -264,11 +181,8 @@ impl Memtable {
         let rows = self.occurred.len();
         // Sorted by the keys' first eight bytes as an integer, then by the whole key: most keys
         // (blinded tokens, words) differ early, so most comparisons never read the key again.
-        let mut keys: Vec<(u64, &[u8], &[u32])> = self
-            .terms
-            .iter()
-            .map(|(k, t)| (key_prefix(k.as_bytes()), k.as_bytes(), t.as_slice()))
-            .collect();
+        let mut keys: Vec<(u64, &[u8], &[u32])> =
+            self.terms.iter().map(|(k, t)| (key_prefix(k), k, t.as_slice())).collect();
         keys.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.cmp(b.1)));
         let keys = keys.into_iter().map(|(_, k, rows)| (k, rows));
         let mut term_bytes = Vec::new();
@@ -506,9 +420,17 @@ mod tests {
     #[test]
     fn freeze_orders_keys_by_their_bytes_whatever_their_prefixes() {
         let keys: [&[u8]; 12] = [
-            b"\x05abcdefgh", b"\x05abcdefg", b"\x05abcdefg\x00", b"\x05abcdefgz", b"\x05a",
-            b"\x05a\x00", b"\x05", b"\x09\xff\xff\xff\xff\xff\xff\xff\x01",
-            b"\x09\xff\xff\xff\xff\xff\xff\xff", b"\x01", b"\x05abcdefgh\x00\x00",
+            b"\x05abcdefgh",
+            b"\x05abcdefg",
+            b"\x05abcdefg\x00",
+            b"\x05abcdefgz",
+            b"\x05a",
+            b"\x05a\x00",
+            b"\x05",
+            b"\x09\xff\xff\xff\xff\xff\xff\xff\x01",
+            b"\x09\xff\xff\xff\xff\xff\xff\xff",
+            b"\x01",
+            b"\x05abcdefgh\x00\x00",
             b"\x05abcdefgha",
         ];
         let mut memtable = Memtable::new(0);
@@ -532,21 +454,5 @@ mod tests {
             assert_eq!(segment.postings(key).rows().as_ref(), &[row as u32], "{key:?}");
         }
         assert_eq!(segment.postings(keys[0]).len(), keys.len());
-    }
-
-    #[test]
-    fn a_term_posts_each_row_once_and_keeps_a_single_row_without_a_list() {
-        let rows_after = |pushes: &[u32]| {
-            let mut t = TermRows::default();
-            for &r in pushes {
-                t.push(r);
-            }
-            (t.as_slice().to_vec(), t.rows.capacity() > 0)
-        };
-        assert_eq!(rows_after(&[]), (vec![], false));
-        assert_eq!(rows_after(&[3]), (vec![3], false));
-        assert_eq!(rows_after(&[3, 3]), (vec![3], false));
-        assert_eq!(rows_after(&[3, 5]), (vec![3, 5], true));
-        assert_eq!(rows_after(&[3, 5, 5, 9, 9]), (vec![3, 5, 9], true));
     }
 }

@@ -564,7 +564,6 @@ impl serde::Serialize for BulkItem<'_> {
     }
 }
 
-
 /// Like [`append`], but a streaming bulk request waits (boundedly) for budget and for room in
 /// the store's queue rather than failing at once: the client is already sending, and waiting
 /// is its flow control. It also waits while the index is more than `index_lag_events_max`

@@ -44,7 +44,10 @@ pub fn run(args: StagesArgs) -> Result<()> {
         "post the document to a memtable",
         "freeze the memtable",
     ];
-    for _ in 0..args.rounds {
+    // Each round's memtable is sized like the last one, as the server's are; the first grows.
+    let mut previous: Option<Memtable> = None;
+    for round in 0..args.rounds {
+        let base = (round * args.events) as u64;
         let t = Instant::now();
         let values: Vec<serde_json::Value> =
             lines.iter().map(|l| serde_json::from_str(l)).collect::<Result<_, _>>()?;
@@ -72,18 +75,25 @@ pub fn run(args: StagesArgs) -> Result<()> {
         let docs = stored
             .iter()
             .enumerate()
-            .map(|(seq, s)| doc::extract(seq as u64, s, &tokens, Some(doc::fhir_terms)))
+            .map(|(i, s)| doc::extract(base + i as u64, s, &tokens, Some(doc::fhir_terms)))
             .collect::<Result<Vec<Doc>, _>>()
             .map_err(|e| anyhow::anyhow!(e))?;
         let extract = t.elapsed();
 
         // The blocks a 2 KiB-block segment would give: about four events each.
         let t = Instant::now();
-        let mut memtable = Memtable::new(0);
+        let mut memtable = match &previous {
+            Some(p) => Memtable::after(p),
+            None => Memtable::new(0),
+        };
         for doc in docs {
             let seq = doc.seq;
-            let block =
-                BlockLocation { segment: 0, offset: seq / 4 * 2048, first_seq: seq / 4 * 4, count: 4 };
+            let block = BlockLocation {
+                segment: 0,
+                offset: seq / 4 * 2048,
+                first_seq: seq / 4 * 4,
+                count: 4,
+            };
             memtable.push(doc, &block);
         }
         let push = t.elapsed();
@@ -92,6 +102,7 @@ pub fn run(args: StagesArgs) -> Result<()> {
         let segment = memtable.freeze();
         let freeze = t.elapsed();
         ensure!(segment.len() == args.events, "the segment holds every event");
+        previous = Some(memtable);
 
         for (b, d) in best.iter_mut().zip([parse, prepare, write, extract, push, freeze]) {
             *b = b.min(d.as_secs_f64() * 1e6 / args.events as f64);

@@ -9,8 +9,8 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 mod bench;
 mod bench_http;
 mod bench_lookup;
-mod bench_stages;
 mod bench_report;
+mod bench_stages;
 mod generator;
 
 use anyhow::{Context as _, Result, bail};
