@@ -142,13 +142,19 @@ pub async fn append(
         state.metrics.requests_overloaded.fetch_add(1, Ordering::Relaxed);
         return Err(ApiError::busy());
     };
-    let s = state.clone();
-    let receipts = blocking(move || {
-        let r = s.store.try_append(events).map_err(ApiError::from);
+    // Answered by the store's syncer once durable: the request waits without holding a
+    // thread (a blocking thread per request in flight cost more than the append itself).
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let receipts = match state.store.try_append_then(events, move |r| {
         drop(permit);
-        r
-    })
-    .await;
+        let _ = tx.send(r);
+    }) {
+        Ok(()) => match rx.await {
+            Ok(r) => r.map_err(ApiError::from),
+            Err(_) => Err(ApiError::from(state.store.closed())),
+        },
+        Err(e) => Err(ApiError::from(e)),
+    };
     match &receipts {
         Ok(receipts) => count(state, receipts),
         Err(e) if e.status == StatusCode::SERVICE_UNAVAILABLE => {

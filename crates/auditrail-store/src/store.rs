@@ -174,7 +174,16 @@ impl Shared {
     }
 }
 
-type Reply = SyncSender<Result<Vec<Receipt>, StoreError>>;
+/// Where an append's answer goes. Called once, on the writer's or the syncer's thread, so it
+/// must not block (a channel send, a waker); dropped uncalled only if the store stops first.
+type Reply = Box<dyn FnOnce(Result<Vec<Receipt>, StoreError>) + Send>;
+
+/// An answer sent on a channel, for the callers that wait on one.
+fn reply_to(tx: SyncSender<Result<Vec<Receipt>, StoreError>>) -> Reply {
+    Box::new(move |r| {
+        let _ = tx.send(r);
+    })
+}
 
 enum Request {
     Append { events: Vec<PreparedEvent>, reply: Reply },
@@ -401,19 +410,34 @@ impl Store {
             return Ok(Vec::new());
         }
         let (tx, rx) = mpsc::sync_channel(1);
-        self.requests.send(Request::Append { events, reply: tx }).map_err(|_| self.closed())?;
+        let reply = reply_to(tx);
+        self.requests.send(Request::Append { events, reply }).map_err(|_| self.closed())?;
         rx.recv().map_err(|_| self.closed())?
     }
 
     /// Like [`Store::append`], but answers `Backpressure` at once when the queue is full.
     pub fn try_append(&self, events: Vec<PreparedEvent>) -> Result<Vec<Receipt>, StoreError> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        self.try_append_then(events, reply_to(tx))?;
+        rx.recv().map_err(|_| self.closed())?
+    }
+
+    /// Like [`Store::try_append`], but without waiting: `done` is called with the answer once
+    /// the batch is durable (or cannot be), on one of the store's threads, so it must not
+    /// block. A caller on an async runtime waits for it without holding a thread. When this
+    /// returns an error, `done` is never called.
+    pub fn try_append_then(
+        &self,
+        events: Vec<PreparedEvent>,
+        done: impl FnOnce(Result<Vec<Receipt>, StoreError>) + Send + 'static,
+    ) -> Result<(), StoreError> {
         self.check_batch(&events)?;
         if events.is_empty() {
-            return Ok(Vec::new());
+            done(Ok(Vec::new()));
+            return Ok(());
         }
-        let (tx, rx) = mpsc::sync_channel(1);
-        match self.requests.try_send(Request::Append { events, reply: tx }) {
-            Ok(()) => rx.recv().map_err(|_| self.closed())?,
+        match self.requests.try_send(Request::Append { events, reply: Box::new(done) }) {
+            Ok(()) => Ok(()),
             Err(TrySendError::Full(_)) => Err(StoreError::Backpressure),
             Err(TrySendError::Disconnected(_)) => Err(self.closed()),
         }
@@ -429,9 +453,9 @@ impl Store {
         if events.is_empty() {
             return Ok(());
         }
-        // The writer's answer goes nowhere: its send to a dropped receiver is ignored.
-        let (tx, _rx) = mpsc::sync_channel(1);
-        match self.requests.try_send(Request::Append { events, reply: tx }) {
+        // The writer's answer goes nowhere.
+        let reply: Reply = Box::new(|_| {});
+        match self.requests.try_send(Request::Append { events, reply }) {
             Ok(()) => Ok(()),
             Err(TrySendError::Full(_)) => Err(StoreError::Backpressure),
             Err(TrySendError::Disconnected(_)) => Err(self.closed()),
@@ -445,7 +469,8 @@ impl Store {
         rx.recv().map_err(|_| self.closed())?
     }
 
-    fn closed(&self) -> StoreError {
+    /// Why a request got no answer: the store is poisoned (and why), or closed.
+    pub fn closed(&self) -> StoreError {
         match self.shared.check() {
             Err(e) => e,
             Ok(()) => StoreError::Closed,
@@ -856,7 +881,7 @@ impl Sequencer {
         let group = std::mem::take(group);
         if let Err(e) = self.shared.check() {
             for (_, reply) in group {
-                let _ = reply.send(Err(StoreError::Poisoned(e.to_string())));
+                reply(Err(StoreError::Poisoned(e.to_string())));
             }
             return;
         }
@@ -867,7 +892,7 @@ impl Sequencer {
             Err((why, replies)) => {
                 self.shared.poison(why.clone());
                 for reply in replies {
-                    let _ = reply.send(Err(StoreError::Poisoned(why.clone())));
+                    reply(Err(StoreError::Poisoned(why.clone())));
                 }
             }
         }
@@ -1189,7 +1214,7 @@ impl Syncer {
             let SyncMsg::Batch { entries, end_seq, replies, .. } = b else { continue };
             if let Some(why) = &failure {
                 for (reply, _) in replies {
-                    let _ = reply.send(Err(StoreError::Poisoned(why.clone())));
+                    reply(Err(StoreError::Poisoned(why.clone())));
                 }
                 continue;
             }
@@ -1198,7 +1223,7 @@ impl Syncer {
             assert_eq!(end_seq - sequenced, entries.len() as u64, "seqs are contiguous");
             self.shared.sequenced.store(end_seq, Ordering::SeqCst);
             for (reply, receipts) in replies {
-                let _ = reply.send(Ok(receipts));
+                reply(Ok(receipts));
             }
             for e in &entries {
                 if let Err(err) = self.tree.append(self.io.as_ref(), e) {

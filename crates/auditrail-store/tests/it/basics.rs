@@ -349,3 +349,34 @@ fn later_segments_compress_with_a_dictionary_and_every_reader_opens_them() {
     assert_eq!(block.get(seq).unwrap(), store.read_events(seq, seq + 1).unwrap()[0].1.as_slice());
     store.close().unwrap();
 }
+
+/// The callback form answers once the batch is durable (a power cut right after the answer
+/// keeps it), and answers a failed sync with the error instead of receipts.
+#[test]
+fn try_append_then_answers_after_the_sync_and_reports_a_failed_one() {
+    let disk = SimDisk::new();
+    Keys::install(&disk, "test.example/log").unwrap();
+    let store = Store::open_with(Arc::new(disk.clone()), options()).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let answer = tx.clone();
+    store
+        .try_append_then((0..5).map(|i| event(i, None)).collect(), move |r| answer.send(r).unwrap())
+        .unwrap();
+    let receipts = rx.recv().unwrap().unwrap();
+    assert_eq!(receipts.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![0, 1, 2, 3, 4]);
+    let survivor = disk.after_power_cut(&mut auditrail_store::sim::Rng::new(3));
+    let reopened = Store::open_with(Arc::new(survivor), options()).unwrap();
+    assert_eq!(reopened.stages().sequenced, 5, "acknowledged means durable");
+    reopened.close().unwrap();
+
+    disk.fail_sync(1);
+    let answer = tx.clone();
+    store.try_append_then(vec![event(9, None)], move |r| answer.send(r).unwrap()).unwrap();
+    assert!(matches!(rx.recv().unwrap(), Err(StoreError::Poisoned(_))));
+    // Refused at once from now on, and the callback of a refused batch is never called.
+    let answer = tx.clone();
+    let refused = store.try_append_then(vec![event(10, None)], move |r| answer.send(r).unwrap());
+    assert!(refused.is_err());
+    drop(tx);
+    assert!(rx.recv().is_err(), "no answer for a refused batch");
+}
