@@ -516,9 +516,14 @@ impl ClientEvent {
         let mut server_at = [0u32; SERVER_MEMBERS.len()];
         let mut placed = 0;
         let mut id_value = None;
-        // A `Map` iterates in key order, and the keys are ASCII (validated against
-        // `TOP_LEVEL`), so this is RFC 8785's order.
-        for (k, v) in &self.fields {
+        // The keys are ASCII (validated against `TOP_LEVEL`), so byte order is RFC 8785's
+        // order. A `Map` iterates in it unless some crate turns on serde_json's
+        // `preserve_order`, hence the check.
+        let mut fields: Vec<(&String, &Value)> = self.fields.iter().collect();
+        if !fields.is_sorted_by_key(|f| f.0) {
+            fields.sort_unstable_by_key(|f| f.0);
+        }
+        for (k, v) in fields {
             while placed < SERVER_MEMBERS.len() && SERVER_MEMBERS[placed] < k.as_str() {
                 server_at[placed] = members.len() as u32;
                 placed += 1;
