@@ -20,12 +20,7 @@ impl std::fmt::Display for Hex<'_> {
 }
 
 pub fn encode(bytes: &[u8]) -> String {
-    let mut out = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        out.push(DIGITS[usize::from(b >> 4)] as char);
-        out.push(DIGITS[usize::from(b & 15)] as char);
-    }
-    out
+    Hex(bytes).to_string()
 }
 
 /// The bytes `s` spells, upper or lower case; `None` for an odd length or a non-hex digit.

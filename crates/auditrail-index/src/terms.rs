@@ -112,22 +112,8 @@ impl TermTable {
         if self.slots.is_empty() {
             return None;
         }
-        let hash = hash(key);
-        let mask = self.slots.len() - 1;
-        let mut at = home(hash, self.slots.len());
-        loop {
-            let slot = self.slots[at];
-            if slot == 0 {
-                return None;
-            }
-            if slot_tag(slot) == tag(hash) {
-                let entry = &self.entries[slot_index(slot)];
-                if entry.key.as_bytes() == key {
-                    return Some(&entry.rows);
-                }
-            }
-            at = (at + 1) & mask;
-        }
+        let index = self.probe(hash(key), key).ok()?;
+        Some(&self.entries[index].rows)
     }
 
     /// Every term and its rows, in the order the terms first appeared.
@@ -189,22 +175,32 @@ impl TermTable {
         }
     }
 
-    fn find_or_insert(&mut self, hash: u64, key: &[u8]) -> usize {
+    /// The entry holding `key`, or the empty slot where it would go.
+    fn probe(&self, hash: u64, key: &[u8]) -> Result<usize, usize> {
         let mask = self.slots.len() - 1;
         let mut at = home(hash, self.slots.len());
         loop {
             let slot = self.slots[at];
             if slot == 0 {
+                return Err(at);
+            }
+            if slot_tag(slot) == tag(hash) && self.entries[slot_index(slot)].key.as_bytes() == key {
+                return Ok(slot_index(slot));
+            }
+            at = (at + 1) & mask;
+        }
+    }
+
+    fn find_or_insert(&mut self, hash: u64, key: &[u8]) -> usize {
+        match self.probe(hash, key) {
+            Ok(index) => index,
+            Err(at) => {
                 let index = self.entries.len();
                 assert!(index < u32::MAX as usize, "a memtable holds fewer than 2^32 terms");
                 self.entries.push(Entry { key: TermKey::new(key), rows: TermRows::default() });
                 self.slots[at] = (u64::from(tag(hash)) << 32) | (index as u64 + 1);
-                return index;
+                index
             }
-            if slot_tag(slot) == tag(hash) && self.entries[slot_index(slot)].key.as_bytes() == key {
-                return slot_index(slot);
-            }
-            at = (at + 1) & mask;
         }
     }
 

@@ -612,3 +612,29 @@ async fn append_waiting(
     count(state, &receipts);
     Ok(receipts)
 }
+
+#[cfg(test)]
+mod bulk_answer_tests {
+    use super::*;
+
+    /// A stored line's item is a single event's receipt plus its line and status, whatever
+    /// either is changed to: the two are written by different code.
+    #[test]
+    fn a_stored_line_is_the_receipt_with_its_line_and_status() {
+        for duplicate in [false, true] {
+            let r = Receipt {
+                seq: 42,
+                id: "a\"b".into(),
+                leaf_hash: [0xab; 32],
+                recorded_at_ms: 7,
+                duplicate,
+            };
+            let item = serde_json::to_value(BulkItem::Stored(StoredLine { line: 3, receipt: &r }))
+                .unwrap();
+            let mut expected = receipt_json(&r);
+            expected["line"] = json!(3);
+            expected["status"] = json!(if duplicate { 200 } else { 201 });
+            assert_eq!(item, expected);
+        }
+    }
+}
