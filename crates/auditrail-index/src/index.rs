@@ -24,6 +24,7 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
+use std::time::Instant;
 
 #[derive(Debug, thiserror::Error)]
 pub enum IndexError {
@@ -74,6 +75,23 @@ impl Default for Query {
             newest_first: true,
             limit: 50,
         }
+    }
+}
+
+/// A search stopped at its deadline ([`Index::search_until`]).
+#[derive(Debug)]
+pub struct Unfinished {
+    found: Vec<u64>,
+    rest: Query,
+}
+
+impl Unfinished {
+    /// The whole answer: what was found, then what the parts not searched yet hold.
+    pub fn finish(self, index: &Index) -> Hits {
+        let Unfinished { mut found, rest } = self;
+        let more = index.search(&rest);
+        found.extend(more.seqs);
+        Hits { seqs: found, more: more.more }
     }
 }
 
@@ -513,6 +531,18 @@ impl Index {
     }
 
     pub fn search(&self, q: &Query) -> Hits {
+        let finished = self.search_until(q, None);
+        finished.unwrap_or_else(|_| unreachable!("a search without a deadline finishes"))
+    }
+
+    /// [`Index::search`], stopping between two parts once `deadline` has passed. Then the
+    /// answer is what was found so far and the query for the parts not searched yet, which
+    /// [`Unfinished::finish`] runs (on a thread that may take its time).
+    pub fn search_until(
+        &self,
+        q: &Query,
+        deadline: Option<Instant>,
+    ) -> Result<Hits, Box<Unfinished>> {
         let purged = self.purged();
         let state = self.read();
         let mut seqs = Vec::new();
@@ -526,22 +556,29 @@ impl Index {
             });
             seqs.len() < want
         };
+        let mut parts: Vec<&dyn Part> = state.parts().collect();
         if q.newest_first {
-            for part in state.parts().rev() {
-                if !visit(part) {
-                    break;
-                }
+            parts.reverse();
+        }
+        for part in parts {
+            if !visit(part) {
+                break;
             }
-        } else {
-            for part in state.parts() {
-                if !visit(part) {
-                    break;
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                // The rest of the seqs, on the side of this part not searched yet.
+                let mut rest = q.clone();
+                if q.newest_first {
+                    rest.seqs.1 = rest.seqs.1.min(part.first_seq());
+                } else {
+                    rest.seqs.0 = rest.seqs.0.max(part.end_seq());
                 }
+                rest.limit = q.limit - seqs.len();
+                return Err(Box::new(Unfinished { found: seqs, rest }));
             }
         }
         let more = seqs.len() > q.limit;
         seqs.truncate(q.limit);
-        Hits { seqs, more }
+        Ok(Hits { seqs, more })
     }
 
     /// How many events match (ignores `limit` and the order).

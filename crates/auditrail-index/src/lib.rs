@@ -16,4 +16,4 @@ pub mod postings;
 mod terms;
 
 pub use doc::{Field, GroupBy, PatientTokens};
-pub use index::{Follower, Hits, Index, IndexError, IndexOptions, Query};
+pub use index::{Follower, Hits, Index, IndexError, IndexOptions, Query, Unfinished};

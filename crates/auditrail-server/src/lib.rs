@@ -52,6 +52,11 @@ pub struct Metrics {
 /// Cold blocks below which [`BlockCache::warm`] decodes them on the caller's thread alone.
 const WARM_IN_PARALLEL_MIN: usize = 8;
 
+/// Cold blocks beyond which a read that must not wait (an async thread's) is left to a thread
+/// that may: decoding a block takes about 5 µs, so this bounds such a read to a few tenths of
+/// a millisecond.
+const IN_MEMORY_COLD_BLOCKS_MAX: usize = 64;
+
 /// Decoded log blocks, so a page of results from the same few blocks decrypts each once.
 pub struct BlockCache {
     cached: Arc<CachedBlocks>,
@@ -82,16 +87,22 @@ impl WarmJob {
         WarmJob { blocks, next: AtomicUsize::new(0), prefetched: AtomicBool::new(false) }
     }
 
-    fn run(&self, cached: &CachedBlocks) {
+    /// Decodes blocks until none is left to take. With `Disk::Wait`, a block not in memory is
+    /// read from the disk; with `Disk::DoNotWait`, the first such block stops this thread's
+    /// part and the answer is `false` (another thread may still read it).
+    fn run(&self, cached: &CachedBlocks, disk: Disk) -> bool {
         loop {
             let i = self.next.fetch_add(1, Ordering::Relaxed);
-            let Some(at) = self.blocks.get(i) else { return };
-            if !self.prefetched.load(Ordering::Relaxed) {
+            let Some(at) = self.blocks.get(i) else { return true };
+            if disk == Disk::DoNotWait || !self.prefetched.load(Ordering::Relaxed) {
                 match cached.get_if_resident(at) {
-                    Ok(true) => continue,
-                    Ok(false) => {
+                    Ok(Some(_)) => continue,
+                    Ok(None) => {
                         if !self.prefetched.swap(true, Ordering::Relaxed) {
                             cached.reader.prefetch(&self.blocks[i..]);
+                        }
+                        if disk == Disk::DoNotWait {
+                            return false;
                         }
                     }
                     // Left to the caller's own read, which reports it.
@@ -101,6 +112,13 @@ impl WarmJob {
             drop(cached.get(at));
         }
     }
+}
+
+/// Whether a read may wait for the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Disk {
+    Wait,
+    DoNotWait,
 }
 
 #[derive(Default)]
@@ -122,7 +140,7 @@ impl BlockCache {
         // the work itself.
         let _ = std::thread::Builder::new().name("auditrail-block-warm".into()).spawn(move || {
             while let Ok(job) = jobs.recv() {
-                job.run(&helped);
+                job.run(&helped, Disk::Wait);
             }
         });
         BlockCache { cached, helper: Mutex::new(helper) }
@@ -135,20 +153,50 @@ impl BlockCache {
     /// The stored (canonical JSON) bytes of the events `seqs`, which `index` locates: each
     /// block is located once and the cold ones are decoded two at a time ([`BlockCache::warm`]).
     pub fn read_stored(&self, index: &Index, seqs: &[u64]) -> Result<StoredEvents, ApiError> {
+        let read = self.read_stored_from(index, seqs, Disk::Wait)?;
+        Ok(read.expect("a read that may wait always reads"))
+    }
+
+    /// [`BlockCache::read_stored`] without waiting for the disk: `None` when a block is
+    /// neither cached nor in the page cache, or more than [`IN_MEMORY_COLD_BLOCKS_MAX`] need
+    /// decoding. An async handler answers from memory on its own thread and hands only the
+    /// other pages to a blocking one.
+    pub fn read_stored_in_memory(
+        &self,
+        index: &Index,
+        seqs: &[u64],
+    ) -> Result<Option<StoredEvents>, ApiError> {
+        self.read_stored_from(index, seqs, Disk::DoNotWait)
+    }
+
+    fn read_stored_from(
+        &self,
+        index: &Index,
+        seqs: &[u64],
+        disk: Disk,
+    ) -> Result<Option<StoredEvents>, ApiError> {
         let locations = index.blocks_for(seqs);
-        self.warm(locations.iter().flatten().copied());
+        if !self.warm(locations.iter().flatten().copied(), disk) {
+            return Ok(None);
+        }
         let mut blocks = Vec::with_capacity(seqs.len());
         for (&seq, at) in seqs.iter().zip(locations) {
             let at = at.ok_or_else(|| {
                 ApiError::internal(format!("seq {seq} has no block in the index"))
             })?;
-            let block = self.get(&at)?;
+            let block = match disk {
+                Disk::Wait => self.get(&at)?,
+                Disk::DoNotWait => match self.cached.get_if_resident(&at)? {
+                    Some(block) => block,
+                    None => return Ok(None),
+                },
+            };
             if block.get(seq).is_none() {
                 return Err(ApiError::internal(format!("block at {at:?} lacks seq {seq}")));
             }
             blocks.push((seq, block));
         }
-        Ok(StoredEvents { blocks })
+        Ok(Some(StoredEvents { blocks }))
     }
 
     /// Decodes the blocks not cached yet among `blocks` on two threads, so a page of results
@@ -158,7 +206,8 @@ impl BlockCache {
     /// which prefetches the rest ([`WarmJob`]). A single cold block is left to the caller's
     /// own read. Never waits for the helper: a block it is still decoding when the caller is
     /// done is decoded again by the caller's own read, which also reports any error.
-    pub fn warm(&self, blocks: impl IntoIterator<Item = BlockLocation>) {
+    /// `false` when `disk` is `DoNotWait` and the caller met a block not in memory.
+    fn warm(&self, blocks: impl IntoIterator<Item = BlockLocation>, disk: Disk) -> bool {
         let mut cold: Vec<BlockLocation> = Vec::new();
         {
             let inner = self.cached.inner.lock().unwrap_or_else(|e| e.into_inner());
@@ -171,16 +220,18 @@ impl BlockCache {
                 }
             }
         }
+        if disk == Disk::DoNotWait && cold.len() > IN_MEMORY_COLD_BLOCKS_MAX {
+            return false;
+        }
         if cold.len() < 2 {
-            return;
+            return true;
         }
         if cold.len() < WARM_IN_PARALLEL_MIN {
-            WarmJob::new(cold).run(&self.cached);
-            return;
+            return WarmJob::new(cold).run(&self.cached, disk);
         }
         let job = Arc::new(WarmJob::new(cold));
         let _ = self.helper.lock().unwrap_or_else(|e| e.into_inner()).send(job.clone());
-        job.run(&self.cached);
+        job.run(&self.cached, disk)
     }
 
     /// The commitment salt of event `seq`, stored in the block at `at`.
@@ -224,16 +275,18 @@ impl CachedBlocks {
         Ok(self.keep(key, Arc::new(self.reader.read(at)?)))
     }
 
-    /// Makes sure the block at `at` is cached, decoding it if its bytes are in memory;
-    /// `false` when reading them would wait for the disk.
-    fn get_if_resident(&self, at: &BlockLocation) -> Result<bool, auditrail_store::StoreError> {
+    /// The block at `at`, cached, decoding it if its bytes are in memory; `None` when
+    /// reading them would wait for the disk.
+    fn get_if_resident(
+        &self,
+        at: &BlockLocation,
+    ) -> Result<Option<Arc<BlockEvents>>, auditrail_store::StoreError> {
         let key = (at.segment, at.offset);
-        if self.inner.lock().unwrap_or_else(|e| e.into_inner()).map.contains_key(&key) {
-            return Ok(true);
+        if let Some(b) = self.inner.lock().unwrap_or_else(|e| e.into_inner()).map.get(&key) {
+            return Ok(Some(b.clone()));
         }
-        let Some(block) = self.reader.read_if_resident(at)? else { return Ok(false) };
-        self.keep(key, Arc::new(block));
-        Ok(true)
+        let Some(block) = self.reader.read_if_resident(at)? else { return Ok(None) };
+        Ok(Some(self.keep(key, Arc::new(block))))
     }
 
     /// Caches a decoded block (the one cached already, if another thread was first).
@@ -992,7 +1045,7 @@ mod block_cache_tests {
             let cache = BlockCache::new(store.block_reader(), budget);
             std::thread::scope(|s| {
                 for _ in 0..3 {
-                    s.spawn(|| cache.warm(blocks.iter().copied()));
+                    s.spawn(|| cache.warm(blocks.iter().copied(), Disk::Wait));
                 }
             });
             let inner = cache.cached.inner.lock().unwrap();
@@ -1030,7 +1083,7 @@ mod block_cache_tests {
         assert_eq!(segments.len(), 1, "one file, which one prefetch brings back whole");
         let cache = BlockCache::new(store.block_reader(), usize::MAX);
         disk.evict(&auditrail_store::reader::segment_path(blocks[0].segment));
-        cache.warm(blocks.iter().copied());
+        cache.warm(blocks.iter().copied(), Disk::Wait);
         // The first miss is the first block either thread takes (every block is evicted), so
         // it prefetches all the blocks, or all but the one the other thread took first. `warm`
         // never waits for its helper, which may be the thread still prefetching.
@@ -1053,7 +1106,7 @@ mod block_cache_tests {
 
         // In memory now: decoding them all again prefetches nothing more.
         cache.clear();
-        cache.warm(blocks.iter().copied());
+        cache.warm(blocks.iter().copied(), Disk::Wait);
         std::thread::sleep(std::time::Duration::from_millis(20));
         assert_eq!(disk.prefetches(), prefetched, "blocks in memory were prefetched");
         assert!(prefetched <= all);
@@ -1072,11 +1125,11 @@ mod block_cache_tests {
         let cache = BlockCache::new(store.block_reader(), usize::MAX);
 
         disk.evict(&path);
-        cache.warm(page.iter().copied());
+        cache.warm(page.iter().copied(), Disk::Wait);
         // No helper: everything happened on this thread, before `warm` returned.
         assert_eq!(disk.prefetches(), page.len() as u64, "one prefetch per block of the page");
         for at in page {
-            assert!(cache.cached.get_if_resident(at).unwrap(), "{at:?} decoded by warm");
+            assert!(cache.cached.get_if_resident(at).unwrap().is_some(), "{at:?} decoded by warm");
             let block = cache.get(at).unwrap();
             for seq in at.first_seq..at.end_seq() {
                 assert_eq!(block.get(seq).unwrap(), stored[seq as usize].as_slice());
@@ -1084,12 +1137,39 @@ mod block_cache_tests {
         }
 
         cache.clear();
-        cache.warm(page.iter().copied());
+        cache.warm(page.iter().copied(), Disk::Wait);
         assert_eq!(disk.prefetches(), page.len() as u64, "blocks in memory were prefetched");
 
         disk.evict(&path);
-        cache.warm([blocks[0]]);
+        cache.warm([blocks[0]], Disk::Wait);
         assert_eq!(disk.prefetches(), page.len() as u64, "a single block was prefetched");
+        store.close().unwrap();
+    }
+
+    /// An async thread's read (`Disk::DoNotWait`) stops at the first block not in memory,
+    /// having asked for the page's blocks; in memory, it decodes them all, as a read that
+    /// may wait would.
+    #[test]
+    fn a_read_that_must_not_wait_stops_at_a_block_not_in_memory() {
+        let disk = SimDisk::new();
+        let (store, blocks, stored) = store_of_small_blocks(&disk);
+        let path = auditrail_store::reader::segment_path(blocks[0].segment);
+        let page = &blocks[3..3 + WARM_IN_PARALLEL_MIN - 1];
+        let cache = BlockCache::new(store.block_reader(), usize::MAX);
+
+        disk.evict(&path);
+        assert!(!cache.warm(page.iter().copied(), Disk::DoNotWait), "the disk was not waited for");
+        assert_eq!(disk.prefetches(), page.len() as u64, "one prefetch per block of the page");
+
+        // Brought into memory by the prefetch: now it reads without waiting.
+        cache.clear();
+        assert!(cache.warm(page.iter().copied(), Disk::DoNotWait));
+        for at in page {
+            let block = cache.cached.get_if_resident(at).unwrap().expect("decoded by warm");
+            for seq in at.first_seq..at.end_seq() {
+                assert_eq!(block.get(seq).unwrap(), stored[seq as usize].as_slice());
+            }
+        }
         store.close().unwrap();
     }
 }

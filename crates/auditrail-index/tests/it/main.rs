@@ -10,6 +10,7 @@ use auditrail_store::{Options, Store};
 use serde_json::{Value, json};
 
 const T0: i64 = 1_790_000_000_000;
+const HOUR: std::time::Duration = std::time::Duration::from_secs(3600);
 
 fn event(rng: &mut Rng, i: u64) -> Value {
     // Mostly increasing occurred_at with some skew, as real clocks give.
@@ -117,6 +118,21 @@ fn queries_match_a_naive_scan_across_segments_restarts_and_rebuilds() {
             below = *hits.seqs.last().unwrap();
         }
         assert_eq!(paged, expected);
+        // A search stopped at its deadline (here: after its first part) and finished later
+        // gives the same answer, in either order, at any page size and cursor.
+        let mut unfinished = 0;
+        for (limit, seqs, newest_first) in
+            [(7, (0, u64::MAX), true), (10_000, (0, 2000), true), (5, (900, u64::MAX), false)]
+        {
+            let q = Query { seqs, limit, newest_first, ..q.clone() };
+            let whole = index.search(&q);
+            let stopped = index.search_until(&q, Some(std::time::Instant::now()));
+            unfinished += usize::from(stopped.is_err());
+            assert_eq!(stopped.unwrap_or_else(|u| u.finish(index)), whole, "{limit} {seqs:?}");
+        }
+        assert!(unfinished >= 2, "only {unfinished} searches were stopped");
+        let unhurried = index.search_until(&q, Some(std::time::Instant::now() + HOUR));
+        assert_eq!(unhurried.unwrap(), index.search(&q));
 
         // Patient OR patient, AND outcome.
         let patients = vec![index.patients().term("MRN3"), index.patients().term("Patient/MRN4")];

@@ -686,9 +686,33 @@ impl Auth {
     }
 
     /// Resolves `Authorization: Bearer <token>`: an API key (`atk_…`) or an access token.
+    /// May wait for the log or the disk (see [`Auth::authenticate_in_memory`]).
     pub fn authenticate(&self, bearer: &str, ip: Option<IpAddr>) -> Result<Principal, ApiError> {
+        let resolved = self.resolve(bearer, ip, Writes::MayWait)?;
+        Ok(resolved.expect("a resolution that may wait always finishes"))
+    }
+
+    /// [`Auth::authenticate`] for an async thread: never waits. `Ok(None)` when this request
+    /// must write first (a session that ended or changed address is recorded in the log; API
+    /// key use times are saved once a minute); nothing has changed then, and
+    /// [`Auth::authenticate`] on a blocking thread does it all. Nearly every request is
+    /// resolved here, without handing it to another thread and back.
+    pub fn authenticate_in_memory(
+        &self,
+        bearer: &str,
+        ip: Option<IpAddr>,
+    ) -> Result<Option<Principal>, ApiError> {
+        self.resolve(bearer, ip, Writes::MustNotWait)
+    }
+
+    fn resolve(
+        &self,
+        bearer: &str,
+        ip: Option<IpAddr>,
+        writes: Writes,
+    ) -> Result<Option<Principal>, ApiError> {
         if let Some(rest) = bearer.strip_prefix(API_KEY_PREFIX) {
-            return self.authenticate_key(rest, ip);
+            return self.authenticate_key(rest, ip, writes);
         }
         let now = self.now_ms();
         let claims = match self.tokens.verify(bearer, now) {
@@ -708,12 +732,17 @@ impl Auth {
             if s.user_id != claims.sub {
                 return Err(unauthenticated("the access token is not valid"));
             }
-            if let Some(why) = self.expired(s, now) {
+            let ended = self.expired(s, now);
+            let moved = (ip.is_some() && s.ip != ip).then_some((s.ip, ip));
+            if (ended.is_some() || moved.is_some()) && writes == Writes::MustNotWait {
+                // Both are recorded in the log: left, unchanged, to a caller that may wait.
+                return Ok(None);
+            }
+            if let Some(why) = ended {
                 let s = sessions.remove(&claims.sid).expect("present");
                 (s, Some(why), None)
             } else {
                 s.last_seen_ms = now;
-                let moved = (ip.is_some() && s.ip != ip).then_some((s.ip, ip));
                 if moved.is_some() {
                     s.ip = ip;
                 }
@@ -743,10 +772,15 @@ impl Auth {
                 vec![change("ip", show(before), show(after))],
             )?;
         }
-        Ok(principal)
+        Ok(Some(principal))
     }
 
-    fn authenticate_key(&self, rest: &str, ip: Option<IpAddr>) -> Result<Principal, ApiError> {
+    fn authenticate_key(
+        &self,
+        rest: &str,
+        ip: Option<IpAddr>,
+        writes: Writes,
+    ) -> Result<Option<Principal>, ApiError> {
         let bad_key = || unauthenticated("the API key is not valid");
         let (id, secret) = rest.split_once('_').ok_or_else(bad_key)?;
         let key = self.read().api_keys.iter().find(|k| k.id == id).cloned().ok_or_else(bad_key)?;
@@ -765,8 +799,12 @@ impl Auth {
         let now = self.now_ms();
         let flush = {
             let mut used = lock(&self.key_last_used);
+            let flush = now - used.1 > 60_000;
+            if flush && writes == Writes::MustNotWait {
+                return Ok(None);
+            }
             used.0.insert(key.id.clone(), now);
-            now - used.1 > 60_000
+            flush
         };
         if flush {
             // Written at most once a minute; a failure here must not fail the request.
@@ -774,7 +812,7 @@ impl Auth {
                 eprintln!("auditrail: cannot save API key use times: {}", e.message);
             }
         }
-        Ok(Principal {
+        Ok(Some(Principal {
             kind: Kind::ApiKey,
             id: format!("key_{}", key.id),
             name: key.name.clone(),
@@ -783,7 +821,7 @@ impl Auth {
             restriction: None,
             emergency: None,
             ip,
-        })
+        }))
     }
 
     fn end_session(&self, id: &str) -> bool {
@@ -1561,6 +1599,13 @@ fn user_mut<'a>(accounts: &'a mut Accounts, id: &str) -> Result<&'a mut User, Ap
 
 /// Locks a mutex; a panic elsewhere while holding it leaves data that is still consistent
 /// here (each critical section is a single map update), so poisoning is ignored.
+/// Whether authenticating a request may wait to write (an event in the log, the accounts).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Writes {
+    MayWait,
+    MustNotWait,
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }

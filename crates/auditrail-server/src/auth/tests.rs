@@ -339,3 +339,48 @@ fn admin_changes_record_before_and_after() {
     let e = f.auth.update_user(&Auth::system(), &admin, None, Some(vec![]), None).unwrap_err();
     assert_eq!(e.code, "conflict");
 }
+
+/// What an async thread may resolve without waiting, and that it leaves every case that must
+/// write (a session ending or moving, API key use times due) untouched for `authenticate`.
+#[test]
+fn authenticating_in_memory_defers_every_request_that_must_write() {
+    let f = fixture(no_mfa());
+    alice(&f);
+    let here = Some("10.0.0.1".parse().unwrap());
+    let t = login(&f, "alice", PASSWORD, None).unwrap();
+    let p = f.auth.authenticate_in_memory(&t.access_token, here).unwrap().expect("resolved");
+    assert_eq!(p.id, f.auth.authenticate(&t.access_token, here).unwrap().id);
+    // Invalid credentials are refused here as they are there.
+    let e = f.auth.authenticate_in_memory("not-a-token", here).unwrap_err();
+    assert_eq!(e.code, "unauthenticated");
+
+    // A new address is recorded in the log: deferred, and the session still has the old one.
+    let there = Some("10.9.9.9".parse().unwrap());
+    let recorded = |action: &str| events(&f).iter().filter(|e| e.0 == action).count();
+    assert!(f.auth.authenticate_in_memory(&t.access_token, there).unwrap().is_none());
+    assert!(f.auth.authenticate_in_memory(&t.access_token, there).unwrap().is_none());
+    assert_eq!(recorded("auth.session.ip_change"), 0);
+    f.auth.authenticate(&t.access_token, there).unwrap();
+    assert_eq!(recorded("auth.session.ip_change"), 1);
+    assert!(f.auth.authenticate_in_memory(&t.access_token, there).unwrap().is_some());
+
+    // An idle session ends with a record: deferred until a caller may wait, which ends it.
+    f.clock.advance(30 * 60_000 + 1);
+    let fresh = f.auth.tokens.issue(&p.id, &t.session_id, f.clock.now_ms(), 60_000);
+    assert!(f.auth.authenticate_in_memory(&fresh, there).unwrap().is_none());
+    assert_eq!(recorded("auth.session.expire"), 0);
+    let e = f.auth.authenticate(&fresh, there).unwrap_err();
+    assert!(e.message.contains("idle"), "{}", e.message);
+    assert_eq!(recorded("auth.session.expire"), 1);
+
+    // An API key's use times are saved once a minute, by a caller that may wait.
+    let (_, key) = f
+        .auth
+        .create_api_key(&Auth::system(), "ehr", [Permission::EventsRead].into(), None, vec![])
+        .unwrap();
+    assert!(f.auth.authenticate_in_memory(&key, here).unwrap().is_some());
+    f.clock.advance(60_001);
+    assert!(f.auth.authenticate_in_memory(&key, here).unwrap().is_none());
+    f.auth.authenticate(&key, here).unwrap();
+    assert!(f.auth.authenticate_in_memory(&key, here).unwrap().is_some());
+}

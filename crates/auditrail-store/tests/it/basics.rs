@@ -380,3 +380,44 @@ fn try_append_then_answers_after_the_sync_and_reports_a_failed_one() {
     drop(tx);
     assert!(rx.recv().is_err(), "no answer for a refused batch");
 }
+
+/// Submitted events (nobody waits for them) wait up to `submit_wait_us` for company and are
+/// then sealed together; an awaited append, a publish or a close takes them along at once.
+#[test]
+fn submitted_events_coalesce_until_someone_waits() {
+    let disk = SimDisk::new();
+    Keys::install(&disk, "test.example/log").unwrap();
+    let options = Options { submit_wait_us: 600_000_000, ..options() };
+    let store = Store::open_with(Arc::new(disk.clone()), options.clone()).unwrap();
+    let syncs = disk.syncs();
+    for i in 0..20 {
+        store.submit(vec![event(i, None)]).unwrap();
+    }
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    assert_eq!(store.stages().sequenced, 0, "still waiting for company");
+    assert_eq!(disk.syncs(), syncs);
+    // An append someone waits for is not held up: it seals the group, submitted events too.
+    let started = std::time::Instant::now();
+    let receipts = store.append(vec![event(20, None)]).unwrap();
+    assert!(started.elapsed() < std::time::Duration::from_secs(60));
+    assert_eq!(receipts[0].seq, 20);
+    assert_eq!(store.stages().sequenced, 21);
+    // A publish takes them along; so does a close.
+    store.submit(vec![event(21, None)]).unwrap();
+    assert_eq!(store.publish().unwrap().sequenced, 22);
+    store.submit(vec![event(22, None)]).unwrap();
+    store.close().unwrap();
+    let reopened = Store::open_with(Arc::new(disk.clone()), options).unwrap();
+    assert_eq!(reopened.stages().sequenced, 23);
+    reopened.close().unwrap();
+
+    // With the default wait, a lone submitted event is sealed within milliseconds.
+    let store = Store::open_with(Arc::new(disk.clone()), self::options()).unwrap();
+    store.submit(vec![event(23, None)]).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while store.stages().sequenced < 24 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    assert_eq!(store.stages().sequenced, 24);
+    store.close().unwrap();
+}
