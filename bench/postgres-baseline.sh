@@ -18,11 +18,21 @@
 # Usage:
 #     bench/postgres-baseline.sh [--events N] [--concurrency C] [--single-seconds S] [--lookups L]
 #                                [--count-runs R] [--unchained] [--keep]
+#                                [--json-out FILE] [--lookups-script FILE] [--then CMD ARGS...]
 # or the same through environment variables EVENTS, CONCURRENCY, SINGLE_SECONDS, LOOKUPS, COUNT_RUNS.
 # Defaults: N=1000000, C=64, S=10, L=2000, R=50.
 # Other environment knobs: PG_BIN (default /usr/lib/postgresql/15/bin), PG_SHARED_BUFFERS (default 1GB),
 # BULK_CHUNK (rows per bulk INSERT transaction, default 100000), BENCH_TMPDIR (parent of the temp dir),
 # BENCH_RUN_AS (unprivileged user to run the server as when invoked as root; default postgres).
+#
+# --json-out FILE writes the last line (the JSON figures) to FILE too. --lookups-script FILE writes a
+# script there that times N more patient lookups when run as `FILE N` (one millisecond figure per line),
+# for as long as the server is up. --then CMD ARGS... (the last option) runs CMD once every figure is
+# taken, with the server still up and idle, and stops it afterwards: bench/http-vs-postgres.sh runs
+# auditrail's benchmark so, timing its lookups in turn with PostgreSQL's through the script.
+#
+# Each phase also prints the host's share of the machine: CPU time the hypervisor stole and how often
+# a task waited for a CPU (/proc/stat, /proc/pressure/cpu). Both move latencies from run to run.
 #
 # Durability is like auditrail's: fsync=on, synchronous_commit=on, full_page_writes=on (all defaults).
 # The server listens only on a unix socket inside the temp dir (listen_addresses='').
@@ -54,6 +64,9 @@ LOOKUPS=${LOOKUPS:-2000}
 COUNT_RUNS=${COUNT_RUNS:-50}
 UNCHAINED=${UNCHAINED:-0}
 KEEP=${KEEP:-0}
+JSON_OUT=""
+LOOKUPS_SCRIPT=""
+THEN=()
 PG_BIN=${PG_BIN:-/usr/lib/postgresql/15/bin}
 PG_SHARED_BUFFERS=${PG_SHARED_BUFFERS:-1GB}
 BULK_CHUNK=${BULK_CHUNK:-100000}
@@ -75,6 +88,9 @@ while [ $# -gt 0 ]; do
         --count-runs=*) COUNT_RUNS=${1#*=}; shift ;;
         --unchained) UNCHAINED=1; shift ;;
         --keep) KEEP=1; shift ;;
+        --json-out) JSON_OUT=$2; shift 2 ;;
+        --lookups-script) LOOKUPS_SCRIPT=$2; shift 2 ;;
+        --then) shift; THEN=("$@"); break ;;
         -h|--help) usage; exit 0 ;;
         *) echo "postgres-baseline: unknown argument '$1' (try --help)" >&2; exit 2 ;;
     esac
@@ -107,6 +123,23 @@ done
 now_ns() { date +%s%N; }
 log() { printf '%s\n' "$*"; }
 
+# host_mark, then host_since: the host's share of the machine in between (see the header).
+host_mark() {
+    local _cpu u n s i w q sq st
+    read -r _cpu u n s i w q sq st _ </proc/stat
+    HOST_TICKS=$((u + n + s + i + w + q + sq + st)) HOST_STEAL=$st
+    HOST_WAIT=$(awk -F'total=' '/^some/ {print $2}' /proc/pressure/cpu 2>/dev/null || echo 0)
+    HOST_NS=$(now_ns)
+}
+host_since() {
+    local ticks=$HOST_TICKS steal=$HOST_STEAL wait_us=${HOST_WAIT:-0} ns=$HOST_NS
+    host_mark
+    awk -v t=$((HOST_TICKS - ticks)) -v s=$((HOST_STEAL - steal)) -v w=$((${HOST_WAIT:-0} - wait_us)) \
+        -v ns=$((HOST_NS - ns)) 'BEGIN {
+            printf "  host: %.1f%% of CPU time stolen by the hypervisor; some task waited for a CPU %.1f%% of the time\n",
+                (t > 0 ? 100 * s / t : 0), (ns > 0 ? 100 * w * 1000 / ns : 0) }'
+}
+
 # ---------------------------------------------------------------- cluster setup (as an unprivileged user)
 RUN_AS=""
 if [ "$(id -u)" -eq 0 ]; then
@@ -125,6 +158,7 @@ if [ "$(id -u)" -eq 0 ]; then
     fi
 fi
 
+STARTED_IN=$PWD
 WORK=$(mktemp -d "${BENCH_TMPDIR:-${TMPDIR:-/tmp}}/pgbaseline.XXXXXX")
 SRV=$WORK/srv                       # everything the server writes: data directory, socket, log
 DATA=$SRV/data
@@ -381,12 +415,14 @@ log "(a) bulk ingest: $EVENTS events through the hash-chain trigger, $BULK_CHUNK
     done
 } >"$WORK/bulk.sql"
 psql_q -c CHECKPOINT >/dev/null
+host_mark
 t0=$(now_ns)
 bg "$WORK/bulk.out" "$PG_BIN/psql" -qXAt -v ON_ERROR_STOP=1 -f "$WORK/bulk.sql"
 t1=$(now_ns)
 bulk_s=$(awk -v a="$t0" -v b="$t1" 'BEGIN{printf "%.3f", (b-a)/1e9}')
 bulk_eps=$(awk -v n="$EVENTS" -v s="$bulk_s" 'BEGIN{printf "%.0f", n/s}')
 log "  $EVENTS events in $bulk_s s = $bulk_eps events/s"
+host_since
 
 t0=$(now_ns)
 psql_q -c "VACUUM (ANALYZE) audit_event" >/dev/null
@@ -441,9 +477,26 @@ EOF
 warm=$((LOOKUPS / 10 > 0 ? LOOKUPS / 10 : 1))
 bg "$WORK/warm.out" "${PGB[@]}" -c 1 -j 1 -t "$warm" -f "$WORK/lookup.sql"
 log "(c) patient lookups: $LOOKUPS sequential (1 client, after $warm warm-up), client-side latency over the unix socket ..."
+host_mark
 bg "$WORK/lookup.out" "${PGB[@]}" -c 1 -j 1 -t "$LOOKUPS" -f "$WORK/lookup.sql" --log --log-prefix="$WORK/lookup"
 read -r lookup_p50 lookup_p99 lookup_p999 < <(pcts "$WORK/lookup.*[0-9]" 0.5 0.99 0.999)
 log "  p50 $lookup_p50 ms, p99 $lookup_p99 ms, p99.9 $lookup_p999 ms"
+host_since
+if [ -n "$LOOKUPS_SCRIPT" ]; then
+    cat >"$LOOKUPS_SCRIPT" <<EOF
+#!/usr/bin/env bash
+# Times \$1 more patient lookups against postgres-baseline.sh's server (while it is up), as in (c);
+# prints each one's milliseconds on a line. One more runs first, untimed: each run is a new
+# connection, whose first query also prepares the statement.
+set -euo pipefail
+export PGHOST=$SOCK PGPORT=$PORT PGUSER=bench PGDATABASE=bench
+turn=\$(mktemp -d "$WORK/turn.XXXXXX")
+"$PG_BIN/pgbench" -n -M prepared -c 1 -j 1 -t "\$((\$1 + 1))" -f "$WORK/lookup.sql" --log --log-prefix="\$turn/lookup" >"\$turn/out" 2>&1 || { cat "\$turn/out" >&2; exit 1; }
+cat "\$turn"/lookup.* | awk 'NR > 1 {printf "%.3f\\n", \$3 / 1000}'
+rm -rf "\$turn"
+EOF
+    chmod +x "$LOOKUPS_SCRIPT"
+fi
 
 # ---------------------------------------------------------------- (d) 30-day count by action
 cat >"$WORK/count30.sql" <<'EOF'
@@ -453,10 +506,12 @@ SELECT action, count(*) FROM audit_event
 EOF
 bg "$WORK/warm.out" "${PGB[@]}" -c 1 -j 1 -t 2 -f "$WORK/count30.sql"
 log "(d) 30-day count by action: $COUNT_RUNS runs ..."
+host_mark
 bg "$WORK/count30.out" "${PGB[@]}" -c 1 -j 1 -t "$COUNT_RUNS" -f "$WORK/count30.sql" --log --log-prefix="$WORK/count30"
 read -r count_p50 count_p99 < <(pcts "$WORK/count30.*[0-9]" 0.5 0.99)
 plan=$(psql_q -c "EXPLAIN (COSTS OFF) SELECT action, count(*) FROM audit_event WHERE occurred_at >= now() - interval '30 days' GROUP BY action" | tr -s ' ' | paste -sd'|' -)
 log "  p50 $count_p50 ms, p99 $count_p99 ms  (plan: $plan)"
+host_since
 
 # ---------------------------------------------------------------- (b) single-event INSERTs
 NSTAGE=$EVENTS
@@ -473,11 +528,13 @@ single_insert_sql audit_event "" "" >"$WORK/single.sql"
 psql_q -c CHECKPOINT >/dev/null
 before=$(psql_q -c "SELECT count(*) FROM audit_event")
 log "(b) single-event INSERTs: $CONCURRENCY clients, 2 threads, ${SINGLE_SECONDS} s, one event per transaction ..."
+host_mark
 bg "$WORK/single.out" "${PGB[@]}" -c "$CONCURRENCY" -j 2 -T "$SINGLE_SECONDS" -f "$WORK/single.sql" --log --log-prefix="$WORK/single"
 single_eps=$(tps_of "$WORK/single.out")
 read -r single_p50 single_p99 < <(pcts "$WORK/single.*[0-9]" 0.5 0.99)
 after=$(psql_q -c "SELECT count(*) FROM audit_event")
 log "  $single_eps events/s, p50 $single_p50 ms, p99 $single_p99 ms ($((after - before)) rows added)"
+host_since
 
 extra_json=""
 if [ "$UNCHAINED" -eq 1 ]; then
@@ -504,6 +561,15 @@ if [ "$broken" -ne 0 ]; then
 fi
 log "hash chain check: all $rows rows link to their predecessor and hash correctly"
 
-printf '{"system":"postgresql-15","events":%s,"bulk_events_per_s":%s,"single_events_per_s":%s,"single_p50_ms":%s,"single_p99_ms":%s,"lookup_p50_ms":%s,"lookup_p99_ms":%s,"lookup_p999_ms":%s,"count30d_p50_ms":%s,"count30d_p99_ms":%s,"bytes_per_event":%s%s}\n' \
+figures=$(printf '{"system":"postgresql-15","events":%s,"bulk_events_per_s":%s,"single_events_per_s":%s,"single_p50_ms":%s,"single_p99_ms":%s,"lookup_p50_ms":%s,"lookup_p99_ms":%s,"lookup_p999_ms":%s,"count30d_p50_ms":%s,"count30d_p99_ms":%s,"bytes_per_event":%s%s}' \
     "$EVENTS" "$bulk_eps" "$single_eps" "$single_p50" "$single_p99" \
-    "$lookup_p50" "$lookup_p99" "$lookup_p999" "$count_p50" "$count_p99" "$bytes_per_event" "$extra_json"
+    "$lookup_p50" "$lookup_p99" "$lookup_p999" "$count_p50" "$count_p99" "$bytes_per_event" "$extra_json")
+if [ -n "$JSON_OUT" ]; then
+    printf '%s\n' "$figures" >"$JSON_OUT"
+fi
+printf '%s\n' "$figures"
+if [ ${#THEN[@]} -gt 0 ]; then
+    # Run from where this script was started (this script moved into $WORK); cleanup stops the server.
+    cd "$STARTED_IN"
+    "${THEN[@]}"
+fi

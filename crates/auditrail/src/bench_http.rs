@@ -56,6 +56,12 @@ pub struct HttpArgs {
     /// (tab-separated, one line per lookup), to sort the slow ones by where they spent it.
     #[arg(long)]
     lookup_log: Option<PathBuf>,
+    /// A program that times `N` lookups of the baseline (PostgreSQL's) when run as `PROGRAM N`,
+    /// printing each one's milliseconds on a line (`bench/postgres-baseline.sh --lookups-script`
+    /// writes one). The lookups are then timed in rounds, the baseline's and ours in turn, so
+    /// that both see the same minutes of this machine's host.
+    #[arg(long)]
+    baseline_lookups: Option<PathBuf>,
     #[command(flatten)]
     data: BenchDir,
     /// PostgreSQL's figures: the JSON line `bench/postgres-baseline.sh` printed last, or a file
@@ -206,6 +212,7 @@ async fn bulk_phase(args: &HttpArgs, addr: &str, end_ms: i64, report: &mut Value
         args.bulk_connections
     );
 
+    let host = HostCpu::now();
     let bodies = Arc::new(bodies);
     let next = Arc::new(AtomicUsize::new(0));
     let done = Arc::new(AtomicBool::new(false));
@@ -265,6 +272,7 @@ async fn bulk_phase(args: &HttpArgs, addr: &str, end_ms: i64, report: &mut Value
     report["bulk_events_per_s"] = json!(rate.round());
     report["bulk_index_lag_max_s"] = json!(round3(max_lag.as_secs_f64()));
     report["bulk_index_catch_up_s"] = json!(round3((caught_up - acked).as_secs_f64()));
+    host.since().print();
     Ok(())
 }
 
@@ -297,6 +305,10 @@ struct SearchPage {
     events: Vec<serde::de::IgnoredAny>,
 }
 
+/// Rounds of lookups when they alternate with the baseline's (`--baseline-lookups`).
+const INTERLEAVED_ROUNDS: usize = 10;
+const ROUND_PAUSE: Duration = Duration::from_millis(200);
+
 async fn lookup_phase(args: &HttpArgs, addr: &str, report: &mut Value) -> Result<()> {
     let mut conn = Conn::open(addr).await?;
     let from = auditrail_core::time::format_millis(now_millis() - YEAR_MS);
@@ -309,7 +321,24 @@ async fn lookup_phase(args: &HttpArgs, addr: &str, report: &mut Value) -> Result
     let (mut in_index, mut in_log) = (Vec::new(), Vec::new());
     let mut found = 0usize;
     let mut lookup_log = String::new();
+    let mut baseline = Vec::new();
+    let rounds = if args.baseline_lookups.is_some() { INTERLEAVED_ROUNDS } else { 1 };
+    let (mut round, mut round_end) = (0, warm_up);
+    let host = HostCpu::now();
     for i in 0..warm_up + args.lookups {
+        while i == round_end && round < rounds {
+            round += 1;
+            round_end = warm_up + round * args.lookups / rounds;
+            if let Some(program) = &args.baseline_lookups
+                && round_end > i
+            {
+                // Each side starts its round once the other's work has settled (our server
+                // seals and indexes the traces of its reads just after them).
+                tokio::time::sleep(ROUND_PAUSE).await;
+                baseline.extend(baseline_lookups(program, round_end - i)?);
+                tokio::time::sleep(ROUND_PAUSE).await;
+            }
+        }
         let path = format!("/api/v1/events?patient={}&from={from}&limit=50", patients.patient_id());
         let t = Instant::now();
         let (status, body) = conn.request("GET", &path, "", Bytes::new()).await?;
@@ -338,6 +367,7 @@ async fn lookup_phase(args: &HttpArgs, addr: &str, report: &mut Value) -> Result
             }
         }
     }
+    let host = host.since();
     if let Some(path) = &args.lookup_log {
         std::fs::write(
             path,
@@ -375,6 +405,21 @@ async fn lookup_phase(args: &HttpArgs, addr: &str, report: &mut Value) -> Result
     report["lookup_p999_ms"] = json!(round3(lat.ms(0.999)));
     report["lookup_server_p50_ms"] = json!(round3(server.ms(0.5)));
     report["lookup_server_p99_ms"] = json!(round3(server.ms(0.99)));
+    if !baseline.is_empty() {
+        let pg = Percentiles::of(baseline);
+        println!(
+            "  PostgreSQL         {:>12.3} ms p50, {:.3} ms p99, {:.3} ms p99.9  ({} lookups in the same {rounds} rounds, in turn with ours)",
+            pg.ms(0.5),
+            pg.ms(0.99),
+            pg.ms(0.999),
+            pg.0.len(),
+        );
+        report["baseline_interleaved_lookup_p50_ms"] = json!(round3(pg.ms(0.5)));
+        report["baseline_interleaved_lookup_p99_ms"] = json!(round3(pg.ms(0.99)));
+        report["baseline_interleaved_lookup_p999_ms"] = json!(round3(pg.ms(0.999)));
+    }
+    host.print();
+    report["lookup_host_steal_pct"] = json!(round1(host.steal_pct));
     Ok(())
 }
 
@@ -385,6 +430,7 @@ async fn count_phase(args: &HttpArgs, addr: &str, report: &mut Value) -> Result<
     let mut latencies = Vec::with_capacity(args.count_runs);
     let mut server_side = Vec::with_capacity(args.count_runs);
     let mut counted = 0;
+    let host = HostCpu::now();
     for i in 0..args.count_runs + 2 {
         let t = Instant::now();
         let (status, body) = conn.request("GET", &path, "", Bytes::new()).await?;
@@ -411,6 +457,7 @@ async fn count_phase(args: &HttpArgs, addr: &str, report: &mut Value) -> Result<
         server.ms(0.99),
     );
     report["count30d_server_p99_ms"] = json!(round3(server.ms(0.99)));
+    host.since().print();
     report["count30d_p50_ms"] = json!(round3(lat.ms(0.5)));
     report["count30d_p99_ms"] = json!(round3(lat.ms(0.99)));
     Ok(())
@@ -420,6 +467,7 @@ async fn single_phase(args: &HttpArgs, addr: &str, report: &mut Value) -> Result
     if args.single_seconds == 0 || args.concurrency == 0 {
         return Ok(());
     }
+    let host = HostCpu::now();
     // A pool of distinct events, reused if the run outlasts it (the server assigns each a new id).
     let pool_size = 50_000 * args.single_seconds as usize;
     let mut generator = Generator::new(43, pool_size as u64, YEAR_MS, now_millis());
@@ -469,6 +517,7 @@ async fn single_phase(args: &HttpArgs, addr: &str, report: &mut Value) -> Result
     report["single_p50_ms"] = json!(round3(lat.ms(0.5)));
     report["single_p99_ms"] = json!(round3(lat.ms(0.99)));
     report["single_p999_ms"] = json!(round3(lat.ms(0.999)));
+    host.since().print();
     Ok(())
 }
 
@@ -508,7 +557,96 @@ fn print_ratios(ours: &Value, pg: &Value) {
         let ratio = if higher_is_better { a / b } else { b / a };
         println!("{key:<22}{a:>14.3}{b:>14.3}{:>9.2}x", ratio);
     }
+    // The same lookups timed in turn with PostgreSQL's, minutes apart from neither.
+    for p in ["p50", "p99", "p999"] {
+        let key = format!("baseline_interleaved_lookup_{p}_ms");
+        let (Some(a), Some(b)) = (ours[format!("lookup_{p}_ms")].as_f64(), ours[&key].as_f64())
+        else {
+            continue;
+        };
+        println!("{:<22}{a:>14.3}{b:>14.3}{:>9.2}x", format!("lookup_{p}_ms, in turn"), b / a);
+    }
     println!("(ratio > 1: auditrail is better by that factor)");
+}
+
+/// Runs `program n` (the baseline's lookups) and reads the milliseconds it prints, one a line.
+fn baseline_lookups(program: &Path, n: usize) -> Result<Vec<Duration>> {
+    let out = Command::new(program)
+        .arg(n.to_string())
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("cannot run {}", program.display()))?;
+    ensure!(out.status.success(), "{} failed: {}", program.display(), out.status);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let times = text
+        .lines()
+        .map(|l| l.trim().parse::<f64>().map(|ms| Duration::from_secs_f64(ms / 1e3)))
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("{} printed something other than milliseconds", program.display()))?;
+    ensure!(times.len() == n, "{} timed {} lookups, not {n}", program.display(), times.len());
+    Ok(times)
+}
+
+/// The host's share of this machine during a phase: CPU time the hypervisor gave to others
+/// while we wanted it (steal), and how often some task waited for a CPU (pressure). Neither
+/// is ours to control, and both move every latency figure; printed so that a slow run can be
+/// told from a slow program.
+struct HostCpu {
+    started: Instant,
+    steal_ticks: u64,
+    all_ticks: u64,
+    pressure_us: u64,
+}
+
+struct HostShare {
+    steal_pct: f64,
+    pressure_pct: f64,
+}
+
+impl HostCpu {
+    fn now() -> HostCpu {
+        let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+        // cpu  user nice system idle iowait irq softirq steal ...
+        let ticks: Vec<u64> = stat
+            .lines()
+            .next()
+            .unwrap_or("")
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|t| t.parse().ok())
+            .collect();
+        let pressure = std::fs::read_to_string("/proc/pressure/cpu").unwrap_or_default();
+        let pressure_us = pressure
+            .lines()
+            .find(|l| l.starts_with("some"))
+            .and_then(|l| l.rsplit("total=").next()?.trim().parse().ok())
+            .unwrap_or(0);
+        HostCpu {
+            started: Instant::now(),
+            steal_ticks: ticks.get(7).copied().unwrap_or(0),
+            all_ticks: ticks.iter().take(8).sum(),
+            pressure_us,
+        }
+    }
+
+    fn since(&self) -> HostShare {
+        let now = HostCpu::now();
+        let all = now.all_ticks.saturating_sub(self.all_ticks).max(1) as f64;
+        let wall_us = self.started.elapsed().as_micros().max(1) as f64;
+        HostShare {
+            steal_pct: 100.0 * now.steal_ticks.saturating_sub(self.steal_ticks) as f64 / all,
+            pressure_pct: 100.0 * now.pressure_us.saturating_sub(self.pressure_us) as f64 / wall_us,
+        }
+    }
+}
+
+impl HostShare {
+    fn print(&self) {
+        println!(
+            "host                {:>11.1}% of CPU time stolen by the hypervisor; some task waited for a CPU {:.1}% of the time",
+            self.steal_pct, self.pressure_pct
+        );
+    }
 }
 
 fn read_baseline(arg: &str) -> Result<Value> {
