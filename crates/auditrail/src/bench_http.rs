@@ -582,7 +582,9 @@ fn baseline_lookups(program: &Path, n: usize) -> Result<Vec<Duration>> {
         .lines()
         .map(|l| l.trim().parse::<f64>().map(|ms| Duration::from_secs_f64(ms / 1e3)))
         .collect::<Result<Vec<_>, _>>()
-        .with_context(|| format!("{} printed something other than milliseconds", program.display()))?;
+        .with_context(|| {
+            format!("{} printed something other than milliseconds", program.display())
+        })?;
     ensure!(times.len() == n, "{} timed {} lookups, not {n}", program.display(), times.len());
     Ok(times)
 }
