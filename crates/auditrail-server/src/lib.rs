@@ -1055,10 +1055,7 @@ mod block_cache_tests {
             assert!(inner.bytes <= budget);
             drop(inner);
             for at in &blocks {
-                let block = cache.get(at).unwrap();
-                for seq in at.first_seq..at.end_seq() {
-                    assert_eq!(block.get(seq).unwrap(), stored[seq as usize].as_slice());
-                }
+                assert_holds(&cache.get(at).unwrap(), at, &stored);
             }
             // Emptied, it holds and counts nothing, and reads decode again.
             cache.clear();
@@ -1098,10 +1095,7 @@ mod block_cache_tests {
             "{prefetched} prefetches for {all} blocks at the first miss"
         );
         for at in &blocks {
-            let block = cache.get(at).unwrap();
-            for seq in at.first_seq..at.end_seq() {
-                assert_eq!(block.get(seq).unwrap(), stored[seq as usize].as_slice());
-            }
+            assert_holds(&cache.get(at).unwrap(), at, &stored);
         }
 
         // In memory now: decoding them all again prefetches nothing more.
@@ -1130,10 +1124,7 @@ mod block_cache_tests {
         assert_eq!(disk.prefetches(), page.len() as u64, "one prefetch per block of the page");
         for at in page {
             assert!(cache.cached.get_if_resident(at).unwrap().is_some(), "{at:?} decoded by warm");
-            let block = cache.get(at).unwrap();
-            for seq in at.first_seq..at.end_seq() {
-                assert_eq!(block.get(seq).unwrap(), stored[seq as usize].as_slice());
-            }
+            assert_holds(&cache.get(at).unwrap(), at, &stored);
         }
 
         cache.clear();
@@ -1147,29 +1138,45 @@ mod block_cache_tests {
     }
 
     /// An async thread's read (`Disk::DoNotWait`) stops at the first block not in memory,
-    /// having asked for the page's blocks; in memory, it decodes them all, as a read that
-    /// may wait would.
+    /// having asked for the page's blocks; in memory, it decodes them all (with the helper
+    /// when there are enough), as a read that may wait would; and a page with more cold
+    /// blocks than it may decode is left whole to a thread that may take its time.
     #[test]
     fn a_read_that_must_not_wait_stops_at_a_block_not_in_memory() {
         let disk = SimDisk::new();
         let (store, blocks, stored) = store_of_small_blocks(&disk);
         let path = auditrail_store::reader::segment_path(blocks[0].segment);
-        let page = &blocks[3..3 + WARM_IN_PARALLEL_MIN - 1];
         let cache = BlockCache::new(store.block_reader(), usize::MAX);
+        for page in [&blocks[3..3 + WARM_IN_PARALLEL_MIN - 1], &blocks[..2 * WARM_IN_PARALLEL_MIN]]
+        {
+            cache.clear();
+            disk.evict(&path);
+            let before = disk.prefetches();
+            assert!(!cache.warm(page.iter().copied(), Disk::DoNotWait), "the disk was waited for");
+            assert!(disk.prefetches() > before, "the page's blocks were not asked for");
 
-        disk.evict(&path);
-        assert!(!cache.warm(page.iter().copied(), Disk::DoNotWait), "the disk was not waited for");
-        assert_eq!(disk.prefetches(), page.len() as u64, "one prefetch per block of the page");
-
-        // Brought into memory by the prefetch: now it reads without waiting.
-        cache.clear();
-        assert!(cache.warm(page.iter().copied(), Disk::DoNotWait));
-        for at in page {
-            let block = cache.cached.get_if_resident(at).unwrap().expect("decoded by warm");
-            for seq in at.first_seq..at.end_seq() {
-                assert_eq!(block.get(seq).unwrap(), stored[seq as usize].as_slice());
+            // Brought into memory by the prefetch: now it reads without waiting.
+            cache.clear();
+            assert!(cache.warm(page.iter().copied(), Disk::DoNotWait));
+            for at in page {
+                let block = cache.cached.get_if_resident(at).unwrap().expect("decoded by warm");
+                assert_holds(&block, at, &stored);
             }
         }
+
+        cache.clear();
+        assert!(blocks.len() > IN_MEMORY_COLD_BLOCKS_MAX, "{} blocks: too few", blocks.len());
+        let many = &blocks[..IN_MEMORY_COLD_BLOCKS_MAX + 1];
+        assert!(!cache.warm(many.iter().copied(), Disk::DoNotWait), "too many to decode here");
+        assert!(cache.cached.inner.lock().unwrap().map.is_empty(), "none decoded");
+        assert!(cache.warm(many[..IN_MEMORY_COLD_BLOCKS_MAX].iter().copied(), Disk::DoNotWait));
         store.close().unwrap();
+    }
+
+    /// `block` holds exactly the stored events of the block at `at`.
+    fn assert_holds(block: &BlockEvents, at: &BlockLocation, stored: &[Vec<u8>]) {
+        for seq in at.first_seq..at.end_seq() {
+            assert_eq!(block.get(seq).unwrap(), stored[seq as usize].as_slice(), "seq {seq}");
+        }
     }
 }

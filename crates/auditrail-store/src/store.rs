@@ -466,7 +466,8 @@ impl Store {
     }
 
     /// Queues a batch without waiting for it to be durable: it becomes durable with the next
-    /// group commit (milliseconds), unless the process dies first. For records whose loss in a
+    /// group commit, within [`Options::submit_wait_us`] plus an fsync, unless the process dies
+    /// first. For records whose loss in a
     /// crash is tolerable but whose absence in normal operation is not (the server's trace of
     /// each read). Answers `Backpressure` at once when the queue is full, and refuses when the
     /// store is poisoned, so a caller that must leave a trace can refuse its own work instead.
