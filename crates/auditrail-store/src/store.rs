@@ -159,6 +159,10 @@ struct Shared {
     sequenced: AtomicU64,
     integrated: AtomicU64,
     published: AtomicU64,
+    /// Events queued with [`Store::submit`], and those of them answered (durable or refused):
+    /// the difference is what nobody waits for yet.
+    submitted: AtomicU64,
+    submitted_answered: AtomicU64,
     poisoned: AtomicBool,
     poison_reason: Mutex<String>,
 }
@@ -312,6 +316,8 @@ impl Store {
             sequenced: AtomicU64::new(recovered.next_seq),
             integrated: AtomicU64::new(recovered.tree.size()),
             published: AtomicU64::new(recovered.published),
+            submitted: AtomicU64::new(0),
+            submitted_answered: AtomicU64::new(0),
             poisoned: AtomicBool::new(false),
             poison_reason: Mutex::new(String::new()),
         });
@@ -476,13 +482,32 @@ impl Store {
         if events.is_empty() {
             return Ok(());
         }
-        // The writer's answer goes nowhere.
-        let reply: Reply = Box::new(|_| {});
-        match self.requests.try_send(Request::Append { events, reply, awaited: false }) {
+        // Nobody waits for the writer's answer; it is only counted.
+        let count = events.len() as u64;
+        let shared = self.shared.clone();
+        let reply: Reply = Box::new(move |_| {
+            shared.submitted_answered.fetch_add(count, Ordering::SeqCst);
+        });
+        // Counted before it is queued: the answer may come before `try_send` returns.
+        self.shared.submitted.fetch_add(count, Ordering::SeqCst);
+        let queued = self.requests.try_send(Request::Append { events, reply, awaited: false });
+        if queued.is_err() {
+            self.shared.submitted_answered.fetch_add(count, Ordering::SeqCst);
+        }
+        match queued {
             Ok(()) => Ok(()),
             Err(TrySendError::Full(_)) => Err(StoreError::Backpressure),
             Err(TrySendError::Disconnected(_)) => Err(self.closed()),
         }
+    }
+
+    /// Events queued with [`Store::submit`] and not yet durable (nor refused). Once this is
+    /// zero, [`Store::stages`] read afterwards counts every event submitted before: a reader
+    /// that must see the traces of the reads it made waits for this first.
+    pub fn submitted_pending(&self) -> u64 {
+        // Answers first: an answer read late can only make the figure larger, never hide one.
+        let answered = self.shared.submitted_answered.load(Ordering::SeqCst);
+        self.shared.submitted.load(Ordering::SeqCst).saturating_sub(answered)
     }
 
     /// Integrates everything sequenced so far and publishes a checkpoint for it now.

@@ -227,12 +227,23 @@ impl Server {
 
     /// Events in the log (durable), from `/metrics`.
     pub fn sequenced(&self) -> u64 {
-        let metrics = self.get("/metrics").text();
-        metrics
-            .lines()
-            .find_map(|l| l.strip_prefix("auditrail_log_sequenced "))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("no auditrail_log_sequenced in {metrics}"))
+        // A read's trace is queued before its answer leaves but becomes durable with the next
+        // group commit: wait for the queued ones, so the figure counts every earlier request.
+        for _ in 0..400 {
+            let metrics = self.get("/metrics").text();
+            let gauge = |name: &str| -> u64 {
+                metrics
+                    .lines()
+                    .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or_else(|| panic!("no {name} in {metrics}"))
+            };
+            if gauge("auditrail_log_submitted_pending") == 0 {
+                return gauge("auditrail_log_sequenced");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        panic!("read traces still queued after 4 s");
     }
 
     /// SIGTERM, then wait: the clean shutdown path.
