@@ -13,8 +13,8 @@
 # 2. `auditrail bench http` (release build): the same N events over HTTP, the same queries and
 #    single events, printing each figure with its ratio to PostgreSQL's.
 # They run one after the other: PostgreSQL's server stays up, idle, while auditrail runs, so that
-# auditrail's lookups can be timed in ten rounds in turn with as many more of PostgreSQL's (one
-# client each, never both at once). This VM's host moves lookup latencies by half from one
+# auditrail's lookups, once timed alone (like PostgreSQL's own phase), are timed again in ten
+# rounds in turn with as many more of PostgreSQL's (one client each, never both at once). This VM's host moves lookup latencies by half from one
 # quarter of an hour to the next (each phase prints the CPU time it stole); lookups timed in
 # turn see the same minutes, so their ratio (`lookup_p99_ms, in turn`) is the fair one.
 # Output goes to the terminal and to bench/results/<UTC time>.txt.

@@ -311,104 +311,27 @@ const ROUND_PAUSE: Duration = Duration::from_millis(200);
 
 async fn lookup_phase(args: &HttpArgs, addr: &str, report: &mut Value) -> Result<()> {
     let mut conn = Conn::open(addr).await?;
-    let from = auditrail_core::time::format_millis(now_millis() - YEAR_MS);
     // Only its patient draw is used (a separate seed from the loaded events').
     let mut patients = Generator::new(7, 1, 1, 0);
-    let warm_up = (args.lookups / 10).max(1);
-    let mut latencies = Vec::with_capacity(args.lookups);
-    let mut server_side = Vec::with_capacity(args.lookups);
-    // The server's time in the index and reading events from the log, per lookup.
-    let (mut in_index, mut in_log) = (Vec::new(), Vec::new());
-    let mut found = 0usize;
     let mut lookup_log = String::new();
-    let mut baseline = Vec::new();
-    let rounds = if args.baseline_lookups.is_some() { INTERLEAVED_ROUNDS } else { 1 };
-    let (mut round, mut round_end) = (0, warm_up);
-    let host = HostCpu::now();
-    for i in 0..warm_up + args.lookups {
-        while i == round_end && round < rounds {
-            round += 1;
-            round_end = warm_up + round * args.lookups / rounds;
-            if let Some(program) = &args.baseline_lookups
-                && round_end > i
-            {
-                // Each side starts its round once the other's work has settled (our server
-                // seals and indexes the traces of its reads just after them).
-                tokio::time::sleep(ROUND_PAUSE).await;
-                baseline.extend(baseline_lookups(program, round_end - i)?);
-                tokio::time::sleep(ROUND_PAUSE).await;
-            }
-        }
-        let path = format!("/api/v1/events?patient={}&from={from}&limit=50", patients.patient_id());
-        let t = Instant::now();
-        let (status, body) = conn.request("GET", &path, "", Bytes::new()).await?;
-        let took = t.elapsed();
-        ensure!(status == 200, "lookup answered {status}: {}", String::from_utf8_lossy(&body));
-        if i >= warm_up {
-            latencies.push(took);
-            server_side.push(conn.server_time.context("no Server-Timing total")?);
-            let part = |wanted: &str| {
-                conn.server_timing.iter().find(|(name, _)| name == wanted).map(|(_, d)| *d)
-            };
-            let (index, log) = (part("index"), part("log"));
-            in_index.extend(index);
-            in_log.extend(log);
-            let events = serde_json::from_slice::<SearchPage>(&body)?.events.len();
-            found += events;
-            if args.lookup_log.is_some() {
-                let ms = |d: Option<Duration>| d.map_or(f64::NAN, |d| d.as_secs_f64() * 1e3);
-                lookup_log.push_str(&format!(
-                    "{:.3}\t{:.3}\t{:.3}\t{:.3}\t{events}\n",
-                    ms(Some(took)),
-                    ms(conn.server_time),
-                    ms(index),
-                    ms(log),
-                ));
-            }
-        }
-    }
-    let host = host.since();
-    if let Some(path) = &args.lookup_log {
-        std::fs::write(
-            path,
-            "client_ms\tserver_ms\tindex_ms\tlog_ms\tevents\n".to_string() + &lookup_log,
-        )
-        .with_context(|| format!("writing {}", path.display()))?;
-    }
-    let lat = Percentiles::of(latencies);
-    let server = Percentiles::of(server_side);
+    // Alone, as PostgreSQL's own lookup phase is timed: the like-for-like pair with that one.
+    let warm_up = (args.lookups / 10).max(1);
+    let alone = time_lookups(&mut conn, &mut patients, warm_up, args, None).await?;
     println!("\n== patient lookup (a patient's last year, newest first, first 50) ==");
-    println!(
-        "latency             {:>12.3} ms p50, {:.3} ms p99, {:.3} ms p99.9  ({} lookups, {:.1} events per page on average)",
-        lat.ms(0.5),
-        lat.ms(0.99),
-        lat.ms(0.999),
-        args.lookups,
-        found as f64 / args.lookups.max(1) as f64
-    );
-    println!(
-        "  server-side       {:>12.3} ms p50, {:.3} ms p99, {:.3} ms p99.9  (Server-Timing total)",
-        server.ms(0.5),
-        server.ms(0.99),
-        server.ms(0.999),
-    );
-    let (in_index, in_log) = (Percentiles::of(in_index), Percentiles::of(in_log));
-    println!(
-        "    of which index  {:>12.3} ms p50, {:.3} ms p99; log {:.3} ms p50, {:.3} ms p99",
-        in_index.ms(0.5),
-        in_index.ms(0.99),
-        in_log.ms(0.5),
-        in_log.ms(0.99),
-    );
-    report["lookup_p50_ms"] = json!(round3(lat.ms(0.5)));
-    report["lookup_p99_ms"] = json!(round3(lat.ms(0.99)));
-    report["lookup_p999_ms"] = json!(round3(lat.ms(0.999)));
-    report["lookup_server_p50_ms"] = json!(round3(server.ms(0.5)));
-    report["lookup_server_p99_ms"] = json!(round3(server.ms(0.99)));
-    if !baseline.is_empty() {
-        let pg = Percentiles::of(baseline);
+    alone.print(args.lookups, report, "lookup");
+    lookup_log.push_str(&alone.log_lines("alone"));
+    // Then again in rounds in turn with PostgreSQL's, which then sees the same minutes of
+    // this machine's host: the like-for-like pair of the two in the same run.
+    if let Some(program) = &args.baseline_lookups {
+        let in_turn = time_lookups(&mut conn, &mut patients, 0, args, Some(program)).await?;
         println!(
-            "  PostgreSQL         {:>12.3} ms p50, {:.3} ms p99, {:.3} ms p99.9  ({} lookups in the same {rounds} rounds, in turn with ours)",
+            "\n== patient lookup, {INTERLEAVED_ROUNDS} rounds in turn with PostgreSQL's (the same lookups) =="
+        );
+        in_turn.print(args.lookups, report, "lookup_in_turn");
+        lookup_log.push_str(&in_turn.log_lines("in_turn"));
+        let pg = Percentiles::of(in_turn.baseline);
+        println!(
+            "  PostgreSQL        {:>12.3} ms p50, {:.3} ms p99, {:.3} ms p99.9  ({} lookups in the same {INTERLEAVED_ROUNDS} rounds)",
             pg.ms(0.5),
             pg.ms(0.99),
             pg.ms(0.999),
@@ -418,9 +341,140 @@ async fn lookup_phase(args: &HttpArgs, addr: &str, report: &mut Value) -> Result
         report["baseline_interleaved_lookup_p99_ms"] = json!(round3(pg.ms(0.99)));
         report["baseline_interleaved_lookup_p999_ms"] = json!(round3(pg.ms(0.999)));
     }
-    host.print();
-    report["lookup_host_steal_pct"] = json!(round1(host.steal_pct));
+    if let Some(path) = &args.lookup_log {
+        let header = "client_ms\tserver_ms\tindex_ms\tlog_ms\tevents\tpass\n";
+        std::fs::write(path, header.to_string() + &lookup_log)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
     Ok(())
+}
+
+/// One pass of timed lookups: ours, each split into the server's parts, and, with a baseline
+/// program, as many of the baseline's in [`INTERLEAVED_ROUNDS`] rounds in turn with ours.
+struct LookupPass {
+    client: Vec<Duration>,
+    server: Vec<Duration>,
+    /// The server's time in the index and reading events from the log (`None`: not reported).
+    parts: Vec<(Option<Duration>, Option<Duration>)>,
+    events_found: Vec<usize>,
+    baseline: Vec<Duration>,
+    host: HostShare,
+}
+
+async fn time_lookups(
+    conn: &mut Conn,
+    patients: &mut Generator,
+    warm_up: usize,
+    args: &HttpArgs,
+    baseline: Option<&Path>,
+) -> Result<LookupPass> {
+    let from = auditrail_core::time::format_millis(now_millis() - YEAR_MS);
+    let mut pass = LookupPass {
+        client: Vec::with_capacity(args.lookups),
+        server: Vec::with_capacity(args.lookups),
+        parts: Vec::with_capacity(args.lookups),
+        events_found: Vec::with_capacity(args.lookups),
+        baseline: Vec::new(),
+        host: HostShare::default(),
+    };
+    let rounds = if baseline.is_some() { INTERLEAVED_ROUNDS } else { 1 };
+    let (mut round, mut round_end) = (0, warm_up);
+    let host = HostCpu::now();
+    for i in 0..warm_up + args.lookups {
+        while i == round_end && round < rounds {
+            round += 1;
+            round_end = warm_up + round * args.lookups / rounds;
+            if let Some(program) = baseline
+                && round_end > i
+            {
+                // Each side starts its round once the other's work has settled (our server
+                // seals and indexes the traces of its reads just after them).
+                tokio::time::sleep(ROUND_PAUSE).await;
+                pass.baseline.extend(baseline_lookups(program, round_end - i)?);
+                tokio::time::sleep(ROUND_PAUSE).await;
+                // The baseline's round starts with one untimed lookup (it prepares its
+                // statement); so does ours, after the same pause.
+                lookup(conn, patients, &from).await?;
+            }
+        }
+        let t = Instant::now();
+        let body = lookup(conn, patients, &from).await?;
+        let took = t.elapsed();
+        if i >= warm_up {
+            pass.client.push(took);
+            pass.server.push(conn.server_time.context("no Server-Timing total")?);
+            let part = |wanted: &str| {
+                conn.server_timing.iter().find(|(name, _)| name == wanted).map(|(_, d)| *d)
+            };
+            pass.parts.push((part("index"), part("log")));
+            pass.events_found.push(serde_json::from_slice::<SearchPage>(&body)?.events.len());
+        }
+    }
+    pass.host = host.since();
+    Ok(pass)
+}
+
+/// One patient's lookup: the page's body.
+async fn lookup(conn: &mut Conn, patients: &mut Generator, from: &str) -> Result<Bytes> {
+    let path = format!("/api/v1/events?patient={}&from={from}&limit=50", patients.patient_id());
+    let (status, body) = conn.request("GET", &path, "", Bytes::new()).await?;
+    ensure!(status == 200, "lookup answered {status}: {}", String::from_utf8_lossy(&body));
+    Ok(body)
+}
+
+impl LookupPass {
+    /// Prints the pass and records its figures under `{key}_p50_ms` and the like.
+    fn print(&self, lookups: usize, report: &mut Value, key: &str) {
+        let lat = Percentiles::of(self.client.clone());
+        let server = Percentiles::of(self.server.clone());
+        let found: usize = self.events_found.iter().sum();
+        println!(
+            "latency             {:>12.3} ms p50, {:.3} ms p99, {:.3} ms p99.9  ({lookups} lookups, {:.1} events per page on average)",
+            lat.ms(0.5),
+            lat.ms(0.99),
+            lat.ms(0.999),
+            found as f64 / lookups.max(1) as f64
+        );
+        println!(
+            "  server-side       {:>12.3} ms p50, {:.3} ms p99, {:.3} ms p99.9  (Server-Timing total)",
+            server.ms(0.5),
+            server.ms(0.99),
+            server.ms(0.999),
+        );
+        let in_index = Percentiles::of(self.parts.iter().filter_map(|p| p.0).collect());
+        let in_log = Percentiles::of(self.parts.iter().filter_map(|p| p.1).collect());
+        println!(
+            "    of which index  {:>12.3} ms p50, {:.3} ms p99; log {:.3} ms p50, {:.3} ms p99",
+            in_index.ms(0.5),
+            in_index.ms(0.99),
+            in_log.ms(0.5),
+            in_log.ms(0.99),
+        );
+        self.host.print();
+        report[format!("{key}_p50_ms")] = json!(round3(lat.ms(0.5)));
+        report[format!("{key}_p99_ms")] = json!(round3(lat.ms(0.99)));
+        report[format!("{key}_p999_ms")] = json!(round3(lat.ms(0.999)));
+        report[format!("{key}_server_p50_ms")] = json!(round3(server.ms(0.5)));
+        report[format!("{key}_server_p99_ms")] = json!(round3(server.ms(0.99)));
+        report[format!("{key}_host_steal_pct")] = json!(round1(self.host.steal_pct));
+    }
+
+    /// One tab-separated line per timed lookup, to sort the slow ones by where they spent it.
+    fn log_lines(&self, pass: &str) -> String {
+        let ms = |d: Option<Duration>| d.map_or(f64::NAN, |d| d.as_secs_f64() * 1e3);
+        let mut lines = String::new();
+        for (i, &client) in self.client.iter().enumerate() {
+            lines.push_str(&format!(
+                "{:.3}\t{:.3}\t{:.3}\t{:.3}\t{}\t{pass}\n",
+                ms(Some(client)),
+                ms(Some(self.server[i])),
+                ms(self.parts[i].0),
+                ms(self.parts[i].1),
+                self.events_found[i],
+            ));
+        }
+        lines
+    }
 }
 
 async fn count_phase(args: &HttpArgs, addr: &str, report: &mut Value) -> Result<()> {
@@ -560,8 +614,8 @@ fn print_ratios(ours: &Value, pg: &Value) {
     // The same lookups timed in turn with PostgreSQL's, minutes apart from neither.
     for p in ["p50", "p99", "p999"] {
         let key = format!("baseline_interleaved_lookup_{p}_ms");
-        let (Some(a), Some(b)) = (ours[format!("lookup_{p}_ms")].as_f64(), ours[&key].as_f64())
-        else {
+        let ours_in_turn = ours[format!("lookup_in_turn_{p}_ms")].as_f64();
+        let (Some(a), Some(b)) = (ours_in_turn, ours[&key].as_f64()) else {
             continue;
         };
         println!("{:<22}{a:>14.3}{b:>14.3}{:>9.2}x", format!("lookup_{p}_ms, in turn"), b / a);
@@ -600,6 +654,7 @@ struct HostCpu {
     pressure_us: u64,
 }
 
+#[derive(Default)]
 struct HostShare {
     steal_pct: f64,
     pressure_pct: f64,
